@@ -1,0 +1,120 @@
+"""Latency, memory and FLOP rate of one MultiverSeg prediction versus context size.
+
+    python -m mvseg.bench                       # nf256 and nf64, context 0 1 4 16 64, CPU (+ CUDA if present)
+    python -m mvseg.bench --widths 256 --contexts 1 16 --repeats 5
+
+Each configuration runs in a fresh process so that its peak memory is its own: peak RSS on CPU, peak
+allocated memory on CUDA. Latency is the median over ``--repeats`` forwards after one warm-up forward,
+through ``Predictor.forward`` (inference mode, one 128x128 target with its 5 channels). FLOPs count
+convolution multiply-adds (2 per MAC): "executed" is what this implementation runs; "official" is what the
+official implementation runs for the same forward (it also computes the last decoder's unused context branch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .network import MultiverSegConfig, MultiverSegNet, multiverseg_flops
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure(width: int, context: int, device: str, repeats: int, dtype: str, size: int = 128) -> dict:
+    from .predictor import Predictor
+
+    torch.manual_seed(0)
+    config = MultiverSegConfig(encoder_widths=[width] * 4)
+    predictor = Predictor(MultiverSegNet(config), device=device, dtype=getattr(torch, dtype), size=size)
+    target = torch.rand((1, 5, size, size))
+    images = torch.rand((1, context, 1, size, size))
+    labels = (torch.rand((1, context, 1, size, size)) > 0.5).float()
+    rss_before = _rss_mb()
+    predictor.forward(target, images, labels)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.forward(target, images, labels)  # returns CPU logits: synchronised
+        times.append(time.perf_counter() - start)
+    flops = multiverseg_flops(config, context, size)
+    seconds = statistics.median(times)
+    result = {
+        "width": width,
+        "context": context,
+        "device": device,
+        "dtype": dtype,
+        "median_ms": seconds * 1e3,
+        "min_ms": min(times) * 1e3,
+        "gflop": flops["executed"] / 1e9,
+        "gflop_official": flops["official"] / 1e9,
+        "gflops_per_s": flops["executed"] / seconds / 1e9,
+        "threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_mb"] = _rss_mb()
+        result["model_mb"] = rss_before
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=[256, 64])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[0, 1, 4, 16, 64])
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--one", nargs=3, metavar=("WIDTH", "CONTEXT", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        width, context, device = int(args.one[0]), int(args.one[1]), args.one[2]
+        print(json.dumps(measure(width, context, device, args.repeats, args.dtype)))
+        return
+
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, repeats {args.repeats}")
+    header = (
+        f"{'device':6} {'width':>5} {'ctx':>4} {'median ms':>10} {'GFLOP':>8} {'GFLOP/s':>8} "
+        f"{'official GFLOP':>14} {'peak MB':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    results = []
+    for device in devices:
+        for width in args.widths:
+            for context in args.contexts:
+                cmd = [sys.executable, "-m", "mvseg.bench", "--one", str(width), str(context), device]
+                cmd += ["--repeats", str(args.repeats), "--dtype", args.dtype]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{device:6} {width:5d} {context:4d}  failed: {done.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                results.append(r)
+                print(
+                    f"{device:6} {width:5d} {context:4d} {r['median_ms']:10.1f} {r['gflop']:8.1f} "
+                    f"{r['gflops_per_s']:8.1f} {r['gflop_official']:14.1f} {r['peak_mb']:8.0f}",
+                    flush=True,
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

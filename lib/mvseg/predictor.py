@@ -1,0 +1,219 @@
+"""One object that turns an image, a user's interactions and a context set into a mask."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import MULTIVERSEG, SCRIBBLEPROMPT, load_checkpoint
+from .context import ContextSet
+from .geometry import DEFAULT_PERCENTILES, DEFAULT_SIZE, Geometry, prepare_image
+from .network import MultiverSegNet, ScribblePromptUNet
+from .prompts import Prompts, encode_for_model
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Prediction:
+    """A segmentation on the original grid, plus what is needed to refine it."""
+
+    probability: np.ndarray  # H W float32 in [0, 1]
+    mask: np.ndarray  # H W uint8 {0, 1}: probability >= 0.5
+    logits: torch.Tensor = field(repr=False)  # 1 S S model-grid logits: pass back as ``previous``
+    context_ids: list = field(default_factory=list)
+    context_version: int = 0
+    network: str = MULTIVERSEG  # which network produced it
+
+
+def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``None`` -> CUDA if present, else MPS if present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _as_model(model: Union[nn.Module, PathLike, None], kind: str) -> Optional[nn.Module]:
+    if model is None or isinstance(model, nn.Module):
+        net = model
+    else:
+        net = load_checkpoint(model)
+    expected = MultiverSegNet if kind == MULTIVERSEG else ScribblePromptUNet
+    if net is not None and not isinstance(net, expected):
+        raise ValueError(f"expected a {expected.__name__} for the {kind} slot, got {type(net).__name__}")
+    return net
+
+
+class Predictor:
+    """MultiverSeg inference on one device, one forward at a time.
+
+    Args:
+        model: a :class:`MultiverSegNet` or a checkpoint path; ``None`` loads the bundled default weights.
+        fallback: optional ScribblePrompt-UNet (module or path), used when the context set is empty (what
+            the official release does); without it MultiverSeg runs with its dummy context entry.
+        device: ``None`` picks CUDA, then MPS, then CPU.
+        dtype: ``torch.float32`` or ``torch.bfloat16`` (autocast).
+        size: model resolution; max_context: most context entries per forward (see ``ContextSet.select``).
+    """
+
+    def __init__(
+        self,
+        model: Union[MultiverSegNet, PathLike, None] = None,
+        fallback: Union[ScribblePromptUNet, PathLike, None] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: torch.dtype = torch.float32,
+        size: int = DEFAULT_SIZE,
+        max_context: int = 64,
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    ):
+        if model is None:
+            from .weights import default_weights
+
+            model = default_weights()
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self.device = pick_device(device)
+        self.dtype = dtype
+        self.size = size
+        self.max_context = max_context
+        self.percentiles = percentiles
+        self.model = _as_model(model, MULTIVERSEG).to(self.device).eval()
+        self.fallback = _as_model(fallback, SCRIBBLEPROMPT)
+        if self.fallback is not None:
+            self.fallback = self.fallback.to(self.device).eval()
+        if size % 2 ** (self.model.depth - 1):
+            raise ValueError(f"size {size} must be divisible by {2 ** (self.model.depth - 1)} for this network")
+        self._lock = threading.Lock()
+
+    def new_context(self) -> ContextSet:
+        """An empty context set on this predictor's grid."""
+        return ContextSet(self.size, self.max_context, self.percentiles)
+
+    # -- the network --------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(
+        self, target: torch.Tensor, context_images: Optional[torch.Tensor], context_labels: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, str]:
+        """Model-grid forward. ``target B 5 S S``, context ``B N 1 S S`` (or None / N = 0) -> logits ``B 1 S S``."""
+        empty = context_images is None or context_images.shape[1] == 0
+        use_fallback = empty and self.fallback is not None
+        with self._lock, torch.inference_mode(), self._autocast():
+            target = target.to(self.device)
+            if use_fallback:
+                logits = self.fallback(target)
+            elif empty:
+                logits = self.model(target)
+            else:
+                logits = self.model(target, context_images.to(self.device), context_labels.to(self.device))
+        return logits.float().cpu(), SCRIBBLEPROMPT if use_fallback else MULTIVERSEG
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        image: np.ndarray,
+        prompts: Optional[Prompts] = None,
+        context: Optional[ContextSet] = None,
+        previous: Optional[Union[Prediction, torch.Tensor]] = None,
+        exclude: Iterable[Hashable] = (),
+    ) -> Prediction:
+        """Segment one 2D image from prompts (original-grid coordinates) and a context set.
+
+        ``previous`` (a :class:`Prediction` of the same image, or its model-grid logits) goes into the
+        previous-prediction channel so that new clicks refine it. ``exclude``: context ids not to use
+        (e.g. the image itself).
+        """
+        model_image, geometry = prepare_image(image, self.size, self.percentiles)
+        prev = previous.logits if isinstance(previous, Prediction) else previous
+        target = encode_for_model(model_image, geometry, prompts, prev)
+        ids, images, labels, version = self._context_for(model_image, context, exclude)
+        logits, network = self.forward(target, images[None], labels[None])
+        return self._finish(logits[0], geometry, ids, version, network)
+
+    def predict_many(
+        self,
+        images: Sequence[np.ndarray],
+        context: Optional[ContextSet] = None,
+        batch_size: int = 4,
+        progress: bool = False,
+    ) -> list[Prediction]:
+        """Zero-click, in-context segmentation of many images, batched."""
+        prepared = [prepare_image(im, self.size, self.percentiles) for im in images]
+        jobs = []
+        for model_image, geometry in prepared:
+            ids, ci, cl, version = self._context_for(model_image, context, ())
+            target = encode_for_model(model_image, geometry)
+            jobs.append((target, ci, cl, ids, version, geometry))
+        # Batch items must share a context size; bound batch x context to keep memory flat.
+        out: list[Optional[Prediction]] = [None] * len(jobs)
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i][1].shape[0])
+        bar = tqdm(total=len(jobs), desc="segmenting", unit="image", disable=not progress)
+        start = 0
+        while start < len(order):
+            n_ctx = jobs[order[start]][1].shape[0]
+            limit = max(1, min(batch_size, self.max_context // max(1, n_ctx)))
+            group = [i for i in order[start : start + limit] if jobs[i][1].shape[0] == n_ctx]
+            start += len(group)
+            targets = torch.cat([jobs[i][0] for i in group])
+            ci = torch.stack([jobs[i][1] for i in group])
+            cl = torch.stack([jobs[i][2] for i in group])
+            logits, network = self.forward(targets, ci, cl)
+            for row, i in enumerate(group):
+                _, _, _, ids, version, geometry = jobs[i]
+                out[i] = self._finish(logits[row], geometry, ids, version, network)
+            bar.update(len(group))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def warmup(self, context_size: int = 1) -> None:
+        """One forward on blank input, so the first user click does not pay for lazy initialisation."""
+        target = torch.zeros((1, 5, self.size, self.size))
+        ctx = torch.full((1, context_size, 1, self.size, self.size), 0.5)
+        self.forward(target, ctx, ctx)
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _context_for(self, model_image: torch.Tensor, context: Optional[ContextSet], exclude: Iterable[Hashable]):
+        if context is None:
+            empty = torch.zeros((0, 1, self.size, self.size))
+            return [], empty, empty, 0
+        if context.size != self.size:
+            raise ValueError(f"context set is on a {context.size} grid but the predictor works at {self.size}")
+        version = context.version
+        ids = context.select(model_image, self.max_context, exclude)
+        images, labels = context.tensors(ids)
+        return ids, images, labels, version
+
+    @staticmethod
+    def _finish(logits: torch.Tensor, geometry: Geometry, ids: list, version: int, network: str) -> Prediction:
+        probability = torch.sigmoid(geometry.logits_back(logits[0])).numpy()
+        return Prediction(
+            probability=probability.astype(np.float32, copy=False),
+            mask=(probability >= 0.5).astype(np.uint8),
+            logits=logits.reshape(1, geometry.size, geometry.size),
+            context_ids=list(ids),
+            context_version=version,
+            network=network,
+        )
+

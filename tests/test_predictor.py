@@ -1,0 +1,182 @@
+"""The predictor: prompts and context in, a mask on the original grid out."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mvseg import MultiverSegNet, Prediction, Predictor, Prompts
+from mvseg.network import MultiverSegConfig
+
+from .conftest import disk
+
+
+@pytest.fixture
+def predictor(tiny_models):
+    mvs, sp = tiny_models
+    return Predictor(mvs, fallback=sp, device="cpu")
+
+
+def test_prediction_is_on_the_original_grid(predictor):
+    img = np.random.default_rng(0).integers(0, 255, (77, 131, 3), dtype=np.uint8)
+    p = predictor.predict(img, Prompts(positive=[(50, 30)], negative=[(0, 0)], box=[10, 10, 100, 60]))
+    assert isinstance(p, Prediction)
+    assert p.probability.shape == (77, 131) and p.mask.shape == (77, 131)
+    assert p.probability.dtype == np.float32 and p.mask.dtype == np.uint8
+    assert np.array_equal(p.mask, (p.probability >= 0.5).astype(np.uint8))
+    assert p.logits.shape == (1, 128, 128)
+
+
+def test_empty_context_uses_scribbleprompt_when_loaded(tiny_models):
+    mvs, sp = tiny_models
+    img = np.random.default_rng(0).random((64, 64))
+    with_sp = Predictor(mvs, fallback=sp, device="cpu")
+    p = with_sp.predict(img, Prompts(positive=[(10, 10)]))
+    assert p.network == "scribbleprompt"
+    ctx = with_sp.new_context()
+    ctx.add("a", img, disk((64, 64), (30, 30), 10))
+    assert with_sp.predict(img, Prompts(positive=[(10, 10)]), ctx).network == "multiverseg"
+    alone = Predictor(mvs, device="cpu")
+    q = alone.predict(img, Prompts(positive=[(10, 10)]))
+    assert q.network == "multiverseg"  # dummy 0.5 context entry inside the network
+
+
+def test_matches_the_network_called_directly(tiny_models):
+    """predict() = geometry + encoding + network: check against doing those steps by hand."""
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu")
+    img = (np.random.default_rng(1).random((128, 128)) * 255).astype(np.uint8)
+    ctx = pred.new_context()
+    ctx.add("a", img, disk((128, 128), (60, 60), 20))
+    p = pred.predict(img, Prompts(positive=[(60, 60)]), ctx)
+    from mvseg import encode_prompts, prepare_image
+
+    model_image, _ = prepare_image(img)
+    target = encode_prompts(model_image[None], torch.tensor([[[60, 60]]]), torch.tensor([[1]]))
+    ci, cl = ctx.tensors(["a"])
+    with torch.inference_mode():
+        logits = mvs(target, ci[None], cl[None])
+    assert torch.allclose(p.logits, logits[0], atol=1e-5)
+    assert np.allclose(p.probability, torch.sigmoid(logits[0, 0]).numpy(), atol=1e-5)
+
+
+def test_previous_prediction_feeds_the_fifth_channel(predictor, monkeypatch):
+    img = np.random.default_rng(2).random((40, 50))
+    first = predictor.predict(img, Prompts(positive=[(20, 20)]))
+    seen = {}
+    real = predictor.forward
+
+    def spy(target, ci, cl):
+        seen["target"] = target
+        return real(target, ci, cl)
+
+    monkeypatch.setattr(predictor, "forward", spy)
+    predictor.predict(img, Prompts(positive=[(20, 20)], negative=[(5, 5)]), previous=first)
+    assert torch.equal(seen["target"][0, 4], first.logits[0])
+
+
+def test_predict_many_matches_predict(tiny_models):
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu")
+    rng = np.random.default_rng(3)
+    ctx = pred.new_context()
+    for i in range(3):
+        ctx.add(i, rng.random((70, 90)), disk((70, 90), (40, 30), 15))
+    images = [rng.random((70 + 10 * i, 90)) for i in range(5)]
+    many = pred.predict_many(images, ctx, batch_size=2)
+    for img, p in zip(images, many):
+        one = pred.predict(img, None, ctx)
+        assert p.mask.shape == img.shape
+        assert np.abs(p.probability - one.probability).max() < 1e-4
+        assert p.context_ids == one.context_ids and p.context_version == ctx.version
+
+
+def test_context_is_capped_by_selection(tiny_models):
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu", max_context=3)
+    ctx = pred.new_context()
+    rng = np.random.default_rng(4)
+    for i in range(7):
+        ctx.add(i, rng.random((32, 32)), disk((32, 32), (16, 16), 5))
+    p = pred.predict(rng.random((32, 32)), Prompts(positive=[(16, 16)]), ctx)
+    assert len(p.context_ids) == 3
+
+
+def test_bfloat16_runs(tiny_models):
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu", dtype=torch.bfloat16)
+    p = pred.predict(np.random.default_rng(5).random((32, 32)), Prompts(positive=[(3, 3)]))
+    assert np.isfinite(p.probability).all()
+
+
+@pytest.mark.parametrize(
+    "image, prompts, message",
+    [
+        (np.full((20, 20), np.nan), Prompts(positive=[(1, 1)]), "NaN"),
+        (np.zeros((0, 20)), Prompts(positive=[(1, 1)]), "empty"),
+        (np.zeros((20, 30)), Prompts(positive=[(30, 5)]), r"outside the image"),
+        (np.zeros((20, 30)), Prompts(negative=[(5, -1)]), r"negative click .* outside"),
+        (np.zeros((20, 30)), Prompts(box=[20, 2, 10, 8]), "x1 <= x2"),
+        (np.zeros((20, 30)), Prompts(positive_scribbles=np.ones((30, 20))), r"scribble has shape \(30, 20\)"),
+    ],
+)
+def test_bad_input_raises_value_error(predictor, image, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        predictor.predict(image, prompts)
+
+
+def test_context_on_another_grid_is_rejected(predictor):
+    from mvseg import ContextSet
+
+    ctx = ContextSet(size=64)
+    ctx.add("a", np.eye(10), np.eye(10))
+    with pytest.raises(ValueError, match="64 grid"):
+        predictor.predict(np.eye(10), Prompts(positive=[(1, 1)]), ctx)
+
+
+def test_wrong_model_kind_is_rejected(tiny_models):
+    mvs, sp = tiny_models
+    with pytest.raises(ValueError, match="MultiverSegNet"):
+        Predictor(sp, device="cpu")
+    with pytest.raises(ValueError, match="ScribblePromptUNet"):
+        Predictor(mvs, fallback=mvs, device="cpu")
+
+
+def test_checkpoint_paths_are_accepted(tmp_path, tiny_models):
+    from mvseg import save_checkpoint
+
+    mvs, sp = tiny_models
+    save_checkpoint(mvs, tmp_path / "m.pt")
+    save_checkpoint(sp, tmp_path / "s.pt")
+    pred = Predictor(tmp_path / "m.pt", fallback=tmp_path / "s.pt", device="cpu")
+    assert pred.predict(np.eye(16), Prompts(positive=[(3, 3)])).network == "scribbleprompt"
+
+
+def test_chunked_context_equals_one_chunk(monkeypatch):
+    """Streaming the context set through the blocks in chunks changes nothing."""
+    import mvseg.network as network
+
+    torch.manual_seed(0)
+    net = MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8, 8])).eval()
+    t, ci = torch.rand(2, 5, 32, 32), torch.rand(2, 7, 1, 32, 32)
+    cl = (torch.rand(2, 7, 1, 32, 32) > 0.5).float()
+    with torch.inference_mode():
+        whole = net(t, ci, cl)
+        monkeypatch.setattr(network, "CHUNK_ELEMENTS", 1)  # one entry per chunk
+        chunked = net(t, ci, cl)
+    assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def test_benchmark_prints_a_table():
+    out = subprocess.run(
+        [sys.executable, "-m", "mvseg.bench", "--widths", "8", "--contexts", "0", "2", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("cpu")]
+    assert [r[2] for r in rows] == ["0", "2"]
+    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)
