@@ -29,9 +29,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(width: int, context: int, device: str, repeats: int, dtype: str, size: int = 128) -> dict:
+def measure(width: int, context: int, device: str, repeats: int, dtype: str, size: int = 128, direct: bool = False) -> dict:
+    from . import network
     from .predictor import Predictor
 
+    network.WINOGRAD = not direct
     torch.manual_seed(0)
     config = MultiverSegConfig(encoder_widths=[width] * 4)
     predictor = Predictor(MultiverSegNet(config), device=device, dtype=getattr(torch, dtype), size=size)
@@ -61,6 +63,7 @@ def measure(width: int, context: int, device: str, repeats: int, dtype: str, siz
         "gflop_official": flops["official"] / 1e9,
         "gflops_per_s": flops["executed"] / seconds / 1e9,
         "threads": torch.get_num_threads(),
+        "conv": "direct" if direct or device != "cpu" else "winograd",
     }
     if device == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -70,6 +73,23 @@ def measure(width: int, context: int, device: str, repeats: int, dtype: str, siz
     return result
 
 
+def conv_rate(direct: bool, repeats: int = 3) -> float:
+    """GFLOP/s of one 256->256 3x3 convolution on a 128x128 map on the CPU: this machine's ceiling."""
+    from . import network
+
+    network.WINOGRAD = not direct
+    x, w = torch.rand(1, 256, 128, 128), torch.rand(256, 256, 3, 3)
+    with torch.inference_mode():
+        network.conv3x3(x, w, None)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            network.conv3x3(x, w, None)
+            times.append(time.perf_counter() - start)
+    network.WINOGRAD = True
+    return 2 * 256 * 256 * 9 * 128 * 128 / min(times) / 1e9
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 64])
@@ -77,17 +97,23 @@ def main(argv=None) -> None:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--direct", action="store_true", help="CPU: PyTorch's direct convolution, not Winograd")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=3, metavar=("WIDTH", "CONTEXT", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.one:
         width, context, device = int(args.one[0]), int(args.one[1]), args.one[2]
-        print(json.dumps(measure(width, context, device, args.repeats, args.dtype)))
+        print(json.dumps(measure(width, context, device, args.repeats, args.dtype, direct=args.direct)))
         return
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, repeats {args.repeats}")
+    conv = "direct" if args.direct else "winograd (CPU)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {conv}, repeats {args.repeats}")
+    print(
+        f"one 256->256 3x3 conv at 128x128 on CPU: direct {conv_rate(True):.0f} GFLOP/s, "
+        f"Winograd {conv_rate(False):.0f} GFLOP/s (nominal FLOPs)"
+    )
     header = (
         f"{'device':6} {'width':>5} {'ctx':>4} {'median ms':>10} {'GFLOP':>8} {'GFLOP/s':>8} "
         f"{'official GFLOP':>14} {'peak MB':>8}"
@@ -99,7 +125,7 @@ def main(argv=None) -> None:
         for width in args.widths:
             for context in args.contexts:
                 cmd = [sys.executable, "-m", "mvseg.bench", "--one", str(width), str(context), device]
-                cmd += ["--repeats", str(args.repeats), "--dtype", args.dtype]
+                cmd += ["--repeats", str(args.repeats), "--dtype", args.dtype] + (["--direct"] if args.direct else [])
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{device:6} {width:5d} {context:4d}  failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -1,0 +1,229 @@
+"""The paper's Experiment 1: interactions needed to segment a dataset, as the context set grows.
+
+    python -m mvseg.evaluate --task ../shared/datasets/hc18_fetal_head --weights W.pt \\
+        --protocol clicks --images 18 --runs 5 --seed 0 --out runs/eval-hc18
+
+Per run, the images of each task are shuffled; the first is the seed image, then ``--images`` more follow.
+For each image: a zero-click prediction from the context so far (when there is context), then
+corrections by the simulated user (``mvseg.interaction``) until Dice >= 0.9 or the interaction budget
+(20 clicks, or 10 scribble steps) is spent. The final prediction, thresholded at 0.5, joins the context.
+Modes: ``context`` (as above), ``none`` (context off: interactive only), ``oracle`` (ground truth joins the
+context instead of the prediction). Outputs ``runs.json`` (every image of every run), ``summary.json``,
+``summary.md`` (tables) and ``noi90.png`` (interactions per image vs image index, per mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import Example, load_task
+from .interaction import PROTOCOLS
+from .predictor import Prediction, Predictor
+from .prompts import Prompts
+
+log = logging.getLogger(__name__)
+
+MODES = ("context", "none", "oracle")
+BUDGET = {"clicks": 20, "scribbles": 10}
+TARGET_DICE = 0.9
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+@dataclass
+class ImageResult:
+    id: str
+    index: int  # position in the run (0 = seed image)
+    interactions: int  # NoI90, or the budget when not reached
+    reached: bool
+    dice: list[float] = field(default_factory=list)  # dice[k] = after k interactions (0 = zero-click)
+
+
+def segment_one(
+    predictor: Predictor,
+    example: Example,
+    context,
+    protocol,
+    budget: int,
+    target: float = TARGET_DICE,
+) -> tuple[ImageResult, Prediction]:
+    """Simulate one user on one image. Returns the record and the final prediction."""
+    truth = example.mask
+    dices: list[float] = []
+    prediction: Optional[Prediction] = None
+    if context is not None and len(context):
+        prediction = predictor.predict(example.image, None, context)
+        dices.append(dice(prediction.mask, truth))
+    else:
+        dices.append(0.0)  # nothing to show before the first interaction
+    used = 0
+    prompts = Prompts()
+    while dices[-1] < target and used < budget:
+        if prediction is None:
+            prompts, n = protocol.first(truth)
+        else:  # the user corrects what they see, the zero-click prediction included
+            prompts, n = protocol.correct(truth, prediction.mask, prompts)
+            if n == 0:
+                break
+        prediction = predictor.predict(example.image, prompts, context, previous=prediction)
+        used += n
+        dices.extend([dices[-1]] * (n - 1) + [dice(prediction.mask, truth)])
+    reached = dices[-1] >= target
+    return ImageResult(example.id, 0, used if reached else budget, reached, dices), prediction
+
+
+def run_once(
+    predictor: Predictor,
+    examples: list[Example],
+    mode: str,
+    protocol_name: str,
+    budget: int,
+) -> list[ImageResult]:
+    """Segment ``examples`` in order (the first is the seed image) in one mode."""
+    protocol = PROTOCOLS[protocol_name]()
+    context = None if mode == "none" else predictor.new_context()
+    results = []
+    for index, example in enumerate(examples):
+        result, final = segment_one(predictor, example, context, protocol, budget)
+        result.index = index
+        results.append(result)
+        if context is not None:
+            label = example.mask if mode == "oracle" else final.mask
+            if label.any():
+                context.add(example.id, example.image, label)
+    return results
+
+
+def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float]:
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean())
+    means = rng.choice(values, size=(n, len(values)), replace=True).mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarise(records: dict, protocol: str, seed: int) -> dict:
+    """records[task][mode] = list of runs, each a list of ImageResult dicts."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for task, modes in records.items():
+        out[task] = {}
+        for mode, runs in modes.items():
+            noi = np.array([[r["interactions"] for r in run] for run in runs], float)  # runs x images
+            totals = noi.sum(1)
+            after = {
+                k: float(np.mean([r["dice"][min(k, len(r["dice"]) - 1)] for run in runs for r in run]))
+                for k in (0, 1, 3)
+            }
+            out[task][mode] = {
+                "noi_by_index": noi.mean(0).tolist(),
+                "total_mean": float(totals.mean()),
+                "total_ci95": bootstrap_ci(totals, rng),
+                "per_image_mean": float(noi.mean()),
+                "dice_after": after,
+                "failures": int(sum(not r["reached"] for run in runs for r in run)),
+                "images": int(noi.shape[1]),
+                "runs": int(noi.shape[0]),
+            }
+        if "none" in out[task]:
+            base = out[task]["none"]["total_mean"]
+            for mode, s in out[task].items():
+                s["reduction_vs_none_pct"] = 100.0 * (1 - s["total_mean"] / base) if base else 0.0
+    return out
+
+
+def table(summary: dict, protocol: str) -> str:
+    unit = "clicks" if protocol == "clicks" else "scribble steps"
+    lines = [
+        f"| task | mode | total {unit} (95% CI) | per image | vs none | Dice@0 | Dice@1 | Dice@3 | failures |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, modes in summary.items():
+        for mode, s in modes.items():
+            lo, hi = s["total_ci95"]
+            lines.append(
+                f"| {task} | {mode} | {s['total_mean']:.1f} ({lo:.1f}-{hi:.1f}) | {s['per_image_mean']:.2f} | "
+                f"{s.get('reduction_vs_none_pct', 0.0):+.1f}% | {s['dice_after'][0]:.3f} | {s['dice_after'][1]:.3f} | "
+                f"{s['dice_after'][3]:.3f} | {s['failures']} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(summary: dict, protocol: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.5), squeeze=False)
+    for ax, (task, modes) in zip(axes[0], summary.items()):
+        for mode, s in modes.items():
+            ax.plot(range(len(s["noi_by_index"])), s["noi_by_index"], marker="o", ms=3, label=mode)
+        ax.set_title(task)
+        ax.set_xlabel("image index (context size in context mode)")
+        ax.set_ylabel(f"{protocol} to 90% Dice")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", type=Path, action="append", required=True, help="images/ + masks/ folder")
+    parser.add_argument("--ids", type=Path, help="JSON {task folder name: [ids]} restricting each task (held-out split)")
+    parser.add_argument("--weights", type=Path, help="MultiverSeg checkpoint (default: bundled weights)")
+    parser.add_argument("--fallback", type=Path, help="optional ScribblePrompt-UNet for the empty context")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="clicks")
+    parser.add_argument("--images", type=int, default=18, help="images after the seed image")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["context", "none"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    predictor = Predictor(args.weights, fallback=args.fallback, device=args.device)
+    subsets = json.loads(args.ids.read_text()) if args.ids else {}
+    budget = BUDGET[args.protocol]
+    records: dict = {}
+    total = len(args.task) * args.runs * len(args.modes)
+    bar = tqdm(total=total, desc="runs", unit="run")
+    for folder in args.task:
+        examples = load_task(folder, subsets.get(folder.name))
+        if len(examples) < 2:
+            raise SystemExit(f"{folder}: needs at least 2 labelled images, found {len(examples)}")
+        records[folder.name] = {mode: [] for mode in args.modes}
+        for run in range(args.runs):
+            rng = np.random.default_rng([args.seed, run])
+            order = rng.permutation(len(examples))[: args.images + 1]
+            chosen = [examples[i] for i in order]
+            for mode in args.modes:
+                results = run_once(predictor, chosen, mode, args.protocol, budget)
+                records[folder.name][mode].append([r.__dict__ for r in results])
+                bar.update(1)
+    bar.close()
+    summary = summarise(records, args.protocol, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runs.json").write_text(json.dumps(records))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    md = table(summary, args.protocol)
+    (args.out / "summary.md").write_text(md + "\n")
+    plot(summary, args.protocol, args.out / "noi90.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The evaluation CLI end to end on a tiny task, and its bookkeeping on a scripted user."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mvseg import Prediction, save_checkpoint
+from mvseg.evaluate import dice, main, segment_one, summarise
+from mvseg.interaction import CenterClicks
+
+from .conftest import disk
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "task" / "images").mkdir(parents=True)
+    (tmp_path / "task" / "masks").mkdir()
+    for i in range(5):
+        mask = disk((48, 64), (20 + 4 * i, 24), 9 + i)
+        image = (mask * 150 + rng.integers(0, 60, mask.shape)).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "task" / "images" / f"case{i}.png")
+        Image.fromarray(mask * 255).save(tmp_path / "task" / "masks" / f"case{i}.png")
+    return tmp_path / "task"
+
+
+def test_cli_end_to_end(tmp_path, tiny_task, tiny_models):
+    mvs, _ = tiny_models
+    save_checkpoint(mvs, tmp_path / "w.pt")
+    out = tmp_path / "out"
+    main(["--task", str(tiny_task), "--weights", str(tmp_path / "w.pt"), "--images", "3", "--runs", "2",
+          "--modes", "context", "none", "oracle", "--out", str(out)])
+    runs = json.loads((out / "runs.json").read_text())
+    assert set(runs["task"]) == {"context", "none", "oracle"}
+    assert all(len(run) == 4 for mode in runs["task"].values() for run in mode)  # seed + 3 images
+    for run in runs["task"]["context"]:
+        for r in run:
+            assert 0 <= r["interactions"] <= 20 and r["dice"][0] >= 0
+    summary = json.loads((out / "summary.json").read_text())["task"]
+    assert summary["none"]["reduction_vs_none_pct"] == 0
+    assert len(summary["context"]["noi_by_index"]) == 4
+    assert (out / "noi90.png").stat().st_size > 1000 and "| task |" in (out / "summary.md").read_text()
+
+
+class ScriptedPredictor:
+    """Grows the predicted disk by one step per click: the n-th prediction covers n/4 of the object."""
+
+    def __init__(self, truth):
+        self.truth, self.calls = truth, 0
+
+    def predict(self, image, prompts, context, previous=None):
+        self.calls += 1
+        mask = np.zeros_like(self.truth, dtype=np.uint8)
+        rows = np.nonzero(self.truth.any(1))[0]
+        keep = rows[: int(len(rows) * min(1.0, self.calls / 4))]
+        mask[keep] = self.truth[keep]
+        return Prediction(mask.astype(np.float32), mask, logits=None)
+
+
+def test_interactions_are_counted_until_ninety_percent_dice():
+    from mvseg.data import Example
+
+    truth = disk((40, 40), (20, 20), 12).astype(bool)
+    result, final = segment_one(ScriptedPredictor(truth), Example("x", truth, truth), None, CenterClicks(), 20)
+    # after k clicks the prediction covers k/4 of the rows: Dice >= 0.9 first at k = 4
+    assert result.interactions == 4 and result.reached
+    assert len(result.dice) == 5 and result.dice[-1] == dice(final.mask, truth) == 1.0
+
+
+def test_summary_reduction_and_ci():
+    rec = lambda n: {"interactions": n, "reached": n < 20, "dice": [0.5, 0.95]}  # noqa: E731
+    records = {"t": {"none": [[rec(4), rec(4)], [rec(4), rec(4)]], "context": [[rec(4), rec(0)], [rec(4), rec(2)]]}}
+    s = summarise(records, "clicks", 0)["t"]
+    assert s["none"]["total_mean"] == 8 and s["context"]["total_mean"] == 5
+    assert s["context"]["reduction_vs_none_pct"] == pytest.approx(37.5)
+    assert s["context"]["noi_by_index"] == [4, 1]
+    lo, hi = s["context"]["total_ci95"]
+    assert 4 <= lo <= 5 <= hi <= 6
