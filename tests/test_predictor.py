@@ -19,11 +19,18 @@ def predictor(tiny_models):
     return Predictor(mvs, fallback=sp, device="cpu")
 
 
-def test_prediction_is_on_the_original_grid(predictor):
-    img = np.random.default_rng(0).integers(0, 255, (77, 131, 3), dtype=np.uint8)
-    p = predictor.predict(img, Prompts(positive=[(50, 30)], negative=[(0, 0)], box=[10, 10, 100, 60]))
+@pytest.mark.parametrize(
+    "img",
+    [
+        np.random.default_rng(0).integers(0, 255, (77, 131, 3), dtype=np.uint8),  # RGB, odd, wide
+        np.random.default_rng(1).integers(0, 65535, (131, 77), dtype=np.uint16),  # 16-bit, odd, tall
+    ],
+)
+def test_prediction_is_on_the_original_grid(predictor, img):
+    h, w = img.shape[:2]
+    p = predictor.predict(img, Prompts(positive=[(50, 30)], negative=[(0, 0)], box=[10, 10, 70, 60]))
     assert isinstance(p, Prediction)
-    assert p.probability.shape == (77, 131) and p.mask.shape == (77, 131)
+    assert p.probability.shape == (h, w) and p.mask.shape == (h, w)
     assert p.probability.dtype == np.float32 and p.mask.dtype == np.uint8
     assert np.array_equal(p.mask, (p.probability >= 0.5).astype(np.uint8))
     assert p.logits.shape == (1, 128, 128)
