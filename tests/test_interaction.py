@@ -1,6 +1,5 @@
 """Simulated users on hand-made masks, and the scribble simulator against real human scribbles."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -138,7 +138,7 @@ def summarise(records: dict, protocol: str, seed: int) -> dict:
             }
         if "none" in out[task]:
             base = out[task]["none"]["total_mean"]
-            for mode, s in out[task].items():
+            for s in out[task].values():
                 s["reduction_vs_none_pct"] = 100.0 * (1 - s["total_mean"] / base) if base else 0.0
     return out
 
