@@ -167,8 +167,18 @@ def correction_scribble(truth: np.ndarray, prediction: np.ndarray) -> Optional[t
     return None if region is None else (stroke(region), positive)
 
 
-def _union(a: Optional[np.ndarray], b: np.ndarray) -> np.ndarray:
-    return b.copy() if a is None else (np.asarray(a) != 0) | b
+def add_click(prompts: Prompts, point: Point, positive: bool) -> Prompts:
+    """A copy of ``prompts`` with one more click."""
+    if positive:
+        return replace(prompts, positive=list(prompts.positive) + [point])
+    return replace(prompts, negative=list(prompts.negative) + [point])
+
+
+def add_stroke(prompts: Prompts, line: np.ndarray, positive: bool) -> Prompts:
+    """A copy of ``prompts`` with one more scribble stroke, merged into that sign's scribble mask."""
+    key = "positive_scribbles" if positive else "negative_scribbles"
+    old = getattr(prompts, key)
+    return replace(prompts, **{key: line.copy() if old is None else (np.asarray(old) != 0) | line})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,12 +198,7 @@ class CenterClicks:
 
     def correct(self, truth: np.ndarray, prediction: np.ndarray, prompts: Prompts) -> tuple[Prompts, int]:
         found = correction_click(truth, prediction)
-        if found is None:
-            return prompts, 0
-        point, positive = found
-        if positive:
-            return replace(prompts, positive=list(prompts.positive) + [point]), 1
-        return replace(prompts, negative=list(prompts.negative) + [point]), 1
+        return (prompts, 0) if found is None else (add_click(prompts, *found), 1)
 
 
 @dataclass
@@ -210,12 +215,7 @@ class CenterlineScribbles:
 
     def correct(self, truth: np.ndarray, prediction: np.ndarray, prompts: Prompts) -> tuple[Prompts, int]:
         found = correction_scribble(truth, prediction)
-        if found is None:
-            return prompts, 0
-        stroke, positive = found
-        if positive:
-            return replace(prompts, positive_scribbles=_union(prompts.positive_scribbles, stroke)), 1
-        return replace(prompts, negative_scribbles=_union(prompts.negative_scribbles, stroke)), 1
+        return (prompts, 0) if found is None else (add_stroke(prompts, *found), 1)
 
 
 PROTOCOLS = {"clicks": CenterClicks, "scribbles": CenterlineScribbles}
@@ -291,16 +291,12 @@ class RandomPrompts:
         missed, false_alarm = error_regions(truth, prediction)
         n = int(self.rng.integers(self.min_corrections, self.max_corrections + 1))
         scribble = prompts.positive_scribbles is not None or prompts.negative_scribbles is not None
-        out = replace(prompts, positive=list(prompts.positive), negative=list(prompts.negative))
         errors = [(r, True) for r in components(missed)] + [(r, False) for r in components(false_alarm)]
         errors.sort(key=lambda e: -int(e[0].sum()))
         for region, positive in errors[:n]:
             if scribble:
-                stroke = random_scribble(region, self.rng)
-                if positive:
-                    out.positive_scribbles = _union(out.positive_scribbles, stroke)
-                else:
-                    out.negative_scribbles = _union(out.negative_scribbles, stroke)
+                prompts = add_stroke(prompts, random_scribble(region, self.rng), positive)
             else:
-                (out.positive if positive else out.negative).extend(random_points(region, 1, self.rng))
-        return out
+                for point in random_points(region, 1, self.rng):
+                    prompts = add_click(prompts, point, positive)
+        return prompts
