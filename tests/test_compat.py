@@ -13,7 +13,9 @@ from mvseg.prompts import rescale_prompts
 from .conftest import REFERENCE
 
 ATOL = 1e-4
-MVS_CASES = ["mvs_case_ctx1.pt", "mvs_case_ctx3.pt", "mvs_case_ctx8.pt", "mvs_case_ctx0_fallback.pt", "mvs_trace_32px.pt"]
+MVS_CASES = [
+    "mvs_case_ctx1.pt", "mvs_case_ctx3.pt", "mvs_case_ctx8.pt", "mvs_case_ctx0_fallback.pt", "mvs_trace_32px.pt"
+]
 SP_CASES = ["sp_case_clicks.pt", "sp_case_box.pt", "sp_case_scribbles_prevmask.pt"]
 ENC_CASES = ["enc1_clicks.pt", "enc2_boxes.pt", "enc3_scribbles_clicks_overlap.pt", "enc4_all.pt"]
 

@@ -29,7 +29,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(width: int, context: int, device: str, repeats: int, dtype: str, size: int = 128, direct: bool = False) -> dict:
+def measure(
+    width: int, context: int, device: str, repeats: int, dtype: str, size: int = 128, direct: bool = False
+) -> dict:
     from . import network
     from .predictor import Predictor
 

@@ -69,7 +69,8 @@ class Predictor:
             the official release does); without it MultiverSeg runs with its dummy context entry.
         device: ``None`` picks CUDA, then MPS, then CPU.
         dtype: ``torch.float32`` or ``torch.bfloat16`` (autocast).
-        size: model resolution; max_context: most context entries per forward (see ``ContextSet.select``).
+        size: model resolution (default: the one the checkpoint was trained at, else 128).
+        max_context: most context entries per forward (see ``ContextSet.select``).
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class Predictor:
         fallback: Union[ScribblePromptUNet, PathLike, None] = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: torch.dtype = torch.float32,
-        size: int = DEFAULT_SIZE,
+        size: Optional[int] = None,
         max_context: int = 64,
         percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     ):
@@ -90,15 +91,15 @@ class Predictor:
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         self.device = pick_device(device)
         self.dtype = dtype
-        self.size = size
         self.max_context = max_context
         self.percentiles = percentiles
         self.model = _as_model(model, MULTIVERSEG).to(self.device).eval()
+        self.size = size or int(getattr(self.model, "meta", {}).get("size", DEFAULT_SIZE))
         self.fallback = _as_model(fallback, SCRIBBLEPROMPT)
         if self.fallback is not None:
             self.fallback = self.fallback.to(self.device).eval()
-        if size % 2 ** (self.model.depth - 1):
-            raise ValueError(f"size {size} must be divisible by {2 ** (self.model.depth - 1)} for this network")
+        if self.size % 2 ** (self.model.depth - 1):
+            raise ValueError(f"size {self.size} must be divisible by {2 ** (self.model.depth - 1)} for this network")
         self._lock = threading.Lock()
 
     def new_context(self) -> ContextSet:
@@ -201,7 +202,7 @@ class Predictor:
         if context.size != self.size:
             raise ValueError(f"context set is on a {context.size} grid but the predictor works at {self.size}")
         version = context.version
-        ids = context.select(model_image, self.max_context, exclude)
+        ids = context.select(model_image, min(self.max_context, context.max_size), exclude)
         images, labels = context.tensors(ids)
         return ids, images, labels, version
 

@@ -124,7 +124,8 @@ def encode_for_model(
     prompts = prompts or Prompts()
     size = geometry.size
     coords, labels = [], []
-    for points, label, name in ((prompts.positive, POSITIVE, "positive click"), (prompts.negative, NEGATIVE, "negative click")):
+    clicks = ((prompts.positive, POSITIVE, "positive click"), (prompts.negative, NEGATIVE, "negative click"))
+    for points, label, name in clicks:
         geometry.check_points(points, name)
         if len(points):
             coords.append(geometry.points_forward(points))

@@ -1,0 +1,195 @@
+"""Training tasks: labelled folders split by subject, synthetic tasks from superpixels, hierarchical sampling.
+
+A *source* is a folder in the ``images/ [masks/]`` layout of ``../shared/datasets``. A labelled source holds
+one or more tasks (a regex on the file name picks the task, e.g. the axis or sub-dataset; the paper's task is
+dataset x axis x label). Each task is split by subject (another regex; default: one subject per image)
+into train and held-out parts. Every image is stored once, already on the model grid (padded square,
+resized, percentile-normalised, as :func:`mvseg.geometry.prepare_image` does at inference), as uint8.
+
+:meth:`TaskBank.batch` draws ``B`` tasks hierarchically (source, then task within it, then examples), or with
+probability ``p_synthetic`` a synthetic task: one superpixel of one image, copied and augmented (Table 4).
+Then within-task and task augmentations (Table 5) are applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from skimage.segmentation import felzenszwalb
+from tqdm import tqdm
+
+from . import augment
+from .data import IMAGE_SUFFIXES, read_image
+from .geometry import prepare_image
+
+log = logging.getLogger(__name__)
+
+MIN_SUPERPIXEL_FRACTION = 0.002  # smaller superpixels make labels of a few model pixels
+
+
+@dataclass
+class Source:
+    """A dataset folder used for training (one entry of a training config's ``sources``)."""
+
+    path: str
+    name: Optional[str] = None
+    labelled: bool = True
+    task: Optional[str] = None  # regex on the id; group 1 names the task (default: one task)
+    subject: Optional[str] = None  # regex on the id; group 1 names the subject (default: the id)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+@dataclass
+class Task:
+    name: str
+    images: torch.Tensor  # N 1 S S uint8
+    labels: torch.Tensor  # N 1 S S uint8 {0, 1}
+    ids: list[str] = field(default_factory=list)
+
+
+def _group(pattern: Optional[str], key: str, default: str) -> str:
+    if not pattern:
+        return default
+    m = re.search(pattern, key)
+    return m.group(1) if m else default
+
+
+def split_subjects(subjects: list[str], heldout: float, seed: int) -> set[str]:
+    """Held-out subjects: a deterministic ``heldout`` fraction (at least one when there are two or more)."""
+    unique = sorted(set(subjects), key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
+    if len(unique) < 2 or heldout <= 0:
+        return set()
+    k = min(len(unique) - 1, max(1, round(heldout * len(unique))))
+    return set(unique[:k])
+
+
+def _load_folder(folder: Path, size: int) -> list[tuple[str, np.ndarray, Optional[np.ndarray]]]:
+    """(id, model-grid image uint8 S S, model-grid mask uint8 S S or None) for every image of a folder."""
+    images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    masks = folder / "masks"
+    out = []
+    for path in images:
+        image = read_image(path)
+        grid, geometry = prepare_image(image, size)
+        mask = None
+        mask_path = masks / path.name
+        if mask_path.exists():
+            m = read_image(mask_path)
+            mask = geometry.mask_forward(m[..., 0] if m.ndim == 3 else m)[0].numpy().astype(np.uint8)
+        out.append((path.stem, (grid[0].numpy() * 255).round().astype(np.uint8), mask))
+    return out
+
+
+class TaskBank:
+    """Every training task and synthetic-task image, on the model grid, in memory.
+
+    Args:
+        sources: the folders (see :class:`Source`); ``root`` resolves relative paths.
+        size: model resolution. heldout: fraction of subjects held out per task; seed: split seed.
+    """
+
+    def __init__(self, sources: list[Source], root: Path, size: int, heldout: float = 0.2, seed: int = 0):
+        self.size = size
+        self.tasks: dict[str, list[Task]] = {}  # source -> tasks (train part)
+        self.split: dict[str, dict[str, list[str]]] = {}  # "source/task" -> {"train": ids, "heldout": ids}
+        pool: dict[str, list[np.ndarray]] = {}  # source -> images for synthetic tasks (train part only)
+        for src in tqdm(sources, desc="loading sources", unit="source"):
+            folder = (root / src.path).resolve()
+            if not (folder / "images").is_dir():
+                raise ValueError(f"training source {folder} has no images/ folder")
+            rows = _load_folder(folder, size)
+            if not src.labelled:
+                pool[src.label] = [im for _, im, _ in rows]
+                continue
+            by_task: dict[str, list] = {}
+            for row in rows:
+                if row[2] is not None and row[2].any():
+                    by_task.setdefault(_group(src.task, row[0], "all"), []).append(row)
+            tasks, images = [], []
+            for name, items in sorted(by_task.items()):
+                held = split_subjects([_group(src.subject, r[0], r[0]) for r in items], heldout, seed)
+                train = [r for r in items if _group(src.subject, r[0], r[0]) not in held]
+                held_ids = {r[0] for r in items} - {r[0] for r in train}
+                key = f"{src.label}/{name}"
+                self.split[key] = {"train": [r[0] for r in train], "heldout": [r[0] for r in items if r[0] in held_ids]}
+                tasks.append(
+                    Task(
+                        key,
+                        torch.from_numpy(np.stack([r[1] for r in train]))[:, None],
+                        torch.from_numpy(np.stack([r[2] for r in train]))[:, None],
+                        [r[0] for r in train],
+                    )
+                )
+                images += [r[1] for r in train]
+            self.tasks[src.label] = tasks
+            pool[src.label] = images
+        self.pool = {k: v for k, v in pool.items() if v}
+        if not self.tasks and not self.pool:
+            raise ValueError("no training data: every source is empty")
+        log.info(
+            "%d labelled tasks from %d sources, %d synthetic-task images",
+            sum(len(t) for t in self.tasks.values()),
+            len(self.tasks),
+            sum(len(v) for v in self.pool.values()),
+        )
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    def _real(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target + ``n`` context entries of one real task: ``(n+1) 1 S S`` float images and labels."""
+        tasks = self.tasks[rng.choice(sorted(self.tasks))]
+        task = tasks[rng.integers(len(tasks))]
+        count = len(task.images)
+        idx = rng.choice(count, size=n + 1, replace=count < n + 1)
+        return task.images[idx].float() / 255, task.labels[idx].float()
+
+    def _synthetic(self, n: int, rng: np.random.Generator, gen: torch.Generator, scale: tuple[float, float]):
+        """Target + ``n`` context entries of a synthetic task: one superpixel of one image, augmented copies."""
+        images = self.pool[rng.choice(sorted(self.pool))]
+        image = images[rng.integers(len(images))]
+        segments = felzenszwalb(image, scale=float(rng.uniform(*scale)), sigma=0.5, min_size=8)
+        areas = np.bincount(segments.ravel())
+        # superpixels of the zero padding (or of clipped black) are not structures: leave them out
+        black = np.bincount(segments.ravel(), weights=(image.ravel() == 0)) > 0.5 * areas
+        ok = np.flatnonzero((areas >= MIN_SUPERPIXEL_FRACTION * image.size) & (areas <= 0.6 * image.size) & ~black)
+        c = rng.choice(ok) if len(ok) else int(np.argmax(areas))
+        x = torch.from_numpy(image).float().div(255)[None, None].repeat(n + 1, 1, 1, 1)
+        y = torch.from_numpy(segments == c).float()[None, None].repeat(n + 1, 1, 1, 1)
+        return augment.augment(x, y, augment.SYNTHETIC, gen)
+
+    def sample(
+        self,
+        n: int,
+        rng: np.random.Generator,
+        gen: torch.Generator,
+        p_synthetic: float = 0.5,
+        superpixel_scale: tuple[float, float] = (1, 500),
+        retries: int = 3,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One augmented task: images and labels ``(n+1) 1 S S`` (item 0 is the target), synthetic or not."""
+        synthetic = not self.tasks or (bool(self.pool) and rng.random() < p_synthetic)
+        for _ in range(retries):
+            x, y = self._synthetic(n, rng, gen, superpixel_scale) if synthetic else self._real(n, rng)
+            x, y = augment.augment(x, y, augment.WITHIN_TASK, gen)
+            x, y = augment.augment(x, y, augment.TASK, gen, shared=True)
+            if y[0].any():  # a target whose label left the image teaches nothing
+                break
+        return x, y, synthetic
+
+    def batch(self, batch_size: int, n: int, rng: np.random.Generator, gen: torch.Generator, **kw):
+        """``B`` tasks with ``n`` context entries each: target images/labels ``B 1 S S``, context
+        ``B n 1 S S``, and the fraction of synthetic tasks."""
+        items = [self.sample(n, rng, gen, **kw) for _ in range(batch_size)]
+        x = torch.stack([i[0] for i in items])
+        y = torch.stack([i[1] for i in items])
+        return x[:, 0], y[:, 0], x[:, 1:], y[:, 1:], float(np.mean([i[2] for i in items]))

@@ -1,0 +1,168 @@
+"""Training: augmentations, task bank (splits, synthetic tasks), the loss, and a short CPU run that learns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mvseg import augment, load_checkpoint
+from mvseg.interaction import RandomPrompts
+from mvseg.network import MultiverSegConfig, MultiverSegNet
+from mvseg.tasks import Source, TaskBank, split_subjects
+from mvseg.train import TrainConfig, focal_loss, half_resolution, interactive_loss, soft_dice_loss, train
+
+from .conftest import disk
+
+
+def blobs(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.zeros(n, 1, size, size)
+    y[:, :, 8:20, 10:24] = 1
+    x = (0.2 + 0.6 * y + 0.05 * torch.rand(y.shape, generator=g)).clamp(0, 1)
+    return x, y
+
+
+# -- augmentations ----------------------------------------------------------------------------------
+
+
+def test_augment_keeps_ranges_and_binary_labels():
+    x, y = blobs(6)
+    for spec in (augment.SYNTHETIC, augment.WITHIN_TASK, augment.TASK):
+        ax, ay = augment.augment(x, y, spec, torch.Generator().manual_seed(1))
+        assert ax.shape == x.shape and ay.shape == y.shape
+        assert ax.min() >= 0 and ax.max() <= 1
+        assert set(torch.unique(ay).tolist()) <= {0.0, 1.0}
+
+
+def test_task_augmentation_is_shared_and_within_task_is_not():
+    x, y = blobs(5)
+    gen = torch.Generator().manual_seed(3)
+    spec = {"affine": dict(p=1.0, degrees=(0, 360), translate=(0, 0.2), scale=(0.8, 1.1))}
+    shared_x, shared_y = augment.augment(x, y, spec, gen, shared=True)
+    assert all(torch.equal(shared_y[0], shared_y[i]) for i in range(5))
+    own_x, own_y = augment.augment(x, y, spec, gen, shared=False)
+    assert not all(torch.equal(own_y[0], own_y[i]) for i in range(5))
+
+
+def test_flip_and_sobel_label_do_what_they_say():
+    x, y = blobs(2)
+    gen = torch.Generator().manual_seed(0)
+    fx, fy = augment.augment(x, y, {"hflip": dict(p=1.0)}, gen)
+    assert torch.equal(fy, y.flip(-1)) and torch.equal(fx, x.flip(-1))
+    _, edges = augment.augment(x, y, {"sobel_label": dict(p=1.0)}, gen)
+    assert edges.sum() < y.sum() and edges[0, 0, 14, 17] == 0 and edges[0, 0, 8, 17] == 1
+
+
+# -- task bank --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def task_root(tmp_path):
+    """A labelled source (two tasks by prefix, three subjects each) and an unlabelled one."""
+    rng = np.random.default_rng(0)
+    for folder, labelled in (("lab", True), ("unlab", False)):
+        (tmp_path / folder / "images").mkdir(parents=True)
+        if labelled:
+            (tmp_path / folder / "masks").mkdir()
+        for task in ("ax", "cor"):
+            for subject in range(3):
+                for k in range(2):
+                    mask = disk((40, 48), (20 + 3 * k, 18 + subject), 8 + subject)
+                    image = (mask * 140 + rng.integers(0, 80, mask.shape)).astype(np.uint8)
+                    name = f"{task}_s{subject}_{k}.png"
+                    Image.fromarray(image).save(tmp_path / folder / "images" / name)
+                    if labelled:
+                        Image.fromarray(mask * 255).save(tmp_path / folder / "masks" / name)
+    return tmp_path
+
+
+def test_split_by_subject_is_deterministic_and_disjoint():
+    subjects = [f"s{i}" for i in range(10)]
+    held = split_subjects(subjects, 0.2, seed=0)
+    assert len(held) == 2 and held == split_subjects(subjects, 0.2, seed=0)
+    assert split_subjects(["only"], 0.2, 0) == set()
+
+
+def test_task_bank_splits_by_subject_and_samples_tasks(task_root):
+    sources = [Source("lab", task="^(ax|cor)", subject="^[a-z]+_(s[0-9])"), Source("unlab", labelled=False)]
+    bank = TaskBank(sources, task_root, size=32, heldout=0.34, seed=0)
+    assert set(bank.split) == {"lab/ax", "lab/cor"}
+    for part in bank.split.values():
+        train_subjects = {i.split("_")[1] for i in part["train"]}
+        held_subjects = {i.split("_")[1] for i in part["heldout"]}
+        assert held_subjects and not train_subjects & held_subjects
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    x, y, cx, cy, synthetic = bank.batch(3, 4, rng, gen, p_synthetic=0.5)
+    assert x.shape == (3, 1, 32, 32) and cx.shape == (3, 4, 1, 32, 32) and cy.shape == cx.shape
+    assert all(y[i].any() for i in range(3))
+    xs, ys, s = bank.sample(2, rng, gen, p_synthetic=1.0)
+    assert s and ys[0].any()
+
+
+# -- loss and training ------------------------------------------------------------------------------
+
+
+def test_losses_prefer_the_right_answer():
+    _, y = blobs(2)
+    good, bad = (y * 2 - 1) * 8, -(y * 2 - 1) * 8
+    assert soft_dice_loss(good, y) < 0.05 < soft_dice_loss(bad, y)
+    assert focal_loss(good, y, 20.0) < focal_loss(bad, y, 20.0)
+
+
+def test_half_resolution_keeps_small_labels():
+    x, y = torch.rand(2, 3, 1, 16, 16), torch.zeros(2, 3, 1, 16, 16)
+    y[:, :, :, 5, 5] = 1
+    hx, hy = half_resolution(x, y)
+    assert hx.shape == (2, 3, 1, 8, 8) and hy.sum() == 6
+
+
+def test_interactive_loss_runs_three_steps_with_and_without_context():
+    torch.manual_seed(0)
+    model = MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8]))
+    x, y = blobs(2)
+    user = RandomPrompts(np.random.default_rng(0))
+    for n in (0, 3):
+        loss, steps = interactive_loss(model, x, y, x[:, None].repeat(1, n, 1, 1, 1),
+                                       y[:, None].repeat(1, n, 1, 1, 1), user, 3, 20.0)
+        assert len(steps) == 3 and torch.isfinite(loss) and loss.requires_grad
+
+
+def small_config(root, steps):
+    return TrainConfig(
+        name="smoke", encoder_widths=[8, 8, 8], size=32, steps=steps, batch_size=4, max_context=3, lr=3e-3,
+        lr_final=3e-3, interaction_steps=2, p_synthetic=0.0, heldout=0.0, checkpoint_every=10,
+        sources=[{"path": "lab", "task": "^(ax|cor)"}], data_root=str(root),
+    )
+
+
+@pytest.mark.slow
+def test_training_learns_and_resumes(task_root, tmp_path):
+    """A short CPU run lowers the loss on a fixed batch; a resumed run continues the same sequence."""
+    cfg = small_config(task_root, 40)
+    bank = TaskBank([Source("lab", task="^(ax|cor)")], task_root, 32, 0.0, 0)
+    fixed = bank.batch(6, 2, np.random.default_rng(123), torch.Generator().manual_seed(123), p_synthetic=0.0)[:4]
+
+    def fixed_loss(model):
+        model.eval()
+        with torch.no_grad():
+            loss, _ = interactive_loss(model, *fixed, RandomPrompts(np.random.default_rng(7)), 2, 20.0)
+        return float(loss)
+
+    torch.manual_seed(0)
+    before = fixed_loss(MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8])))
+    weights = train(cfg, tmp_path / "run")
+    after = fixed_loss(load_checkpoint(weights))
+    assert after < 0.7 * before, (before, after)
+
+    # stopping at step 20 and resuming reproduces the uninterrupted run, step for step
+    train(small_config(task_root, 20), tmp_path / "resumed")
+    train(cfg, tmp_path / "resumed", resume=True)
+    full = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line)["loss"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert len(resumed) == 40
+    np.testing.assert_allclose(resumed, full, rtol=1e-4)
+    assert load_checkpoint(tmp_path / "resumed" / "model.pt").meta["steps"] == 40
