@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from . import activelearning
 from .data import Example, load_task
 from .interaction import PROTOCOLS
 from .predictor import Prediction, Predictor
@@ -90,12 +91,34 @@ def run_once(
     mode: str,
     protocol_name: str,
     budget: int,
+    order: str = "random",
+    rng: Optional[np.random.Generator] = None,
 ) -> list[ImageResult]:
-    """Segment ``examples`` in order (the first is the seed image) in one mode."""
+    """Segment ``examples`` in one mode. ``order="random"`` keeps the given order (the first is the seed
+    image); any other :mod:`mvseg.activelearning` strategy picks each next image, the seed image too."""
     protocol = PROTOCOLS[protocol_name]()
     context = None if mode == "none" else predictor.new_context()
+    remaining = list(range(len(examples)))
+    described = None if order in ("random", "first") else activelearning.descriptors(
+        [e.image for e in examples], predictor.size
+    )
     results = []
-    for index, example in enumerate(examples):
+    for index in range(len(examples)):
+        pick = 0
+        if order != "random":
+            done = [i for i in range(len(examples)) if i not in remaining]
+            s = activelearning.scores(
+                order,
+                [examples[i].image for i in remaining],
+                [examples[i].image for i in done],
+                predictor,
+                context,
+                rng,
+                None if described is None else described[remaining],
+                None if described is None else described[done],
+            )
+            pick = int(np.argmax(s))
+        example = examples[remaining.pop(pick)]
         result, final = segment_one(predictor, example, context, protocol, budget)
         result.index = index
         results.append(result)
@@ -140,21 +163,29 @@ def summarise(records: dict, protocol: str, seed: int) -> dict:
             base = out[task]["none"]["total_mean"]
             for s in out[task].values():
                 s["reduction_vs_none_pct"] = 100.0 * (1 - s["total_mean"] / base) if base else 0.0
+        for name, s in out[task].items():  # "context/coverage" against "context" (random order)
+            base_mode = name.split("/")[0]
+            if "/" in name and base_mode in out[task]:
+                base = out[task][base_mode]["total_mean"]
+                s["reduction_vs_random_pct"] = 100.0 * (1 - s["total_mean"] / base) if base else 0.0
     return out
 
 
 def table(summary: dict, protocol: str) -> str:
     unit = "clicks" if protocol == "clicks" else "scribble steps"
     lines = [
-        f"| task | mode | total {unit} (95% CI) | per image | vs none | Dice@0 | Dice@1 | Dice@3 | failures |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| task | mode | total {unit} (95% CI) | per image | vs none | vs random order | Dice@0 | Dice@1 | Dice@3 "
+        "| failures |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, modes in summary.items():
         for mode, s in modes.items():
             lo, hi = s["total_ci95"]
             lines.append(
                 f"| {task} | {mode} | {s['total_mean']:.1f} ({lo:.1f}-{hi:.1f}) | {s['per_image_mean']:.2f} | "
-                f"{s.get('reduction_vs_none_pct', 0.0):+.1f}% | {s['dice_after'][0]:.3f} | {s['dice_after'][1]:.3f} | "
+                f"{s.get('reduction_vs_none_pct', 0.0):+.1f}% | "
+                + (f"{s['reduction_vs_random_pct']:+.1f}%" if "reduction_vs_random_pct" in s else "")
+                + f" | {s['dice_after'][0]:.3f} | {s['dice_after'][1]:.3f} | "
                 f"{s['dice_after'][3]:.3f} | {s['failures']} |"
             )
     return "\n".join(lines)
@@ -179,10 +210,30 @@ def plot(summary: dict, protocol: str, path: Path) -> None:
     plt.close(fig)
 
 
+def runs_of(modes: list[str], orders: list[str]) -> list[tuple[str, str]]:
+    """(mode, order) pairs: orders apply to the context modes; ``none`` has no context, so no order."""
+    return [(m, o) for m in modes for o in (orders if m != "none" else ["random"])]
+
+
+def held_out(subsets: dict) -> dict:
+    """``{folder: [ids]}`` as given, or from a training ``split.json`` (``{"folder/task": {"heldout": ids}}``)."""
+    out: dict = {}
+    for key, value in subsets.items():
+        if isinstance(value, dict):
+            out.setdefault(key.split("/")[0], []).extend(value.get("heldout", []))
+        else:
+            out[key] = list(value)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", type=Path, action="append", required=True, help="images/ + masks/ folder")
-    parser.add_argument("--ids", type=Path, help="JSON {task folder name: [ids]} restricting each task (held-out split)")
+    parser.add_argument(
+        "--ids",
+        type=Path,
+        help="JSON restricting each task: {task folder name: [ids]}, or a training split.json (its held-out ids)",
+    )
     parser.add_argument("--weights", type=Path, help="MultiverSeg checkpoint (default: bundled weights)")
     parser.add_argument("--fallback", type=Path, help="optional ScribblePrompt-UNet for the empty context")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="clicks")
@@ -190,29 +241,38 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["context", "none"])
+    parser.add_argument(
+        "--order",
+        nargs="+",
+        choices=activelearning.STRATEGIES,
+        default=["random"],
+        help="image order(s) of the context modes: random, or a strategy that picks each next image",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     predictor = Predictor(args.weights, fallback=args.fallback, device=args.device)
-    subsets = json.loads(args.ids.read_text()) if args.ids else {}
+    subsets = held_out(json.loads(args.ids.read_text())) if args.ids else {}
     budget = BUDGET[args.protocol]
     records: dict = {}
-    total = len(args.task) * args.runs * len(args.modes)
+    total = len(args.task) * args.runs * len(runs_of(args.modes, args.order))
     bar = tqdm(total=total, desc="runs", unit="run")
     for folder in args.task:
         examples = load_task(folder, subsets.get(folder.name))
         if len(examples) < 2:
             raise SystemExit(f"{folder}: needs at least 2 labelled images, found {len(examples)}")
-        records[folder.name] = {mode: [] for mode in args.modes}
+        records[folder.name] = {}
         for run in range(args.runs):
             rng = np.random.default_rng([args.seed, run])
             order = rng.permutation(len(examples))[: args.images + 1]
             chosen = [examples[i] for i in order]
-            for mode in args.modes:
-                results = run_once(predictor, chosen, mode, args.protocol, budget)
-                records[folder.name][mode].append([r.__dict__ for r in results])
+            for mode, strategy in runs_of(args.modes, args.order):
+                key = mode if strategy == "random" else f"{mode}/{strategy}"
+                pool = sorted(chosen, key=lambda e: e.id) if strategy != "random" else chosen
+                results = run_once(predictor, pool, mode, args.protocol, budget, strategy, rng)
+                records[folder.name].setdefault(key, []).append([r.__dict__ for r in results])
                 bar.update(1)
     bar.close()
     summary = summarise(records, args.protocol, args.seed)

@@ -1,0 +1,191 @@
+"""MONAI Label app: MultiverSeg with a context set fed by the datastore's saved labels.
+
+    monailabel start_server --app apps/multiverseg --studies sample-datasets/nuclei-2d \\
+        [--conf weights PATH] [--conf labels nucleus] ...
+
+Configuration (``--conf key value``):
+    weights           MultiverSeg checkpoint (default: the bundled ``mvseg`` weights; official files load too)
+    fallback          ScribblePrompt-UNet checkpoint for an empty context set (optional)
+    labels            comma-separated label names; the first is the default (default: ``foreground``)
+    axis              slice axis of volumes, 0-2 (default: 2)
+    max_context       most context entries per forward (default: 64)
+    slices_per_volume most slices one 3D label adds to the context (default: 4)
+    device            cpu, cuda, mps (default: best available)
+    state_expiry      seconds an idle interaction state is kept (default: 1800)
+    strategy          the next-sample strategy listed first, i.e. the default (default: hybrid)
+    lease_window      seconds an image handed to one annotator is kept from the others (default: 600)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
+
+from mvlabel.contextstore import DatastoreContext
+from mvlabel.errors import BadRequest
+from mvlabel.imageio import extension, read_asap, read_image, read_label
+from mvlabel.infer import MultiverSegAuto, MultiverSegInfer
+from mvlabel.interactions import InteractionStore
+from mvlabel.nextsample import Leases, NextSample, ScoreBoard
+from mvlabel.segmenter import Segmenter
+from mvlabel.wsi import infer_region
+from mvseg import Predictor
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("hybrid", "coverage", "uncertainty", "random", "first")
+DEFAULT_STRATEGY = "hybrid"
+
+
+def _http(error: BadRequest) -> HTTPException:
+    return HTTPException(status_code=error.status, detail=str(error))
+
+
+class CheckedDatastore(LocalDatastore):
+    """Local datastore that refuses a label it cannot read or that does not fit its image, before anything
+    on disk is touched (the base class copies first and asks later)."""
+
+    def save_label(self, image_id, label_filename, label_tag, label_info):
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
+            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+        try:
+            image = read_image(image_uri)
+            if extension(label_filename) == ".xml":
+                read_asap(label_filename, image.shape[:2])
+            else:
+                read_label(label_filename, image)
+        except BadRequest as e:
+            raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+
+class MultiverSegApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        names = [n.strip() for n in conf.get("labels", "foreground").split(",") if n.strip()]
+        self.label_names = names or ["foreground"]
+        self.axis = int(conf.get("axis", 2))
+        if self.axis not in (0, 1, 2):
+            raise ValueError(f"--conf axis must be 0, 1 or 2, got {self.axis}")
+        self.predictor = Predictor(
+            conf.get("weights") or None,
+            fallback=conf.get("fallback") or None,
+            device=conf.get("device") or None,
+            max_context=int(conf.get("max_context", 64)),
+        )
+        self.interactions = InteractionStore(expiry=float(conf.get("state_expiry", 1800)))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MultiverSeg",
+            description="Interactive in-context segmentation: every saved label makes the next image faster",
+            version="0.1.0",
+            labels=self.label_names,
+        )
+
+    # -- wiring -------------------------------------------------------------------------------------
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            datastore = super().init_datastore()
+        else:
+            datastore = CheckedDatastore(
+                self.studies,
+                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            )
+        self.context = DatastoreContext(
+            datastore,
+            self.predictor.new_context,
+            self.label_names,
+            axis=self.axis,
+            slices_per_volume=int(self.conf.get("slices_per_volume", 4)),
+        )
+        self.segmenter = Segmenter(self.predictor, self.context, self.interactions, axis=self.axis)
+        return datastore
+
+    def init_infers(self):
+        return {
+            "multiverseg": MultiverSegInfer(self.segmenter, self.label_names),
+            "multiverseg_auto": MultiverSegAuto(self.segmenter, self.label_names),
+        }
+
+    def init_strategies(self):
+        self.scoreboard = ScoreBoard(self.segmenter, self._datastore)
+        leases = Leases(float(self.conf.get("lease_window", 600)))
+        default = self.conf.get("strategy", DEFAULT_STRATEGY)
+        if default not in STRATEGIES:
+            raise ValueError(f"--conf strategy must be one of {', '.join(STRATEGIES)}, got '{default}'")
+        names = [default] + [n for n in STRATEGIES if n != default]  # clients offer the first one by default
+        return {name: NextSample(name, self.scoreboard, leases) for name in names}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        self.predictor.warmup()
+        read = self.context.refresh()
+        log.info("MultiverSeg ready: %d labels read, context sizes %s", read, self.context.sizes())
+        self.scoreboard.start()
+
+    def on_save_label(self, image_id, label_id):
+        self.context.refresh_one(image_id)
+        self.scoreboard.poke()
+        return super().on_save_label(image_id, label_id)
+
+    # -- requests: bad input is a 4xx with a message ----------------------------------------------
+
+    def _check_model(self, request):
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(
+                status_code=404, detail=f"unknown model '{model}'; this server has {', '.join(self._infers)}"
+            )
+
+    def infer(self, request, datastore=None):
+        self._check_model(request)
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image) and not self.datastore().get_image_uri(image):
+            raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
+        if request.get("save_label") and request.get("label_tag") == DefaultLabelTag.FINAL.value:
+            raise HTTPException(
+                status_code=409, detail="inference never writes 'final' labels; save them with PUT /datastore/label"
+            )
+        try:
+            return super().infer(request, datastore)
+        except BadRequest as e:
+            raise _http(e) from None
+
+    def infer_wsi(self, request, datastore=None):
+        self._check_model(request)
+        if request.get("model") != "multiverseg":
+            return self.infer(request, datastore)
+        image = request.get("image") or ""
+        uploaded = os.path.isfile(image)
+        path = image if uploaded else self.datastore().get_image_uri(image)
+        if not path:
+            raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
+        try:
+            return infer_region(self.segmenter, request, path, uploaded)
+        except BadRequest as e:
+            raise _http(e) from None
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or next(iter(self._strategies))
+        if strategy not in self._strategies:
+            raise HTTPException(
+                status_code=404, detail=f"unknown strategy '{strategy}'; choose from {', '.join(self._strategies)}"
+            )
+        try:
+            return super().next_sample(request)
+        except BadRequest as e:
+            raise _http(e) from None

@@ -1,0 +1,190 @@
+"""Context sets fed from the datastore's ``final`` labels, one per label name, kept fresh cheaply.
+
+Every call to :meth:`DatastoreContext.refresh` lists the final labels (in memory in the datastore) and
+compares each label file's (mtime, size) and info timestamp with what was read last time: only new or
+changed labels are read again, removed ones drop out. That covers labels saved through
+``PUT /datastore/label`` (which also calls :meth:`refresh_one`) and labels that arrive behind that hook
+(saved by inference, batch jobs, or copied onto disk and picked up by the datastore's file watcher).
+
+A label file becomes one context entry per label name: names come from the ``label_info`` saved with it
+(``[{"name", "idx"}]``); a plain binary mask gets the default name. Volumes contribute 2D slices along
+the configured axis: the slice of largest area plus evenly spaced slices where the label is present.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from mvseg import ContextSet
+
+from .errors import BadRequest
+from .imageio import Loaded, extension, read_asap, read_image, read_label, stat_key
+
+log = logging.getLogger(__name__)
+FINAL = "final"
+
+
+def volume_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 2D slice ``index`` of a volume along ``axis``: rows and columns are the two remaining axes in order."""
+    return np.take(array, index, axis=axis)
+
+
+def pick_slices(mask: np.ndarray, axis: int, cap: int) -> list[int]:
+    """Slices of a 3D mask to use as context: the largest, plus evenly spaced others where it is present."""
+    areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+    present = np.flatnonzero(areas)
+    if len(present) == 0:
+        return []
+    largest = int(present[np.argmax(areas[present])])
+    spread = [int(present[i]) for i in np.linspace(0, len(present) - 1, num=min(cap, len(present))).round().astype(int)]
+    picked = [largest] + [s for s in spread if s != largest]
+    return sorted(picked[:cap])
+
+
+def label_masks(label: np.ndarray, info: dict, names: list[str]) -> dict[str, np.ndarray]:
+    """Labelmap -> ``{label name: binary mask}``. ``label_info`` names the values; a binary map takes
+    ``names[0]``; other values take ``names[value - 1]`` when configured, else ``label_<value>``."""
+    described = info.get("label_info") if isinstance(info, dict) else None
+    out: dict[str, np.ndarray] = {}
+    if isinstance(described, list) and described:
+        for item in described:
+            if isinstance(item, dict) and "name" in item:
+                idx = int(item.get("idx", item.get("id", 1)))
+                mask = label == idx
+                if mask.any():
+                    out[str(item["name"])] = mask
+        return out
+    values = [int(v) for v in np.unique(label) if v != 0]
+    for v in values:
+        name = names[v - 1] if 0 < v <= len(names) else f"label_{v}"
+        out[name] = label == v
+    return out
+
+
+@dataclass
+class _Seen:
+    stamp: tuple
+    keys: list = field(default_factory=list)  # (label name, entry key) pairs this label contributed
+
+
+class DatastoreContext:
+    """Per-label-name :class:`mvseg.ContextSet` s built from a MONAI Label datastore.
+
+    Args:
+        datastore: the app's datastore (``get_labeled_images``, ``get_label_uri``, ``get_image_uri``,
+            ``get_label_info``). new_set: makes an empty context set on the predictor's grid.
+        names: configured label names (the first is the default). axis: slice axis of volumes.
+        slices_per_volume: most slices one 3D label contributes.
+    """
+
+    def __init__(self, datastore, new_set, names: list[str], axis: int = 2, slices_per_volume: int = 4):
+        self.datastore = datastore
+        self.new_set = new_set
+        self.names = list(names)
+        self.axis = axis
+        self.slices_per_volume = slices_per_volume
+        self.sets: dict[str, ContextSet] = {}
+        self.reads = 0  # label files read so far (lets tests and benchmarks check incremental refresh)
+        self._seen: dict[str, _Seen] = {}
+        self._lock = threading.RLock()
+
+    def label_names(self) -> list[str]:
+        extra = sorted(n for n, s in self.sets.items() if len(s) and n not in self.names)
+        return self.names + extra
+
+    def get(self, name: str) -> ContextSet:
+        with self._lock:
+            if name not in self.sets:
+                self.sets[name] = self.new_set()
+            return self.sets[name]
+
+    # -- freshness ----------------------------------------------------------------------------------
+
+    def _stamp(self, image_id: str) -> Optional[tuple]:
+        uri = self.datastore.get_label_uri(image_id, FINAL)
+        if not uri:
+            return None
+        try:
+            info = self.datastore.get_label_info(image_id, FINAL) or {}
+            return (uri,) + stat_key(uri) + (info.get("ts"),)
+        except OSError:
+            return None
+
+    def refresh(self) -> int:
+        """Bring every label's entries up to date; returns how many label files were read."""
+        with self._lock:
+            current = set(self.datastore.get_labeled_images())
+            read = 0
+            for image_id in sorted(current):
+                stamp = self._stamp(image_id)
+                seen = self._seen.get(image_id)
+                if stamp is None or (seen is not None and seen.stamp == stamp):
+                    continue
+                self._load(image_id, stamp)
+                read += 1
+            for image_id in set(self._seen) - current:
+                self._forget(image_id)
+            return read
+
+    def refresh_one(self, image_id: str) -> None:
+        """Re-read one label now (the ``on_save_label`` hook)."""
+        with self._lock:
+            stamp = self._stamp(image_id)
+            if stamp is None:
+                self._forget(image_id)
+            elif self._seen.get(image_id) is None or self._seen[image_id].stamp != stamp:
+                self._load(image_id, stamp)
+
+    def _forget(self, image_id: str) -> None:
+        seen = self._seen.pop(image_id, None)
+        for name, key in seen.keys if seen else []:
+            self.get(name).remove(key)
+
+    def _load(self, image_id: str, stamp: tuple) -> None:
+        """(Re)read one final label and its image; a broken pair is logged and skipped, never fatal."""
+        self.reads += 1
+        try:
+            entries = self.read_entries(image_id, stamp[0])
+        except (BadRequest, ValueError, OSError) as e:
+            log.warning("context: skipping label of %s: %s", image_id, e)
+            entries = []
+        self._forget(image_id)
+        keys = []
+        for name, key, entry in entries:
+            self.get(name).put(key, entry)
+            keys.append((name, key))
+        self._seen[image_id] = _Seen(stamp, keys)
+        log.info("context: %s -> %d entries (%s)", image_id, len(keys), ", ".join(sorted({n for n, _ in keys})))
+
+    def read_entries(self, image_id: str, label_path: str) -> list:
+        """``[(label name, entry key, ContextEntry)]`` for one labelled image."""
+        image = read_image(self.datastore.get_image_uri(image_id))
+        info = self.datastore.get_label_info(image_id, FINAL) or {}
+        if extension(label_path) == ".xml":
+            masks = read_asap(label_path, image.shape[:2])
+        else:
+            masks = label_masks(read_label(label_path, image), info, self.names)
+        cset = self.new_set()
+        out = []
+        for name, mask in masks.items():
+            for key, img2d, m2d in self.examples(image_id, image, mask):
+                out.append((name, key, cset.prepare(img2d, m2d)))
+        return out
+
+    def examples(self, image_id: str, image: Loaded, mask: np.ndarray):
+        """2D (key, image, mask) examples of one labelled image: itself, or chosen slices of a volume."""
+        if not mask.any():
+            return
+        if not image.is_volume:
+            yield (image_id, None), image.array, mask
+            return
+        for k in pick_slices(mask, self.axis, self.slices_per_volume):
+            yield (image_id, k), volume_slice(image.array, self.axis, k), volume_slice(mask, self.axis, k)
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(s) for name, s in self.sets.items()}

@@ -1,0 +1,76 @@
+"""The two MONAI Label infer tasks: interactive ``multiverseg`` and zero-click ``multiverseg_auto``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from .contextstore import volume_slice
+from .imageio import write_label
+from .segmenter import Segmenter
+
+
+def _fill_slice(shape: tuple, axis: int, index: int, plane: np.ndarray, value: int = 1) -> np.ndarray:
+    """A volume of ``shape`` that is zero except slice ``index``, which holds ``plane * value``."""
+    out = np.zeros(shape, np.uint8, order="F")  # file order of NIfTI and NRRD: written without a copy
+    where = [slice(None)] * 3
+    where[axis] = index
+    out[tuple(where)] = plane.astype(np.uint8) * value
+    assert volume_slice(out, axis, index).shape == plane.shape
+    return out
+
+
+class MultiverSegInfer(InferTask):
+    """Clicks, a box or scribbles on a 2D image or one slice of a volume, plus the label's context set."""
+
+    def __init__(self, segmenter: Segmenter, labels: list[str], description: str = ""):
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels=labels,
+            dimension=2,
+            description=description
+            or "MultiverSeg: clicks, box or scribbles, helped by every image already saved for the label",
+            config={"label_name": labels[0], "reset_state": False},
+        )
+        self.segmenter = segmenter
+
+    def info(self):
+        info = super().info()
+        info["nuclick"] = True  # QuPath lists click models only when this is set
+        return info
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request):
+        target, mask, info = self.segmenter.interactive(request)
+        t0 = time.perf_counter()
+        loaded = target.loaded
+        if loaded.is_volume:  # Slicer/OHIF replace the one slice they asked for
+            mask = _fill_slice(loaded.shape, self.segmenter.axis, target.index, mask)
+        path = write_label(mask, loaded, request.get("result_extension"), request.get("result_dtype", "uint8"))
+        info["latencies"]["write"] = round(time.perf_counter() - t0, 4)
+        return path, info
+
+
+class MultiverSegAuto(InferTask):
+    """Zero-click, in-context segmentation of a whole image or volume, for every label with context."""
+
+    def __init__(self, segmenter: Segmenter, labels: list[str], description: str = ""):
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=labels,
+            dimension=3,
+            description=description or "MultiverSeg without clicks: segments from the saved labels alone",
+        )
+        self.segmenter = segmenter
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request):
+        loaded, labelmap, info = self.segmenter.automatic(request)
+        path = write_label(labelmap, loaded, request.get("result_extension"), request.get("result_dtype", "uint8"))
+        return path, info

@@ -1,0 +1,223 @@
+"""Next-sample strategies for the app, scores computed in the background, and leases between annotators.
+
+The strategies themselves live in :mod:`mvseg.activelearning`; here they meet the datastore:
+
+* :class:`ScoreBoard` scores every unlabelled image, per label name, in a background thread after each
+  save (and at start-up). Coverage needs descriptors only (cached per file); uncertainty needs one network
+  forward per image, and the board takes the predictor's lock one forward at a time, so an annotator's
+  click waits for at most one of them. Scores also go into each image's info in the datastore.
+* :class:`Leases` keeps an image handed to one annotator away from the others for a while.
+* :class:`NextSample` is the MONAI Label strategy: it answers from the stored scores at once (coverage is
+  computed on the spot for images the board has not reached yet) and says why it picked the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from mvseg import activelearning
+from mvseg.context import describe
+from mvseg.geometry import prepare_image
+
+from .contextstore import DatastoreContext, volume_slice
+from .errors import BadRequest
+from .imageio import stat_key
+
+log = logging.getLogger(__name__)
+
+DESCRIPTIONS = {
+    "hybrid": "Context-aware: unsure predictions first, among images unlike anything labelled",
+    "coverage": "Context-aware: the image least like anything labelled (the most typical one to start)",
+    "uncertainty": "Context-aware: the image whose zero-click prediction is least certain",
+    "random": "Random unlabelled image",
+    "first": "First unlabelled image by name",
+}
+
+
+class Leases:
+    """Which client was handed which image, and when; others do not get it within ``window`` seconds."""
+
+    def __init__(self, window: float = 600.0):
+        self.window = window
+        self._given: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def free_for(self, image_id: str, client: str) -> bool:
+        with self._lock:
+            holder = self._given.get(image_id)
+            return holder is None or holder[0] == client or time.monotonic() - holder[1] > self.window
+
+    def give(self, image_id: str, client: str) -> None:
+        with self._lock:
+            self._given[image_id] = (client, time.monotonic())
+
+
+class ScoreBoard:
+    """Per-label scores of the unlabelled images, refreshed in a background thread."""
+
+    def __init__(self, segmenter, datastore, strategies=("coverage", "uncertainty", "hybrid")):
+        self.segmenter = segmenter
+        self.datastore = datastore
+        self.strategies = strategies
+        self.scores: dict[str, dict[str, dict[str, float]]] = {}  # label -> strategy -> image -> score
+        self.passes = 0
+        self._descriptors: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+
+    @property
+    def context(self) -> DatastoreContext:
+        return self.segmenter.context
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def plane(self, image_id: str) -> Optional[np.ndarray]:
+        """The 2D image an image is scored on: itself, or a volume's middle slice."""
+        try:
+            loaded = self.segmenter.load(self.datastore.get_image_uri(image_id))
+        except BadRequest as e:
+            log.warning("scoring: skipping %s: %s", image_id, e)
+            return None
+        if not loaded.is_volume:
+            return loaded.array
+        axis = self.segmenter.axis
+        return volume_slice(loaded.array, axis, loaded.shape[axis] // 2)
+
+    def descriptor(self, image_id: str) -> Optional[torch.Tensor]:
+        path = self.datastore.get_image_uri(image_id)
+        try:
+            key = stat_key(path)
+        except OSError:
+            return None
+        hit = self._descriptors.get(image_id)
+        if hit and hit[0] == key:
+            return hit[1]
+        plane = self.plane(image_id)
+        if plane is None:
+            return None
+        d = describe(prepare_image(plane, self.segmenter.predictor.size)[0])
+        self._descriptors[image_id] = (key, d)
+        return d
+
+    def coverage(self, candidates: list[str], labelled: list[str]) -> dict[str, float]:
+        cand = [(i, self.descriptor(i)) for i in candidates]
+        cand = [(i, d) for i, d in cand if d is not None]
+        if not cand:
+            return {}
+        lab = [d for d in (self.descriptor(i) for i in labelled) if d is not None]
+        lab_t = torch.stack(lab) if lab else torch.zeros((0, cand[0][1].numel()))
+        s = activelearning.coverage_scores(torch.stack([d for _, d in cand]), lab_t)
+        return {i: float(v) for (i, _), v in zip(cand, s)}
+
+    # -- the background pass ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mvseg-scoring", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Something changed (a label was saved): rescore soon."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.score_all()
+            except Exception:  # never let a bad file kill the thread
+                log.exception("scoring pass failed")
+
+    def score_all(self) -> None:
+        """One pass: every strategy, every label name, every unlabelled image. Stops early (to restart)
+        when a new save arrives, so scores follow the newest context."""
+        self.context.refresh()
+        unlabelled = sorted(self.datastore.get_unlabeled_images())
+        labelled = sorted(self.datastore.get_labeled_images())
+        new: dict[str, dict[str, dict[str, float]]] = {}
+        for label in self.context.label_names():
+            cover = self.coverage(unlabelled, labelled)
+            new[label] = {"coverage": cover}
+            context = self.context.get(label)
+            unsure: dict[str, float] = {}
+            if len(context) and ("uncertainty" in self.strategies or "hybrid" in self.strategies):
+                predictor = self.segmenter.predictor
+                for image_id in unlabelled:
+                    if self._wake.is_set() or self._stop:
+                        return  # a newer save: start over with the new context
+                    plane = self.plane(image_id)
+                    if plane is not None:  # one forward, holding the predictor's lock only for it
+                        unsure[image_id] = float(activelearning.entropy_scores(predictor, [plane], context)[0])
+            new[label]["uncertainty"] = unsure or dict(cover)
+            ids = [i for i in cover if i in new[label]["uncertainty"]]
+            c = activelearning.ranks(np.array([cover[i] for i in ids]))
+            u = activelearning.ranks(np.array([new[label]["uncertainty"][i] for i in ids]))
+            new[label]["hybrid"] = {i: float(0.5 * (a + b)) for i, a, b in zip(ids, c, u)}
+        with self._lock:
+            self.scores = new
+            self.passes += 1
+        for image_id in unlabelled:
+            info = {label: {s: v.get(image_id) for s, v in per.items() if image_id in v} for label, per in new.items()}
+            try:
+                self.datastore.update_image_info(image_id, {"mvseg_scores": info, "mvseg_scored": int(time.time())})
+            except Exception as e:  # a read-only datastore still serves from memory
+                log.debug("could not store scores of %s: %s", image_id, e)
+                break
+
+    def get(self, label: str, strategy: str) -> dict[str, float]:
+        with self._lock:
+            return dict(self.scores.get(label, {}).get(strategy, {}))
+
+
+class NextSample(Strategy):
+    """A MONAI Label strategy over :class:`ScoreBoard` scores (or random/first), with leases."""
+
+    def __init__(self, name: str, board: ScoreBoard, leases: Leases):
+        super().__init__(DESCRIPTIONS[name])
+        self.name = name
+        self.board = board
+        self.leases = leases
+
+    def __call__(self, request, datastore):
+        client = str(request.get("client_id") or "default")
+        label = request.get("label_name") or request.get("label") or self.board.context.names[0]
+        if label not in self.board.context.label_names():
+            raise BadRequest(f"unknown label '{label}'; known: {', '.join(self.board.context.label_names())}", 404)
+        candidates = [i for i in sorted(datastore.get_unlabeled_images()) if self.leases.free_for(i, client)]
+        if not candidates:
+            return None
+        if self.name == "random":
+            pick, score, why = random.choice(candidates), None, "random"
+        elif self.name == "first":
+            pick, score, why = candidates[0], None, "first by name"
+        else:
+            scores = self.board.get(label, self.name)
+            missing = [i for i in candidates if i not in scores]
+            if missing:  # not scored yet (new images, or the first pass still running): coverage now
+                scores.update(self.board.coverage(missing, sorted(datastore.get_labeled_images())))
+            pick = max(candidates, key=lambda i: scores.get(i, float("-inf")))
+            score = scores.get(pick)
+            why = f"highest {self.name} score among {len(candidates)} unlabelled images for '{label}'"
+        self.leases.give(pick, client)
+        out = {"id": pick, "strategy": self.name, "score": score, "reason": why, "label": label}
+        if request.get("patch_size") is not None:  # QuPath asks for a region: the whole 2D image
+            plane = self.board.plane(pick)
+            if plane is not None:
+                out["bbox"] = [0, 0, int(plane.shape[1]), int(plane.shape[0])]
+        return out

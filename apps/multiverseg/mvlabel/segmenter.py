@@ -1,0 +1,306 @@
+"""Turns a MONAI Label request into an ``mvseg`` prediction and back: the request side of the app.
+
+One :class:`Segmenter` is shared by the infer tasks: it holds the predictor (one model, one forward at a
+time), the datastore-fed context sets, the interaction state and a small cache of loaded images.
+Coordinates: a 2D image's click is ``[x, y]`` (column, row); a volume's click is the voxel index
+``[i, j, k]`` and the 2D slice along ``axis`` keeps the other two axes in order (rows, columns).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from mvseg import ContextSet, Predictor, Prompts
+
+from .contextstore import DatastoreContext, volume_slice
+from .errors import BadRequest
+from .imageio import Loaded, read_image, read_label, stat_key
+from .interactions import InteractionStore, SliceResult
+
+log = logging.getLogger(__name__)
+
+SCRIBBLE_FOREGROUND, SCRIBBLE_BACKGROUND = 3, 2  # MONAI Label's scribble label values
+
+
+@dataclass
+class Target:
+    """What one interactive request asks for, resolved on one 2D plane."""
+
+    loaded: Loaded
+    label: str
+    image: np.ndarray  # the 2D plane (H W [C])
+    prompts: Prompts
+    index: Optional[int] = None  # slice index for volumes
+    client: str = "default"
+    timings: dict = field(default_factory=dict)
+
+
+def _number_list(value: Any, name: str) -> list:
+    if value is None or value == "":
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise BadRequest(f"'{name}' must be a list of points, got {type(value).__name__}", 422)
+    out = []
+    for p in value:
+        if not isinstance(p, (list, tuple)) or not all(isinstance(c, (int, float)) and np.isfinite(c) for c in p):
+            raise BadRequest(f"'{name}' must hold points made of numbers, got {p!r}", 422)
+        out.append([float(c) for c in p])
+    return out
+
+
+class Segmenter:
+    def __init__(
+        self,
+        predictor: Predictor,
+        context: DatastoreContext,
+        interactions: InteractionStore,
+        axis: int = 2,
+        neighbour_slices: int = 2,
+    ):
+        self.predictor = predictor
+        self.context = context
+        self.interactions = interactions
+        self.axis = axis
+        self.neighbour_slices = neighbour_slices
+        self._images: "OrderedDict[str, tuple[tuple, Loaded]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def load(self, path: str) -> Loaded:
+        """Read an image, reusing the last few reads of unchanged files (a volume is clicked many times)."""
+        if not path or not os.path.isfile(path):
+            raise BadRequest(f"image not found: {os.path.basename(str(path)) or '(none given)'}", 404)
+        key = stat_key(path)
+        with self._lock:
+            hit = self._images.get(path)
+            if hit and hit[0] == key:
+                self._images.move_to_end(path)
+                return hit[1]
+        loaded = read_image(path)
+        with self._lock:
+            self._images[path] = (key, loaded)
+            while len(self._images) > 4:
+                self._images.popitem(last=False)
+        return loaded
+
+    def label_name(self, request: dict) -> str:
+        """The label a request works on: ``label_name``, or ``label`` when it is a name, else the default."""
+        name = request.get("label_name")
+        label = request.get("label")
+        if not name and isinstance(label, str) and label and not os.path.isfile(label):
+            name = label
+        name = str(name) if name else self.context.names[0]
+        known = self.context.label_names()
+        if name not in known:
+            raise BadRequest(f"unknown label '{name}'; this server segments {', '.join(known)}", 404)
+        return name
+
+    def target(self, request: dict) -> Target:
+        """Resolve image, label, plane and prompts of an interactive request (validating all of them)."""
+        t0 = time.perf_counter()
+        loaded = self.load(request.get("image", ""))
+        label = self.label_name(request)
+        client = str(request.get("client_id") or "default")
+        fg = _number_list(request.get("foreground"), "foreground")
+        bg = _number_list(request.get("background"), "background")
+        ndim = 3 if loaded.is_volume else 2
+        for p in fg + bg:
+            if len(p) != ndim:
+                raise BadRequest(f"clicks on a {ndim}D image need {ndim} coordinates, got {p}", 422)
+        index = None
+        if loaded.is_volume:
+            index = self._slice_index(request, loaded, fg + bg)
+            fg = [p for p in fg if round(p[self.axis]) == index]
+            bg = [p for p in bg if round(p[self.axis]) == index]
+            for p in fg + bg:
+                self._check_voxel(p, loaded.shape)
+            plane = volume_slice(loaded.array, self.axis, index)
+            keep = [a for a in range(3) if a != self.axis]
+            # slice rows = first kept axis, columns = second: a click (r, c) is the point x=c, y=r
+            to_xy = lambda p: (p[keep[1]], p[keep[0]])  # noqa: E731
+        else:
+            plane = loaded.array
+            to_xy = lambda p: (p[0], p[1])  # noqa: E731
+        prompts = Prompts(positive=[to_xy(p) for p in fg], negative=[to_xy(p) for p in bg])
+        prompts.box = self._box(request.get("roi"), loaded, index)
+        self._scribbles(request, loaded, index, prompts)
+        target = Target(loaded, label, plane, prompts, index, client)
+        target.timings["read"] = time.perf_counter() - t0
+        return target
+
+    def _slice_index(self, request: dict, loaded: Loaded, points: list) -> int:
+        depth = loaded.shape[self.axis]
+        value = request.get("slice")
+        if value is None and points:
+            value = points[-1][self.axis]
+        roi = request.get("roi")
+        if value is None and isinstance(roi, (list, tuple)) and len(roi) == 6:
+            value = (roi[2 * self.axis] + roi[2 * self.axis + 1]) / 2
+        if value is None:
+            raise BadRequest("a volume needs 'slice' (or clicks) to know which slice to segment", 422)
+        try:
+            index = int(round(float(value)))
+        except (TypeError, ValueError):
+            raise BadRequest(f"'slice' must be a number, got {value!r}", 422) from None
+        if not 0 <= index < depth:
+            raise BadRequest(f"slice {index} is outside the volume (0..{depth - 1} along axis {self.axis})", 422)
+        return index
+
+    @staticmethod
+    def _check_voxel(p: list, shape: tuple) -> None:
+        if any(c < -0.5 or c > n - 0.5 for c, n in zip(p, shape)):
+            raise BadRequest(f"click {[round(c, 2) for c in p]} is outside the volume of shape {list(shape)}", 422)
+
+    def _box(self, roi, loaded: Loaded, index: Optional[int]) -> Optional[list]:
+        """Slicer's ROI ``[i0, i1, j0, j1(, k0, k1)]`` (inclusive voxel bounds) -> box ``[x1, y1, x2, y2]``."""
+        if roi is None or roi == [] or roi == "":
+            return None
+        values = _number_list([roi], "roi")[0]
+        if loaded.is_volume:
+            if len(values) != 6:
+                raise BadRequest(f"roi on a volume must be [i0, i1, j0, j1, k0, k1], got {roi}", 422)
+            keep = [a for a in range(3) if a != self.axis]
+            (r0, r1), (c0, c1) = (values[2 * keep[0] : 2 * keep[0] + 2], values[2 * keep[1] : 2 * keep[1] + 2])
+        else:
+            if len(values) != 4:
+                raise BadRequest(f"roi on a 2D image must be [x0, x1, y0, y1], got {roi}", 422)
+            c0, c1, r0, r1 = values
+        return [min(c0, c1), min(r0, r1), max(c0, c1) + 1, max(r0, r1) + 1]
+
+    def _scribbles(self, request: dict, loaded: Loaded, index: Optional[int], prompts: Prompts) -> None:
+        """An uploaded scribble labelmap (values 3 = foreground, 2 = background, as MONAI Label's)."""
+        path = request.get("label")
+        if not (isinstance(path, str) and os.path.isfile(path)):
+            return
+        label = read_label(path, loaded)
+        if index is not None:
+            label = volume_slice(label, self.axis, index)
+        fg_value = int(request.get("scribbles_fg_label", SCRIBBLE_FOREGROUND))
+        bg_value = int(request.get("scribbles_bg_label", SCRIBBLE_BACKGROUND))
+        fg, bg = label == fg_value, label == bg_value
+        prompts.positive_scribbles = fg if fg.any() else None
+        prompts.negative_scribbles = bg if bg.any() else None
+
+    # -- running ------------------------------------------------------------------------------------
+
+    def context_for(self, target: Target) -> tuple[ContextSet, int]:
+        """The label's datastore context (refreshed first: returns how many label files that read), plus
+        slices of this volume already segmented in the session."""
+        read = self.context.refresh()
+        base = self.context.get(target.label)
+        if target.index is None:
+            return base, read
+        near = self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices)
+        if not near:
+            return base, read
+        merged = self.predictor.new_context()
+        for key in base.ids():
+            merged.put(key, base.get(key))
+        for i, result in near:
+            try:
+                merged.add(("session", i), result.image, result.mask)
+            except ValueError:
+                continue
+        merged.version = base.version
+        return merged, read
+
+    @staticmethod
+    def _volume_key(target: Target) -> tuple:
+        return (target.client, target.loaded.path, target.label)
+
+    def interactive(self, request: dict) -> tuple[Target, np.ndarray, dict]:
+        """Segment one plane from the request's prompts; returns the target, the 2D mask and result info."""
+        target = self.target(request)
+        if request.get("reset_state"):
+            self.interactions.reset(target.client, target.loaded.path)
+        t0 = time.perf_counter()
+        context, read = self.context_for(target)
+        t1 = time.perf_counter()
+        key = self._volume_key(target) + (target.index,)
+        count = target.prompts.count()
+        previous = self.interactions.previous(key, count) if count else None
+        try:
+            prediction = self.predictor.predict(
+                target.image, target.prompts if count else None, context, previous=previous
+            )
+        except ValueError as e:  # prompts outside the image, wrong shapes: the core says which
+            raise BadRequest(str(e), 422) from None
+        t2 = time.perf_counter()
+        self.interactions.remember(key, prediction, count)
+        if target.index is not None:
+            self.interactions.accept_slice(
+                self._volume_key(target), target.index, SliceResult(target.image, prediction.mask)
+            )
+        info = {
+            "label_names": {target.label: 1},
+            "label": target.label,
+            "context_size": len(prediction.context_ids),
+            "context_version": prediction.context_version,
+            "network": prediction.network,
+            "refined": previous is not None,
+            "labels_read": read,  # label files this request had to read (0 once the context is fresh)
+            "labels_read_total": self.context.reads,
+            "latencies": {
+                "read": round(target.timings["read"], 4),
+                "context": round(t1 - t0, 4),
+                "infer": round(t2 - t1, 4),
+            },
+        }
+        if target.index is not None:
+            info["slice"] = target.index
+        return target, prediction.mask, info
+
+    def automatic(self, request: dict) -> tuple[Loaded, np.ndarray, dict]:
+        """Zero-click segmentation of a whole 2D image, or of every slice of a volume, for every label that
+        has context. Returns the labelmap (values = positions in ``label_names``) and result info."""
+        t0 = time.perf_counter()
+        loaded = self.load(request.get("image", ""))
+        self.context.refresh()
+        wanted = request.get("label_name") or request.get("labels")
+        names = [n for n in self.context.label_names() if len(self.context.get(n))]
+        if isinstance(wanted, str):
+            wanted = [wanted]
+        if wanted:
+            unknown = [n for n in wanted if n not in self.context.label_names()]
+            if unknown:
+                raise BadRequest(f"unknown label(s) {unknown}; known: {self.context.label_names()}", 404)
+            names = [n for n in names if n in wanted]
+        if not names:
+            raise BadRequest(
+                "no saved ('final') labels to learn from yet: segment and save one image interactively first", 409
+            )
+        if loaded.is_volume:
+            planes = [volume_slice(loaded.array, self.axis, k) for k in range(loaded.shape[self.axis])]
+        else:
+            planes = [loaded.array]
+        t1 = time.perf_counter()
+        best = np.zeros((len(planes),) + planes[0].shape[:2], np.float32)
+        labelmap = np.zeros(best.shape, np.uint8)
+        sizes, versions = {}, {}
+        for value, name in enumerate(names, start=1):
+            context = self.context.get(name)
+            predictions = self.predictor.predict_many(planes, context, batch_size=4)
+            prob = np.stack([p.probability for p in predictions])
+            win = (prob >= 0.5) & (prob > best)
+            labelmap[win] = value
+            best = np.maximum(best, prob)
+            sizes[name] = len(predictions[0].context_ids)
+            versions[name] = predictions[0].context_version
+        t2 = time.perf_counter()
+        out = np.moveaxis(labelmap, 0, self.axis) if loaded.is_volume else labelmap[0]
+        info = {
+            "label_names": {name: i for i, name in enumerate(names, start=1)},
+            "context_size": sizes,
+            "context_version": versions,
+            "latencies": {"read": round(t1 - t0, 4), "infer": round(t2 - t1, 4)},
+        }
+        return loaded, out, info

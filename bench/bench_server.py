@@ -1,0 +1,196 @@
+"""Server benchmark: round trips of clicks over HTTP against a real ``monailabel start_server``.
+
+    python -m bench.bench_server [--labels 0 16 64] [--clicks 20] [--weights PATH]
+
+For each datastore size (final labels already saved), starts the server on loopback with the bundled
+weights and replays clicks the way the clients send them: on a 512 x 512 PNG (2D) and on slices of a
+256 x 256 x 64 NRRD volume (Slicer's 2D-model request: ``slice``, NRRD uint8, whole volume back). Prints
+p50/p95 of the round trip, of the network forward (as the server reports it) and of the difference (the
+server's overhead: HTTP, reading, context, writing), then the first click after a ``PUT /datastore/label``
+and how many label files that save and click read. Data: ``../shared/datasets/hc18_fetal_head``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "apps" / "multiverseg"
+HC18 = ROOT.parent / "shared" / "datasets" / "hc18_fetal_head"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(studies: Path, port: int, log: Path, conf: dict, timeout: float = 180) -> subprocess.Popen:
+    """``monailabel start_server`` on loopback in its own process; returns once ``/info/`` answers."""
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        cmd += ["--conf", key, str(value)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _resized(key: str, side: int) -> tuple[np.ndarray, np.ndarray]:
+    image = Image.open(HC18 / "images" / f"{key}.png").resize((side, side), Image.BILINEAR)
+    mask = Image.open(HC18 / "masks" / f"{key}.png").resize((side, side), Image.NEAREST)
+    return np.asarray(image), np.asarray(mask) > 0
+
+
+def build_studies(folder: Path, n_labels: int) -> dict:
+    """A datastore with a 2D target, a volume target and ``n_labels`` saved final labels (+1 spare image)."""
+    keys = sorted(p.stem for p in (HC18 / "images").glob("*.png"))
+    (folder / "labels" / "final").mkdir(parents=True)
+    for key in keys[:n_labels]:
+        shutil.copy(HC18 / "images" / f"{key}.png", folder / f"{key}.png")
+        mask = np.asarray(Image.open(HC18 / "masks" / f"{key}.png")) > 0
+        Image.fromarray(mask.astype(np.uint8)).save(folder / "labels" / "final" / f"{key}.png")
+    image2d, mask2d = _resized(keys[-1], 512)
+    Image.fromarray(image2d).save(folder / "target2d.png")
+    slices = [_resized(k, 256) for k in keys[-65:-1]]
+    volume = np.stack([s[0] for s in slices], axis=2)
+    nrrd.write(str(folder / "target3d.nrrd"), volume, {"space": "left-posterior-superior"}, index_order="F")
+    shutil.copy(HC18 / "images" / f"{keys[-66]}.png", folder / "spare.png")
+    spare_mask = np.asarray(Image.open(HC18 / "masks" / f"{keys[-66]}.png")) > 0
+    return {"mask2d": mask2d, "masks3d": np.stack([s[1] for s in slices], axis=2), "spare_mask": spare_mask}
+
+
+def infer(url: str, image: str, params: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = requests.post(f"{url}/infer/multiverseg?image={image}&output=all", data={"params": json.dumps(params)})
+    elapsed = time.perf_counter() - t0
+    r.raise_for_status()
+    body = r.content
+    start = body.find(b"{")
+    info = json.loads(body[start : body.find(b"\r\n", start)])
+    return elapsed, info
+
+
+def click_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> list[list[int]]:
+    ys, xs = np.nonzero(mask)
+    pick = rng.choice(len(xs), size=n)
+    return [[int(xs[i]), int(ys[i])] for i in pick]
+
+
+def run(n_labels: int, clicks: int, conf: dict) -> list[dict]:
+    rng = np.random.default_rng(0)
+    work = Path(tempfile.mkdtemp(prefix="mvseg-bench-"))
+    data = build_studies(work / "studies", n_labels)
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = start_server(work / "studies", port, work / "server.log", conf)
+    startup = time.perf_counter() - t0
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        # 2D: each click adds to the last (a refinement), as an annotator works
+        fg = click_points(data["mask2d"], clicks + 1, rng)
+        infer(url, "target2d", {"foreground": fg[:1], "client_id": "warm"})  # first request: lazy imports
+        times = [infer(url, "target2d", {"foreground": fg[: i + 1], "client_id": "bench"}) for i in range(clicks)]
+        rows.append(summary("2D 512x512", n_labels, times))
+        # 3D: Slicer's request for a 2D model, clicks on consecutive slices
+        masks = data["masks3d"]
+        times = []
+        for i in range(clicks):
+            k = 10 + i % 40
+            ii, jj = np.nonzero(masks[:, :, k])
+            j = rng.integers(len(ii))
+            params = {"foreground": [[int(ii[j]), int(jj[j]), k]], "slice": k, "result_extension": ".nrrd",
+                      "result_dtype": "uint8", "client_id": "bench3d"}
+            times.append(infer(url, "target3d", params))
+        rows.append(summary("3D slice of 256x256x64", n_labels, times))
+        # a save, then the first click
+        Image.fromarray(data["spare_mask"].astype(np.uint8)).save(work / "spare_label.png")
+        t0 = time.perf_counter()
+        with (work / "spare_label.png").open("rb") as f:
+            r = requests.put(f"{url}/datastore/label?image=spare&tag=final", files={"label": ("l.png", f)},
+                             data={"params": "{}"})
+        r.raise_for_status()
+        save_s = time.perf_counter() - t0
+        before = times[-1][1]["labels_read_total"]
+        elapsed, info = infer(url, "target2d", {"foreground": fg[:1], "client_id": "after-save"})
+        rows.append({"case": "first 2D click after a save", "labels": n_labels, "save_ms": save_s * 1e3,
+                     "rtt_ms": elapsed * 1e3, "infer_ms": info["latencies"]["infer"] * 1e3,
+                     "labels_read": info["labels_read_total"] - before, "context": info["context_size"],
+                     "startup_s": startup})
+    finally:
+        stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def summary(case: str, n_labels: int, times: list) -> dict:
+    rtt = np.array([t for t, _ in times]) * 1e3
+    net = np.array([info["latencies"]["infer"] for _, info in times]) * 1e3
+    over = rtt - net
+    return {"case": case, "labels": n_labels, "context": times[-1][1]["context_size"],
+            "rtt_p50": np.percentile(rtt, 50), "rtt_p95": np.percentile(rtt, 95),
+            "net_p50": np.percentile(net, 50), "net_p95": np.percentile(net, 95),
+            "over_p50": np.percentile(over, 50), "over_p95": np.percentile(over, 95)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--labels", type=int, nargs="+", default=[0, 16, 64])
+    parser.add_argument("--clicks", type=int, default=20)
+    parser.add_argument("--weights", help="checkpoint (default: the bundled weights)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    conf = {"labels": "head", "device": "cpu"}
+    if args.weights:
+        conf["weights"] = args.weights
+    rows = [row for n in args.labels for row in run(n, args.clicks, conf)]
+    print("| case | labels | context | round trip p50 / p95 | network p50 / p95 | overhead p50 / p95 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "rtt_p50" in r:
+            print(f"| {r['case']} | {r['labels']} | {r['context']} | {r['rtt_p50']:.0f} / {r['rtt_p95']:.0f} ms | "
+                  f"{r['net_p50']:.0f} / {r['net_p95']:.0f} ms | {r['over_p50']:.1f} / {r['over_p95']:.1f} ms |")
+    print()
+    for r in rows:
+        if "save_ms" in r:
+            print(f"labels={r['labels']}: server start {r['startup_s']:.1f} s; PUT label {r['save_ms']:.0f} ms; "
+                  f"first click after it {r['rtt_ms']:.0f} ms (network {r['infer_ms']:.0f} ms, context "
+                  f"{r['context']}); label files read by save + click: {r['labels_read']}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Next-image strategies on small constructed pools, and the evaluation CLI's ``--order``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mvseg import ContextSet, Prediction, save_checkpoint
+from mvseg.activelearning import coverage_scores, descriptors, entropy_scores, scores
+from mvseg.evaluate import main
+
+from .conftest import disk
+from .test_evaluate import tiny_task  # noqa: F401  (fixture)
+
+
+def disk_image(x: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (disk((64, 64), (x, 32), 12) * 150 + rng.integers(0, 30, (64, 64))).astype(np.uint8)
+
+
+def stripes(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return ((np.arange(64)[None, :] // 8 % 2) * 200 + rng.integers(0, 30, (64, 64))).astype(np.uint8)
+
+
+def test_coverage_picks_the_outlier_once_something_is_labelled():
+    pool = [disk_image(30 + i, i) for i in range(5)] + [stripes(9)]
+    labelled = [disk_image(32, 99)]
+    s = scores("coverage", pool, labelled)
+    assert int(np.argmax(s)) == 5
+
+
+def test_coverage_cold_start_picks_a_representative_image():
+    pool = [disk_image(30 + i, i) for i in range(5)] + [stripes(9)]
+    s = scores("coverage", pool, [])
+    assert int(np.argmax(s)) != 5 and int(np.argmin(s)) == 5
+
+
+def test_coverage_scores_are_distances_to_the_nearest_labelled():
+    d = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    s = coverage_scores(d, d[:1])
+    assert s[0] == pytest.approx(0.0, abs=1e-6) and (s[1:] > 0).all()
+
+
+class StubPredictor:
+    """Confident on bright images, unsure on dark ones."""
+
+    size = 32
+
+    def new_context(self):
+        return ContextSet(self.size)
+
+    def predict_many(self, images, context, batch_size=4):
+        out = []
+        for im in images:
+            level = 8.0 if im.mean() > 100 else 0.1
+            logits = torch.full((1, self.size, self.size), level)
+            out.append(Prediction(np.zeros(im.shape), np.zeros(im.shape, np.uint8), logits))
+        return out
+
+
+def test_uncertainty_prefers_the_image_the_model_is_unsure_about():
+    predictor = StubPredictor()
+    context = predictor.new_context()
+    context.add("a", disk_image(32, 0), disk((64, 64), (32, 32), 12))
+    bright, dark = np.full((64, 64), 200, np.uint8), np.full((64, 64), 20, np.uint8)
+    s = entropy_scores(predictor, [bright, dark], context)
+    assert s[1] > s[0]
+    assert int(np.argmax(scores("uncertainty", [bright, dark], [disk_image(32, 0)], predictor, context))) == 1
+    hybrid = scores("hybrid", [bright, dark], [disk_image(32, 0)], predictor, context)
+    assert hybrid.shape == (2,) and (0 <= hybrid).all() and (hybrid <= 1).all()
+
+
+def test_unknown_strategy_is_an_error():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        scores("best", [disk_image(30, 0)], [])
+
+
+def test_descriptors_are_unit_norm():
+    d = descriptors([disk_image(30, 0), stripes(1)], 32)
+    assert torch.allclose(d.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_evaluate_orders_end_to_end(tmp_path, tiny_task, tiny_models):  # noqa: F811
+    mvs, _ = tiny_models
+    save_checkpoint(mvs, tmp_path / "w.pt")
+    out = tmp_path / "out"
+    main(["--task", str(tiny_task), "--weights", str(tmp_path / "w.pt"), "--images", "2", "--runs", "1",
+          "--modes", "context", "none", "--order", "random", "first", "coverage", "hybrid", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())["task"]
+    assert set(summary) == {"context", "context/first", "context/coverage", "context/hybrid", "none"}
+    assert "reduction_vs_random_pct" in summary["context/coverage"]
+    runs = json.loads((out / "runs.json").read_text())["task"]
+    first_ids = [r["id"] for r in runs["context/first"][0]]
+    assert first_ids == sorted(first_ids)

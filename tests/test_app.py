@@ -1,0 +1,347 @@
+"""The MONAI Label app through its REST API (TestClient with the lifespan), with each client's request shapes."""
+
+from __future__ import annotations
+
+import io
+import json
+import xml.etree.ElementTree as ET
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mvseg import MultiverSegConfig, MultiverSegNet, save_checkpoint
+
+from .app_helpers import APP_DIR, hc18_ids, hc18_pair, make_studies, png_bytes, split_multipart
+
+IDS = hc18_ids(6)
+VOLUME_IDS = hc18_ids(5, start=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(client, app instance, studies dir) on a datastore of 6 PNGs and two volumes, with tiny weights."""
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    root = tmp_path_factory.mktemp("app")
+    studies = make_studies(root / "studies", IDS, VOLUME_IDS)
+    torch.manual_seed(0)
+    save_checkpoint(MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8, 8])), root / "tiny.pt")
+    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
+    settings.MONAI_LABEL_STUDIES = str(studies)
+    settings.MONAI_LABEL_APP_CONF = {"weights": str(root / "tiny.pt"), "labels": "head", "device": "cpu"}
+    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
+    from monailabel.app import app
+    from monailabel.interfaces.utils.app import app_instance
+
+    with TestClient(app) as client:
+        yield client, app_instance(), studies
+
+
+def infer(client, model, image, params, output="json", files=None):
+    url = f"/infer/{model}?image={image}&output={output}"
+    return client.post(url, data={"params": json.dumps(params)}, files=files)
+
+
+def save_final(client, image, mask: np.ndarray, label_info=None, name="label.png"):
+    params = {"label_info": label_info} if label_info else {}
+    return client.put(
+        f"/datastore/label?image={image}&tag=final",
+        data={"params": json.dumps(params)},
+        files={"label": (name, png_bytes(mask.astype(np.uint8)), "application/octet-stream")},
+    )
+
+
+def final_label_bytes(studies, image_id):
+    return (studies / "labels" / "final" / f"{image_id}.png").read_bytes()
+
+
+# -- info and the interactive loop on 2D images --------------------------------------------------------
+
+
+def test_info_lists_both_models(server):
+    client, _, _ = server
+    info = client.get("/info/").json()
+    assert info["models"]["multiverseg"]["type"] == "deepgrow"
+    assert info["models"]["multiverseg"]["dimension"] == 2
+    assert info["models"]["multiverseg"]["nuclick"] is True
+    assert info["models"]["multiverseg_auto"]["type"] == "segmentation"
+    assert info["labels"] == ["head"]
+    assert {"random", "first"} <= set(info["strategies"])
+
+
+def test_click_returns_mask_on_the_image_grid(server):
+    client, _, _ = server
+    image, mask = hc18_pair(IDS[0])
+    ys, xs = np.nonzero(mask)
+    params = {"foreground": [[int(xs.mean()), int(ys.mean())]], "client_id": "a"}
+    r = infer(client, "multiverseg", IDS[0], params, "all")
+    assert r.status_code == 200, r.text
+    params, body = split_multipart(r)
+    assert params["label_names"] == {"head": 1}
+    assert "context_size" in params and "context_version" in params
+    result = np.asarray(Image.open(io.BytesIO(body)))
+    assert result.shape == image.shape[:2]
+    assert set(np.unique(result)) <= {0, 1}
+
+
+def test_more_clicks_refine_the_previous_prediction(server):
+    client, _, _ = server
+    _, mask = hc18_pair(IDS[1])
+    ys, xs = np.nonzero(mask)
+    first = [[int(xs.mean()), int(ys.mean())]]
+    r1 = infer(client, "multiverseg", IDS[1], {"foreground": first, "client_id": "b"}).json()
+    r2 = infer(client, "multiverseg", IDS[1], {"foreground": first, "background": [[2, 2]], "client_id": "b"}).json()
+    r3 = infer(client, "multiverseg", IDS[1], {"foreground": first, "client_id": "b"}).json()  # a click removed
+    assert r1["refined"] is False and r2["refined"] is True and r3["refined"] is False
+    r4 = infer(client, "multiverseg", IDS[1], {"foreground": first, "background": [[2, 2]], "client_id": "b",
+                                                 "reset_state": True}).json()
+    assert r4["refined"] is False
+
+
+def test_saving_final_labels_grows_the_context_reading_only_the_new_label(server):
+    client, app, studies = server
+    before = infer(client, "multiverseg", IDS[2], {"foreground": [[100, 100]]}).json()
+    reads = app.context.reads
+    _, mask = hc18_pair(IDS[0])
+    r = save_final(client, IDS[0], mask)
+    assert r.status_code == 200, r.text
+    assert app.context.reads == reads + 1  # on_save_label read just this one
+    after = infer(client, "multiverseg", IDS[2], {"foreground": [[100, 100]]}).json()
+    assert after["context_size"] == before["context_size"] + 1
+    assert after["context_version"] > before["context_version"]
+    assert app.context.reads == reads + 1  # the freshness check found nothing else to read
+
+
+def test_labels_saved_behind_the_hook_are_picked_up(server):
+    client, app, studies = server
+    before = infer(client, "multiverseg", IDS[3], {"foreground": [[90, 90]]}).json()["context_size"]
+    _, mask = hc18_pair(IDS[4])
+    tmp = studies.parent / "behind.png"
+    Image.fromarray(mask.astype(np.uint8)).save(tmp)
+    app.datastore().save_label(IDS[4], str(tmp), "final", {})  # as infer(save_label)/batch jobs do: no hook
+    after = infer(client, "multiverseg", IDS[3], {"foreground": [[90, 90]]}).json()["context_size"]
+    assert after == before + 1
+
+
+def test_label_info_names_the_context_set(server):
+    client, app, _ = server
+    _, mask = hc18_pair(IDS[5])
+    r = save_final(client, IDS[5], mask.astype(np.uint8) * 2, label_info=[{"name": "skull", "idx": 2}])
+    assert r.status_code == 200, r.text
+    assert app.context.sizes().get("skull") == 1
+    r = infer(client, "multiverseg", IDS[3], {"foreground": [[90, 90]], "label": "skull"}).json()
+    assert r["label_names"] == {"skull": 1} and r["context_size"] == 1
+
+
+def test_auto_segments_every_label_with_context(server):
+    client, _, _ = server
+    r = infer(client, "multiverseg_auto", IDS[3], {}, "all")
+    assert r.status_code == 200, r.text
+    params, body = split_multipart(r)
+    assert set(params["label_names"]) == {"head", "skull"}
+    assert np.asarray(Image.open(io.BytesIO(body))).shape == hc18_pair(IDS[3])[0].shape
+
+
+# -- clients' request shapes ---------------------------------------------------------------------------
+
+
+def test_slicer_2d_model_on_a_volume(server):
+    """Slicer: clicks [i, j, k] on slice k, 'slice': k, NRRD uint8 result holding the whole volume."""
+    client, _, studies = server
+    vol, header = nrrd.read(str(studies / "vol_nrrd.nrrd"))
+    label = np.load(studies.parent / "volume_label.npy")
+    k = 2
+    ii, jj = np.nonzero(label[:, :, k])
+    params = {"foreground": [[int(ii.mean()), int(jj.mean()), k]], "background": [], "slice": k,
+              "result_extension": ".nrrd", "result_dtype": "uint8", "client_id": "slicer"}
+    r = infer(client, "multiverseg", "vol_nrrd", params, "all")
+    assert r.status_code == 200, r.text
+    info, body = split_multipart(r)
+    out_path = studies.parent / "slicer_out.nrrd"
+    out_path.write_bytes(body)
+    out, out_header = nrrd.read(str(out_path))
+    assert out.shape == vol.shape and out.dtype == np.uint8
+    assert not np.delete(out, k, axis=2).any()  # only the requested slice is filled
+    np.testing.assert_allclose(out_header["space directions"], header["space directions"])
+    np.testing.assert_allclose(out_header["space origin"], header["space origin"])
+    assert info["slice"] == k
+
+
+def test_ohif_image_output_keeps_voxel_order(server):
+    """OHIF: output=image, NRRD uint8; the buffer must line up with the volume voxel for voxel."""
+    client, _, studies = server
+    vol = nib.load(str(studies / "vol_nifti.nii.gz"))
+    label = np.load(studies.parent / "volume_label.npy")
+    k = 1
+    ii, jj = np.nonzero(label[:, :, k])
+    params = {"foreground": [[int(ii.mean()), int(jj.mean()), k]], "result_extension": ".nrrd",
+              "result_dtype": "uint8"}
+    r = infer(client, "multiverseg", "vol_nifti", params, "image")
+    assert r.status_code == 200, r.text
+    out_path = studies.parent / "ohif_out.nrrd"
+    out_path.write_bytes(r.content)
+    out, header = nrrd.read(str(out_path))
+    assert out.shape == vol.shape
+    assert not np.delete(out, k, axis=2).any()
+    # RAS affine of the NIfTI comes back as the same geometry in LPS
+    np.testing.assert_allclose(np.abs(np.asarray(header["space directions"])), np.abs(vol.affine[:3, :3].T))
+
+
+def test_volume_slices_join_the_context_of_neighbouring_slices(server):
+    client, _, _ = server
+    first = infer(client, "multiverseg", "vol_nifti", {"foreground": [[100, 150, 3]], "client_id": "vol"}).json()
+    nxt = infer(client, "multiverseg", "vol_nifti", {"slice": 4, "client_id": "vol"}).json()
+    assert nxt["context_size"] >= first["context_size"]
+
+
+def test_qupath_wsi_v2_patch_returns_polygons_inside_the_patch(server):
+    client, _, _ = server
+    image, mask = hc18_pair(IDS[2])
+    x0, y0 = 1000, 2000  # the patch's place in the slide (level 0)
+    ys, xs = np.nonzero(mask)
+    click = [int(xs.mean()) + x0, int(ys.mean()) + y0]
+    wsi = {"level": 0, "location": [x0, y0], "size": [image.shape[1], image.shape[0]], "tile_size": [1024, 1024],
+           "min_poly_area": 10, "params": {"foreground": [click], "background": []}}
+    r = client.post("/infer/wsi_v2/multiverseg?output=asap", data={"wsi": json.dumps(wsi)},
+                    files={"file": ("patch.png", png_bytes(image), "image/png")})
+    assert r.status_code == 200, r.text
+    root = ET.fromstring(r.content)
+    coords = [(float(c.get("X")), float(c.get("Y"))) for c in root.iter("Coordinate")]
+    assert coords, "expected at least one polygon"
+    xs_, ys_ = np.array(coords).T
+    assert xs_.min() >= x0 - 1 and xs_.max() <= x0 + image.shape[1] + 1
+    assert ys_.min() >= y0 - 1 and ys_.max() <= y0 + image.shape[0] + 1
+
+
+def test_qupath_wsi_region_on_a_datastore_image(server):
+    client, _, _ = server
+    wsi = {"level": 0, "location": [50, 40], "size": [200, 150], "min_poly_area": 0,
+           "params": {"foreground": [[150, 110]]}}
+    r = client.post(f"/infer/wsi/multiverseg?image={IDS[3]}&output=asap", json=wsi)
+    assert r.status_code == 200, r.text
+    coords = [(float(c.get("X")), float(c.get("Y"))) for c in ET.fromstring(r.content).iter("Coordinate")]
+    if coords:
+        xs_, ys_ = np.array(coords).T
+        assert xs_.min() >= 49 and xs_.max() <= 251 and ys_.min() >= 39 and ys_.max() <= 191
+
+
+# -- bad input: 4xx with a message, nothing saved is touched -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model, image, params, status",
+    [
+        ("nope", IDS[0], {}, 404),
+        ("multiverseg", "no-such-image", {"foreground": [[1, 1]]}, 404),
+        ("multiverseg", IDS[0], {"foreground": [[5000, 10]]}, 422),
+        ("multiverseg", IDS[0], {"foreground": [[1, 2, 3]]}, 422),
+        ("multiverseg", IDS[0], {"foreground": "here"}, 422),
+        ("multiverseg", IDS[0], {"foreground": [[1, 1]], "label": "liver"}, 404),
+        ("multiverseg", IDS[0], {"roi": [10, 5000, 10, 20]}, 422),
+        ("multiverseg", IDS[0], {"roi": [1, 2, 3]}, 422),
+        ("multiverseg", "vol_nrrd", {"foreground": [[1, 1, 99]]}, 422),
+        ("multiverseg", "vol_nrrd", {"slice": 99}, 422),
+        ("multiverseg", "vol_nrrd", {}, 422),
+        ("multiverseg", IDS[0], {"foreground": [[1, 1]], "save_label": True, "label_tag": "final"}, 409),
+        ("multiverseg_auto", IDS[0], {"label_name": "liver"}, 404),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(server, model, image, params, status):
+    client, _, studies = server
+    saved = final_label_bytes(studies, IDS[0])
+    r = infer(client, model, image, params)
+    assert r.status_code == status, r.text
+    assert r.json()["detail"]
+    assert final_label_bytes(studies, IDS[0]) == saved
+
+
+def test_corrupt_upload_is_422(server):
+    client, _, _ = server
+    r = client.post("/infer/multiverseg?output=json", data={"params": json.dumps({"foreground": [[1, 1]]})},
+                    files={"file": ("x.png", b"not a png at all", "image/png")})
+    assert r.status_code == 422 and "cannot read" in r.json()["detail"]
+
+
+def test_scribble_of_the_wrong_shape_is_422(server):
+    client, _, _ = server
+    r = infer(client, "multiverseg", IDS[0], {}, files={"label": ("s.png", png_bytes(np.zeros((5, 5), np.uint8)), "x")})
+    assert r.status_code == 422 and "shape" in r.json()["detail"]
+
+
+def test_scribbles_are_prompts(server):
+    client, _, _ = server
+    image, mask = hc18_pair(IDS[1])
+    scribble = np.zeros(mask.shape, np.uint8)
+    ys, xs = np.nonzero(mask)
+    scribble[int(ys.mean()) - 2 : int(ys.mean()) + 2, int(xs.mean()) - 20 : int(xs.mean()) + 20] = 3
+    scribble[:5, :40] = 2
+    r = infer(client, "multiverseg", IDS[1], {"client_id": "s"}, files={"label": ("s.png", png_bytes(scribble), "x")})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "label, name, status",
+    [
+        (np.zeros((7, 9), np.uint8), "label.png", 422),  # wrong shape
+        (None, "label.png", 422),  # corrupt file
+        (None, "label.exe", 415),  # unknown format
+    ],
+)
+def test_bad_labels_are_refused_and_the_saved_one_kept(server, label, name, status):
+    client, _, studies = server
+    saved = final_label_bytes(studies, IDS[0])
+    body = png_bytes(label) if label is not None else b"garbage"
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": (name, body, "application/octet-stream")})
+    assert r.status_code == status, r.text
+    assert final_label_bytes(studies, IDS[0]) == saved
+
+
+def test_label_for_unknown_image_is_404(server):
+    client, _, _ = server
+    r = save_final(client, "no-such-image", np.ones((4, 4), np.uint8))
+    assert r.status_code == 404
+
+
+def test_unknown_strategy_is_404(server):
+    client, _, _ = server
+    r = client.post("/activelearning/nope", json={})
+    assert r.status_code == 404 and "random" in r.json()["detail"]
+
+
+# -- next sample ---------------------------------------------------------------------------------------
+
+
+def test_strategies_default_first_and_explain_the_pick(server):
+    client, _, _ = server
+    strategies = list(client.get("/info/").json()["strategies"])
+    assert strategies[0] == "hybrid" and {"coverage", "uncertainty", "random", "first"} <= set(strategies)
+    r = client.post("/activelearning/coverage", json={"client_id": "ann-1"})
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert first["id"] and first["strategy"] == "coverage" and first["score"] is not None and first["reason"]
+    second = client.post("/activelearning/coverage", json={"client_id": "ann-2"}).json()
+    assert second["id"] != first["id"]  # not handed to another annotator within the lease window
+    again = client.post("/activelearning/coverage", json={"client_id": "ann-1"}).json()
+    assert again["id"] == first["id"]
+
+
+def test_background_scores_are_stored_in_image_info(server):
+    client, app, _ = server
+    app.scoreboard.score_all()
+    unlabelled = app.datastore().get_unlabeled_images()
+    info = app.datastore().get_image_info(unlabelled[0])
+    assert set(info["mvseg_scores"]["head"]) == {"coverage", "uncertainty", "hybrid"}
+    r = client.post("/activelearning/uncertainty", json={"client_id": "ann-3"}).json()
+    assert r["id"] in unlabelled and r["score"] == pytest.approx(app.scoreboard.get("head", "uncertainty")[r["id"]])
+
+
+def test_next_sample_for_an_unknown_label_is_404(server):
+    client, _, _ = server
+    r = client.post("/activelearning/hybrid", json={"label": "liver"})
+    assert r.status_code == 404
