@@ -239,7 +239,7 @@ def test_qupath_wsi_region_on_a_datastore_image(server):
         ("nope", IDS[0], {}, 404),
         ("multiverseg", "no-such-image", {"foreground": [[1, 1]]}, 404),
         ("multiverseg", IDS[0], {"foreground": [[5000, 10]]}, 422),
-        ("multiverseg", IDS[0], {"foreground": [[1, 2, 3]]}, 422),
+        ("multiverseg", IDS[0], {"foreground": [[1, 2, 3]]}, 422),  # [x, y, 0] is fine, a third index is not
         ("multiverseg", IDS[0], {"foreground": "here"}, 422),
         ("multiverseg", IDS[0], {"foreground": [[1, 1]], "label": "liver"}, 404),
         ("multiverseg", IDS[0], {"roi": [10, 5000, 10, 20]}, 422),

@@ -23,7 +23,7 @@ from .context import ContextSet, describe
 from .geometry import prepare_image
 
 STRATEGIES = ("random", "first", "coverage", "uncertainty", "hybrid")
-SCORING_CONTEXT = 4  # context entries per scoring forward: enough to rank, cheap enough for big pools
+SCORING_CONTEXT = 2  # context entries per scoring forward: enough to rank, cheap enough for pools of 500+
 
 
 def descriptors(images: Sequence[np.ndarray], size: int = 128) -> torch.Tensor:

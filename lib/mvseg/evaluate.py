@@ -183,7 +183,8 @@ def table(summary: dict, protocol: str) -> str:
             lo, hi = s["total_ci95"]
             lines.append(
                 f"| {task} | {mode} | {s['total_mean']:.1f} ({lo:.1f}-{hi:.1f}) | {s['per_image_mean']:.2f} | "
-                f"{s.get('reduction_vs_none_pct', 0.0):+.1f}% | "
+                + (f"{s['reduction_vs_none_pct']:+.1f}%" if "reduction_vs_none_pct" in s else "")
+                + " | "
                 + (f"{s['reduction_vs_random_pct']:+.1f}%" if "reduction_vs_random_pct" in s else "")
                 + f" | {s['dice_after'][0]:.3f} | {s['dice_after'][1]:.3f} | "
                 f"{s['dice_after'][3]:.3f} | {s['failures']} |"

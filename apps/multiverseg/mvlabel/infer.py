@@ -15,10 +15,7 @@ from .segmenter import Segmenter
 def _fill_slice(shape: tuple, axis: int, index: int, plane: np.ndarray, value: int = 1) -> np.ndarray:
     """A volume of ``shape`` that is zero except slice ``index``, which holds ``plane * value``."""
     out = np.zeros(shape, np.uint8, order="F")  # file order of NIfTI and NRRD: written without a copy
-    where = [slice(None)] * 3
-    where[axis] = index
-    out[tuple(where)] = plane.astype(np.uint8) * value
-    assert volume_slice(out, axis, index).shape == plane.shape
+    volume_slice(out, axis, index)[...] = plane.astype(np.uint8) * value
     return out
 
 

@@ -33,6 +33,9 @@ from .imageio import stat_key
 
 log = logging.getLogger(__name__)
 
+# images per scoring forward: small networks run far faster batched, and a click waits for one forward at most
+SCORING_BATCH = 4
+
 DESCRIPTIONS = {
     "hybrid": "Context-aware: unsure predictions first, among images unlike anything labelled",
     "coverage": "Context-aware: the image least like anything labelled (the most typical one to start)",
@@ -158,12 +161,14 @@ class ScoreBoard:
             unsure: dict[str, float] = {}
             if len(context) and ("uncertainty" in self.strategies or "hybrid" in self.strategies):
                 predictor = self.segmenter.predictor
-                for image_id in unlabelled:
+                for start in range(0, len(unlabelled), SCORING_BATCH):
                     if self._wake.is_set() or self._stop:
                         return  # a newer save: start over with the new context
-                    plane = self.plane(image_id)
-                    if plane is not None:  # one forward, holding the predictor's lock only for it
-                        unsure[image_id] = float(activelearning.entropy_scores(predictor, [plane], context)[0])
+                    planes = [(i, self.plane(i)) for i in unlabelled[start : start + SCORING_BATCH]]
+                    planes = [(i, p) for i, p in planes if p is not None]
+                    if planes:  # one batched forward, holding the predictor's lock only for it
+                        s = activelearning.entropy_scores(predictor, [p for _, p in planes], context)
+                        unsure.update({i: float(v) for (i, _), v in zip(planes, s)})
             new[label]["uncertainty"] = unsure or dict(cover)
             ids = [i for i in cover if i in new[label]["uncertainty"]]
             c = activelearning.ranks(np.array([cover[i] for i in ids]))

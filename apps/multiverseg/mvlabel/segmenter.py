@@ -113,6 +113,8 @@ class Segmenter:
         fg = _number_list(request.get("foreground"), "foreground")
         bg = _number_list(request.get("background"), "background")
         ndim = 3 if loaded.is_volume else 2
+        if ndim == 2:  # Slicer sees a 2D image as a one-slice volume and sends [x, y, 0]
+            fg, bg = ([p[:2] if len(p) == 3 and p[2] == 0 else p for p in pts] for pts in (fg, bg))
         for p in fg + bg:
             if len(p) != ndim:
                 raise BadRequest(f"clicks on a {ndim}D image need {ndim} coordinates, got {p}", 422)
@@ -238,7 +240,7 @@ class Segmenter:
         self.interactions.remember(key, prediction, count)
         if target.index is not None:
             self.interactions.accept_slice(
-                self._volume_key(target), target.index, SliceResult(target.image, prediction.mask)
+                self._volume_key(target), target.index, SliceResult(np.array(target.image), prediction.mask)
             )
         info = {
             "label_names": {target.label: 1},
