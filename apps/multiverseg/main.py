@@ -1,7 +1,7 @@
 """MONAI Label app: MultiverSeg with a context set fed by the datastore's saved labels.
 
-    monailabel start_server --app apps/multiverseg --studies sample-datasets/nuclei-2d \\
-        [--conf weights PATH] [--conf labels nucleus] ...
+    monailabel start_server --app apps/multiverseg --studies sample-datasets/brain-2d \\
+        [--conf weights PATH] [--conf labels white_matter] ...
 
 Configuration (``--conf key value``):
     weights           MultiverSeg checkpoint (default: the bundled ``mvseg`` weights; official files load too)
