@@ -44,6 +44,21 @@ def test_cli_end_to_end(tmp_path, tiny_task, tiny_models):
     assert (out / "noi90.png").stat().st_size > 1000 and "| task |" in (out / "summary.md").read_text()
 
 
+def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
+    mvs, _ = tiny_models
+    save_checkpoint(mvs, tmp_path / "w.pt")
+    out = tmp_path / "out"
+    main(["--task", str(tiny_task), "--weights", str(tmp_path / "w.pt"), "--images", "3", "--runs", "1",
+          "--modes", "context", "oracle", "--order", "random", "coverage", "--budget", "0", "--out", str(out)])
+    runs = json.loads((out / "runs.json").read_text())["task"]
+    assert set(runs) == {"context", "oracle", "context/coverage", "oracle/coverage"}
+    for mode, (run,) in runs.items():
+        assert [len(r["dice"]) for r in run] == [1] * 4 and all(r["interactions"] == 0 for r in run)
+        assert run[0]["dice"] == [0.0]  # the seed image has no context and gets no clicks
+    # the oracle's ground-truth context gives later images a real zero-click prediction
+    assert any(r["dice"][0] > 0 for r in runs["oracle"][0][1:])
+
+
 class ScriptedPredictor:
     """Grows the predicted disk by one step per click: the n-th prediction covers n/4 of the object."""
 

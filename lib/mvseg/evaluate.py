@@ -123,8 +123,8 @@ def run_once(
         result.index = index
         results.append(result)
         if context is not None:
-            label = example.mask if mode == "oracle" else final.mask
-            if label.any():
+            label = example.mask if mode == "oracle" else (None if final is None else final.mask)
+            if label is not None and label.any():  # with budget 0 the seed image has no prediction to add
                 context.add(example.id, example.image, label)
     return results
 
@@ -249,6 +249,9 @@ def main(argv=None) -> None:
         default=["random"],
         help="image order(s) of the context modes: random, or a strategy that picks each next image",
     )
+    parser.add_argument(
+        "--budget", type=int, help="interactions per image (default: 20 clicks or 10 scribble steps; 0: zero-click only)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -256,7 +259,7 @@ def main(argv=None) -> None:
 
     predictor = Predictor(args.weights, fallback=args.fallback, device=args.device)
     subsets = held_out(json.loads(args.ids.read_text())) if args.ids else {}
-    budget = BUDGET[args.protocol]
+    budget = BUDGET[args.protocol] if args.budget is None else args.budget
     records: dict = {}
     total = len(args.task) * args.runs * len(runs_of(args.modes, args.order))
     bar = tqdm(total=total, desc="runs", unit="run")
