@@ -250,7 +250,7 @@ def main(argv=None) -> None:
         help="image order(s) of the context modes: random, or a strategy that picks each next image",
     )
     parser.add_argument(
-        "--budget", type=int, help="interactions per image (default: 20 clicks or 10 scribble steps; 0: zero-click only)"
+        "--budget", type=int, help="interactions per image (default: 20 clicks, 10 scribble steps; 0: zero-click only)"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
