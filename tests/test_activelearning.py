@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mvseg import ContextSet, Prediction, save_checkpoint
+from mvseg import ContextSet, Prediction
 from mvseg.activelearning import coverage_scores, descriptors, entropy_scores, scores
-from mvseg.evaluate import main
 
 from .conftest import disk
-from .test_evaluate import tiny_task  # noqa: F401  (fixture)
+from .test_evaluate import run_cli, tiny_task  # noqa: F401  (tiny_task: a fixture)
 
 
 def disk_image(x: int, seed: int) -> np.ndarray:
@@ -85,11 +84,8 @@ def test_descriptors_are_unit_norm():
 
 
 def test_evaluate_orders_end_to_end(tmp_path, tiny_task, tiny_models):  # noqa: F811
-    mvs, _ = tiny_models
-    save_checkpoint(mvs, tmp_path / "w.pt")
-    out = tmp_path / "out"
-    main(["--task", str(tiny_task), "--weights", str(tmp_path / "w.pt"), "--images", "2", "--runs", "1",
-          "--modes", "context", "none", "--order", "random", "first", "coverage", "hybrid", "--out", str(out)])
+    out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "2", "--runs", "1",
+                  "--modes", "context", "none", "--order", "random", "first", "coverage", "hybrid")
     summary = json.loads((out / "summary.json").read_text())["task"]
     assert set(summary) == {"context", "context/first", "context/coverage", "context/hybrid", "none"}
     assert "reduction_vs_random_pct" in summary["context/coverage"]

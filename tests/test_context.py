@@ -33,6 +33,18 @@ def test_add_replace_remove_bump_the_version():
     assert ctx.tensors([])[0].shape == (0, 1, 64, 64)
 
 
+def test_copy_shares_entries_and_edits_stay_apart():
+    ctx = ContextSet(size=64, max_size=8)
+    img, mask = blob_image((100, 80), (40, 50), 20)
+    ctx.add("a", img, mask)
+    ctx.add("b", img, mask)
+    small = ctx.copy(max_size=1)
+    assert small.ids() == ["a", "b"] and small.version == ctx.version and small.get("a") is ctx.get("a")
+    assert small.max_size == 1 and ctx.copy().max_size == 8 and small.size == 64
+    small.remove("a")
+    assert ctx.ids() == ["a", "b"] and ctx.version == 2
+
+
 def test_select_returns_the_most_similar_entries():
     ctx = ContextSet(size=64, max_size=2)
     shape = (90, 90)

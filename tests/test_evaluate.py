@@ -26,12 +26,17 @@ def tiny_task(tmp_path):
     return tmp_path / "task"
 
 
-def test_cli_end_to_end(tmp_path, tiny_task, tiny_models):
-    mvs, _ = tiny_models
-    save_checkpoint(mvs, tmp_path / "w.pt")
+def run_cli(tmp_path, task, models, *args: str):
+    """``python -m mvseg.evaluate`` on ``task`` with the tiny MultiverSeg; returns the output folder."""
+    save_checkpoint(models[0], tmp_path / "w.pt")
     out = tmp_path / "out"
-    main(["--task", str(tiny_task), "--weights", str(tmp_path / "w.pt"), "--images", "3", "--runs", "2",
-          "--modes", "context", "none", "oracle", "--out", str(out)])
+    main(["--task", str(task), "--weights", str(tmp_path / "w.pt"), *args, "--out", str(out)])
+    return out
+
+
+def test_cli_end_to_end(tmp_path, tiny_task, tiny_models):
+    out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "3", "--runs", "2",
+                  "--modes", "context", "none", "oracle")
     runs = json.loads((out / "runs.json").read_text())
     assert set(runs["task"]) == {"context", "none", "oracle"}
     assert all(len(run) == 4 for mode in runs["task"].values() for run in mode)  # seed + 3 images
@@ -45,11 +50,8 @@ def test_cli_end_to_end(tmp_path, tiny_task, tiny_models):
 
 
 def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
-    mvs, _ = tiny_models
-    save_checkpoint(mvs, tmp_path / "w.pt")
-    out = tmp_path / "out"
-    main(["--task", str(tiny_task), "--weights", str(tmp_path / "w.pt"), "--images", "3", "--runs", "1",
-          "--modes", "context", "oracle", "--order", "random", "coverage", "--budget", "0", "--out", str(out)])
+    out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "3", "--runs", "1",
+                  "--modes", "context", "oracle", "--order", "random", "coverage", "--budget", "0")
     runs = json.loads((out / "runs.json").read_text())["task"]
     assert set(runs) == {"context", "oracle", "context/coverage", "oracle/coverage"}
     for mode, (run,) in runs.items():

@@ -94,6 +94,14 @@ class ContextSet:
         label = (label.reshape(1, self.size, self.size).float().cpu() >= 0.5).float()
         self.put(key, ContextEntry(image, label, describe(image)))
 
+    def copy(self, max_size: Optional[int] = None) -> "ContextSet":
+        """A new set holding the same (immutable, shared) entries and version; ``max_size`` may differ."""
+        out = ContextSet(self.size, self.max_size if max_size is None else max_size, self.percentiles)
+        with self._lock:
+            out._entries = OrderedDict(self._entries)
+            out.version = self.version
+        return out
+
     def remove(self, key: Hashable) -> bool:
         with self._lock:
             if self._entries.pop(key, None) is None:

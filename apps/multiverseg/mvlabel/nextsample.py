@@ -33,9 +33,6 @@ from .imageio import stat_key
 
 log = logging.getLogger(__name__)
 
-# images per scoring forward: small networks run far faster batched, and a click waits for one forward at most
-SCORING_BATCH = 4
-
 DESCRIPTIONS = {
     "hybrid": "Context-aware: unsure predictions first, among images unlike anything labelled",
     "coverage": "Context-aware: the image least like anything labelled (the most typical one to start)",
@@ -153,27 +150,29 @@ class ScoreBoard:
         self.context.refresh()
         unlabelled = sorted(self.datastore.get_unlabeled_images())
         labelled = sorted(self.datastore.get_labeled_images())
+        cover = self.coverage(unlabelled, labelled)  # image likeness: the same for every label name
         new: dict[str, dict[str, dict[str, float]]] = {}
         for label in self.context.label_names():
-            cover = self.coverage(unlabelled, labelled)
             new[label] = {"coverage": cover}
             context = self.context.get(label)
             unsure: dict[str, float] = {}
             if len(context) and ("uncertainty" in self.strategies or "hybrid" in self.strategies):
                 predictor = self.segmenter.predictor
-                for start in range(0, len(unlabelled), SCORING_BATCH):
+                for start in range(0, len(unlabelled), activelearning.SCORING_BATCH):
                     if self._wake.is_set() or self._stop:
                         return  # a newer save: start over with the new context
-                    planes = [(i, self.plane(i)) for i in unlabelled[start : start + SCORING_BATCH]]
+                    batch = unlabelled[start : start + activelearning.SCORING_BATCH]
+                    planes = [(i, self.plane(i)) for i in batch]
                     planes = [(i, p) for i, p in planes if p is not None]
                     if planes:  # one batched forward, holding the predictor's lock only for it
                         s = activelearning.entropy_scores(predictor, [p for _, p in planes], context)
                         unsure.update({i: float(v) for (i, _), v in zip(planes, s)})
             new[label]["uncertainty"] = unsure or dict(cover)
             ids = [i for i in cover if i in new[label]["uncertainty"]]
-            c = activelearning.ranks(np.array([cover[i] for i in ids]))
-            u = activelearning.ranks(np.array([new[label]["uncertainty"][i] for i in ids]))
-            new[label]["hybrid"] = {i: float(0.5 * (a + b)) for i, a, b in zip(ids, c, u)}
+            hybrid = activelearning.hybrid_scores(
+                np.array([cover[i] for i in ids]), np.array([new[label]["uncertainty"][i] for i in ids])
+            )
+            new[label]["hybrid"] = {i: float(v) for i, v in zip(ids, hybrid)}
         with self._lock:
             self.scores = new
             self.passes += 1

@@ -204,9 +204,7 @@ class Segmenter:
         near = self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices)
         if not near:
             return base, read
-        merged = self.predictor.new_context()
-        for key in base.ids():
-            merged.put(key, base.get(key))
+        merged = base.copy()
         for i, result in near:
             try:
                 merged.add(("session", i), result.image, result.mask)
