@@ -38,10 +38,17 @@ def test_augment_keeps_ranges_and_binary_labels():
         assert set(torch.unique(ay).tolist()) <= {0.0, 1.0}
 
 
-def test_task_augmentation_is_shared_and_within_task_is_not():
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"affine": dict(p=1.0, degrees=(0, 360), translate=(0, 0.2), scale=(0.8, 1.1))},
+        {"elastic": dict(p=1.0, alpha=(6, 10), sigma=(8, 12))},
+    ],
+    ids=["affine", "elastic"],
+)
+def test_task_augmentation_is_shared_and_within_task_is_not(spec):
     x, y = blobs(5)
     gen = torch.Generator().manual_seed(3)
-    spec = {"affine": dict(p=1.0, degrees=(0, 360), translate=(0, 0.2), scale=(0.8, 1.1))}
     shared_x, shared_y = augment.augment(x, y, spec, gen, shared=True)
     assert all(torch.equal(shared_y[0], shared_y[i]) for i in range(5))
     own_x, own_y = augment.augment(x, y, spec, gen, shared=False)
@@ -101,6 +108,14 @@ def test_task_bank_splits_by_subject_and_samples_tasks(task_root):
     assert all(y[i].any() for i in range(3))
     xs, ys, s = bank.sample(2, rng, gen, p_synthetic=1.0)
     assert s and ys[0].any()
+
+
+def test_real_task_context_never_holds_the_target(task_root):
+    bank = TaskBank([Source("lab", task="^(ax|cor)")], task_root, size=32, heldout=0.0, seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # 6 images per task, 8 context entries: drawn with replacement from the other 5
+        x, _ = bank._real(8, rng)
+        assert x.shape[0] == 9 and not any(torch.equal(x[0], x[i]) for i in range(1, 9))
 
 
 # -- loss and training ------------------------------------------------------------------------------

@@ -144,8 +144,9 @@ def _spatial(images, labels, spec: Spec, s: _Sampler, gen):
     if "elastic" in spec:
         e = spec["elastic"]
         on = s.coin(e["p"])
-        field = _elastic_field(n, h, w, s.uniform(*e["alpha"]), s.uniform(*e["sigma"]), gen, device)
-        grid = grid + field * on.view(-1, 1, 1, 1)
+        k = 1 if s.shared else n  # shared: one field moves every item alike
+        field = _elastic_field(k, h, w, s.uniform(*e["alpha"]), s.uniform(*e["sigma"]), gen, device)
+        grid = grid + field.expand(n, -1, -1, -1) * on.view(-1, 1, 1, 1)
         warp |= on
     if warp.any():
         both = torch.cat([images, labels], 1)

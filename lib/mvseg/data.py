@@ -27,6 +27,11 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
+def mask_path(masks: Path, key: str) -> Optional[Path]:
+    """The mask of image ``key`` in a ``masks/`` folder, whatever its image suffix; ``None`` if absent."""
+    return next((masks / f"{key}{s}" for s in IMAGE_SUFFIXES if (masks / f"{key}{s}").exists()), None)
+
+
 def load_task(folder: Path, ids: Optional[list[str]] = None) -> list[Example]:
     """All image/mask pairs of a task folder (sorted by id), or only ``ids``. Unmatched files are skipped."""
     folder = Path(folder)
@@ -37,12 +42,12 @@ def load_task(folder: Path, ids: Optional[list[str]] = None) -> list[Example]:
     wanted = sorted(found) if ids is None else list(ids)
     out = []
     for key in wanted:
-        mask_path = next((masks / f"{key}{s}" for s in IMAGE_SUFFIXES if (masks / f"{key}{s}").exists()), None)
-        if key not in found or mask_path is None:
+        found_mask = mask_path(masks, key)
+        if key not in found or found_mask is None:
             if ids is not None:
                 raise ValueError(f"{folder}: no image/mask pair for id '{key}'")
             continue
-        image, mask = read_image(found[key]), read_image(mask_path)
+        image, mask = read_image(found[key]), read_image(found_mask)
         if mask.ndim == 3:
             mask = mask[..., 0]
         if mask.shape != image.shape[:2]:

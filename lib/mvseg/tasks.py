@@ -26,7 +26,7 @@ from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 from . import augment
-from .data import IMAGE_SUFFIXES, read_image
+from .data import IMAGE_SUFFIXES, mask_path, read_image
 from .geometry import prepare_image
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,18 @@ def split_subjects(subjects: list[str], heldout: float, seed: int) -> set[str]:
     return set(unique[:k])
 
 
-def _load_folder(folder: Path, size: int) -> list[tuple[str, np.ndarray, Optional[np.ndarray]]]:
-    """(id, model-grid image uint8 S S, model-grid mask uint8 S S or None) for every image of a folder."""
+def _load_folder(folder: Path, size: int, labelled: bool = True) -> list[tuple[str, np.ndarray, Optional[np.ndarray]]]:
+    """(id, model-grid image uint8 S S, model-grid mask uint8 S S or None) for every image of a folder;
+    masks are looked up as :func:`mvseg.data.load_task` does, and only for labelled sources."""
     images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    masks = folder / "masks"
     out = []
     for path in images:
         image = read_image(path)
         grid, geometry = prepare_image(image, size)
         mask = None
-        mask_path = masks / path.name
-        if mask_path.exists():
-            m = read_image(mask_path)
+        found = mask_path(folder / "masks", path.stem) if labelled else None
+        if found is not None:
+            m = read_image(found)
             mask = geometry.mask_forward(m[..., 0] if m.ndim == 3 else m)[0].numpy().astype(np.uint8)
         out.append((path.stem, (grid[0].numpy() * 255).round().astype(np.uint8), mask))
     return out
@@ -107,7 +107,7 @@ class TaskBank:
             folder = (root / src.path).resolve()
             if not (folder / "images").is_dir():
                 raise ValueError(f"training source {folder} has no images/ folder")
-            rows = _load_folder(folder, size)
+            rows = _load_folder(folder, size, src.labelled)
             if not src.labelled:
                 pool[src.label] = [im for _, im, _ in rows]
                 continue
@@ -122,6 +122,10 @@ class TaskBank:
                 held_ids = {r[0] for r in items} - {r[0] for r in train}
                 key = f"{src.label}/{name}"
                 self.split[key] = {"train": [r[0] for r in train], "heldout": [r[0] for r in items if r[0] in held_ids]}
+                images += [r[1] for r in train]
+                if len(train) < 2:  # a target needs at least one other example as its context
+                    log.warning("%s: %d training image(s), not used as a task", key, len(train))
+                    continue
                 tasks.append(
                     Task(
                         key,
@@ -130,8 +134,8 @@ class TaskBank:
                         [r[0] for r in train],
                     )
                 )
-                images += [r[1] for r in train]
-            self.tasks[src.label] = tasks
+            if tasks:
+                self.tasks[src.label] = tasks
             pool[src.label] = images
         self.pool = {k: v for k, v in pool.items() if v}
         if not self.tasks and not self.pool:
@@ -150,7 +154,9 @@ class TaskBank:
         tasks = self.tasks[rng.choice(sorted(self.tasks))]
         task = tasks[rng.integers(len(tasks))]
         count = len(task.images)
-        idx = rng.choice(count, size=n + 1, replace=count < n + 1)
+        target = int(rng.integers(count))
+        others = np.delete(np.arange(count), target)  # the target never shows up as its own context
+        idx = np.concatenate([[target], rng.choice(others, size=n, replace=len(others) < n)])
         return task.images[idx].float() / 255, task.labels[idx].float()
 
     def _synthetic(self, n: int, rng: np.random.Generator, gen: torch.Generator, scale: tuple[float, float]):

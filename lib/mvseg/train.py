@@ -162,7 +162,7 @@ def _set_random_state(state: dict, rng: np.random.Generator, gen: torch.Generato
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint being resumed (they are about to be run again)."""
+    """Drop log lines past ``step``: the steps about to be run (again)."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in lines))
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, device: Optional[st
         _set_random_state(state["random"], rng, gen)
         start, seconds = state["step"], state.get("seconds", 0.0)
         log.info("resuming %s at step %d", out, start)
-        _truncate_log(out / "log.jsonl", start)
+    _truncate_log(out / "log.jsonl", start)  # a fresh run (start 0) empties an old run's log
     log.info("training %s: %d parameters on %s", cfg.name, count_parameters(model), dev)
 
     def save(step: int) -> None:
