@@ -74,6 +74,13 @@ def test_info_lists_both_models(server):
     assert {"random", "first"} <= set(info["strategies"])
 
 
+def test_auto_before_any_saved_label_is_409_with_a_message(server):
+    client, app, _ = server
+    assert not any(app.context.sizes().values())  # runs before the tests below save labels
+    r = infer(client, "multiverseg_auto", IDS[0], {})
+    assert r.status_code == 409 and "no saved" in r.text
+
+
 def test_click_returns_mask_on_the_image_grid(server):
     client, _, _ = server
     image, mask = hc18_pair(IDS[0])

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from mvseg import augment, load_checkpoint
+from mvseg.checkpoint import CheckpointError
+from mvseg.evaluate import held_out
 from mvseg.interaction import RandomPrompts
 from mvseg.network import MultiverSegConfig, MultiverSegNet
 from mvseg.tasks import Source, TaskBank, split_subjects
@@ -110,6 +112,15 @@ def test_task_bank_splits_by_subject_and_samples_tasks(task_root):
     assert s and ys[0].any()
 
 
+def test_split_of_a_named_source_points_evaluation_at_its_folder(task_root):
+    """``evaluate --ids split.json`` finds the held-out ids of a source with a ``name`` under its folder."""
+    bank = TaskBank([Source("lab", name="brains", task="^(ax|cor)")], task_root, size=32, heldout=0.34, seed=0)
+    assert set(bank.split) == {"brains/ax", "brains/cor"}
+    subsets = held_out(json.loads(json.dumps(bank.split)))
+    assert set(subsets) == {"lab"}
+    assert sorted(subsets["lab"]) == sorted(i for part in bank.split.values() for i in part["heldout"])
+
+
 def test_real_task_context_never_holds_the_target(task_root):
     bank = TaskBank([Source("lab", task="^(ax|cor)")], task_root, size=32, heldout=0.0, seed=0)
     rng = np.random.default_rng(0)
@@ -181,3 +192,18 @@ def test_training_learns_and_resumes(task_root, tmp_path):
     assert len(resumed) == 40
     np.testing.assert_allclose(resumed, full, rtol=1e-4)
     assert load_checkpoint(tmp_path / "resumed" / "model.pt").meta["steps"] == 40
+
+
+def test_init_starts_from_given_weights(task_root, tmp_path):
+    """``init`` loads the weights before the first step; a mismatched architecture is refused."""
+    first = train(small_config(task_root, 2), tmp_path / "first")
+    start = load_checkpoint(first).state_dict()
+    cfg = small_config(task_root, 1)
+    cfg.lr = cfg.lr_final = 0.0  # no update: the saved weights must be exactly the initial ones
+    tuned = load_checkpoint(train(cfg, tmp_path / "tuned", init=first))
+    for key, value in tuned.state_dict().items():
+        torch.testing.assert_close(value, start[key])
+    assert tuned.meta["init"] == first.name
+    cfg.encoder_widths = [8, 8, 16]
+    with pytest.raises(CheckpointError):
+        train(cfg, tmp_path / "wrong", init=first)

@@ -217,11 +217,12 @@ def runs_of(modes: list[str], orders: list[str]) -> list[tuple[str, str]]:
 
 
 def held_out(subsets: dict) -> dict:
-    """``{folder: [ids]}`` as given, or from a training ``split.json`` (``{"folder/task": {"heldout": ids}}``)."""
+    """``{folder: [ids]}`` as given, or from a training ``split.json``: ``{"source/task": {"folder": name,
+    "heldout": ids}}`` (older files have no ``folder``; their source is the folder name)."""
     out: dict = {}
     for key, value in subsets.items():
         if isinstance(value, dict):
-            out.setdefault(key.split("/")[0], []).extend(value.get("heldout", []))
+            out.setdefault(value.get("folder", key.split("/")[0]), []).extend(value.get("heldout", []))
         else:
             out[key] = list(value)
     return out
@@ -264,6 +265,8 @@ def main(argv=None) -> None:
     total = len(args.task) * args.runs * len(runs_of(args.modes, args.order))
     bar = tqdm(total=total, desc="runs", unit="run")
     for folder in args.task:
+        if args.ids and folder.name not in subsets:
+            log.warning("%s: --ids lists none of its images, so all of them are used", folder.name)
         examples = load_task(folder, subsets.get(folder.name))
         if len(examples) < 2:
             raise SystemExit(f"{folder}: needs at least 2 labelled images, found {len(examples)}")

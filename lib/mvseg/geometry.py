@@ -77,6 +77,16 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def binarize_resampled(fraction: torch.Tensor) -> torch.Tensor:
+    """Resampled binary masks ``N 1 H W`` (per-pixel foreground fraction) -> binary float masks.
+
+    Thresholded at 0.5, except that a mask whose structure is too small to survive the threshold keeps
+    every pixel it touches, so a non-empty label never turns empty.
+    """
+    too_small = fraction.flatten(1).amax(1) < 0.5
+    return torch.where(too_small.view(-1, 1, 1, 1), fraction > 0, fraction >= 0.5).float()
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The mapping between an ``height x width`` image and the ``size x size`` model grid.
@@ -130,11 +140,7 @@ class Geometry:
         it touches, so an example never turns into an empty label.
         """
         square = self.pad_square(as_mask(mask, self.shape))
-        resampled = _resize(square, self.size)[0]
-        out = resampled >= 0.5
-        if not out.any() and square.any():
-            out = resampled > 0
-        return out.float()
+        return binarize_resampled(_resize(square, self.size))[0]
 
     def scribble_forward(self, scribble: np.ndarray) -> torch.Tensor:
         """Binary ``H W`` stroke mask -> binary ``1 size size``; a model pixel is on if any source pixel

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -54,7 +54,6 @@ class Task:
     name: str
     images: torch.Tensor  # N 1 S S uint8
     labels: torch.Tensor  # N 1 S S uint8 {0, 1}
-    ids: list[str] = field(default_factory=list)
 
 
 def _group(pattern: Optional[str], key: str, default: str) -> str:
@@ -99,7 +98,6 @@ class TaskBank:
     """
 
     def __init__(self, sources: list[Source], root: Path, size: int, heldout: float = 0.2, seed: int = 0):
-        self.size = size
         self.tasks: dict[str, list[Task]] = {}  # source -> tasks (train part)
         self.split: dict[str, dict[str, list[str]]] = {}  # "source/task" -> {"train": ids, "heldout": ids}
         pool: dict[str, list[np.ndarray]] = {}  # source -> images for synthetic tasks (train part only)
@@ -117,11 +115,15 @@ class TaskBank:
                     by_task.setdefault(_group(src.task, row[0], "all"), []).append(row)
             tasks, images = [], []
             for name, items in sorted(by_task.items()):
-                held = split_subjects([_group(src.subject, r[0], r[0]) for r in items], heldout, seed)
-                train = [r for r in items if _group(src.subject, r[0], r[0]) not in held]
-                held_ids = {r[0] for r in items} - {r[0] for r in train}
+                subjects = [_group(src.subject, r[0], r[0]) for r in items]
+                held = split_subjects(subjects, heldout, seed)
+                train = [r for r, s in zip(items, subjects) if s not in held]
                 key = f"{src.label}/{name}"
-                self.split[key] = {"train": [r[0] for r in train], "heldout": [r[0] for r in items if r[0] in held_ids]}
+                self.split[key] = {
+                    "folder": folder.name,  # what ``mvseg.evaluate --ids`` matches a --task folder against
+                    "train": [r[0] for r in train],
+                    "heldout": [r[0] for r, s in zip(items, subjects) if s in held],
+                }
                 images += [r[1] for r in train]
                 if len(train) < 2:  # a target needs at least one other example as its context
                     log.warning("%s: %d training image(s), not used as a task", key, len(train))
@@ -131,7 +133,6 @@ class TaskBank:
                         key,
                         torch.from_numpy(np.stack([r[1] for r in train]))[:, None],
                         torch.from_numpy(np.stack([r[2] for r in train]))[:, None],
-                        [r[0] for r in train],
                     )
                 )
             if tasks:

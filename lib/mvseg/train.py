@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
-from .geometry import Geometry
+from .checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from .geometry import Geometry, binarize_resampled
 from .interaction import RandomPrompts
 from .network import MultiverSegConfig, MultiverSegNet, count_parameters
 from .predictor import pick_device
@@ -105,8 +105,7 @@ def half_resolution(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     """``... 1 S S`` images and binary labels -> ``... 1 S/2 S/2`` (area-averaged; labels thresholded at 0.5)."""
     lead = images.shape[:-3]
     x = F.avg_pool2d(images.flatten(0, -4), 2)
-    y = F.avg_pool2d(labels.flatten(0, -4), 2)
-    y = torch.where(y.flatten(1).amax(1).view(-1, 1, 1, 1) >= 0.5, (y >= 0.5).float(), (y > 0).float())
+    y = binarize_resampled(F.avg_pool2d(labels.flatten(0, -4), 2))
     return x.unflatten(0, lead) if lead else x, y.unflatten(0, lead) if lead else y
 
 
@@ -128,15 +127,17 @@ def interactive_loss(
     b, _, size, _ = images.shape
     grid = Geometry(size, size, size)
     truth = labels[:, 0].bool().cpu().numpy()
+    host_images = images[:, 0].cpu()  # prompts are encoded on the host, once per step; copy the images once
     prompts: list[Prompts] = [Prompts() for _ in range(b)]
     previous = torch.zeros_like(images)
     total, per_step = images.new_zeros(()), []
     for step in range(steps):
-        predicted = (previous[:, 0] > 0).cpu().numpy()
+        host_previous = previous.cpu()
+        predicted = (host_previous[:, 0] > 0).numpy()
         for i in range(b):
             prompts[i] = user.first(truth[i]) if step == 0 else user.correct(truth[i], predicted[i], prompts[i])
         target = torch.cat(
-            [encode_for_model(images[i, 0].cpu(), grid, prompts[i], previous[i].cpu()) for i in range(b)]
+            [encode_for_model(host_images[i], grid, prompts[i], host_previous[i]) for i in range(b)]
         ).to(images.device)
         logits = model(target, context_images, context_labels)
         loss = segmentation_loss(logits, labels, gamma)
@@ -168,8 +169,14 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def train(cfg: TrainConfig, out: Path, resume: bool = False, device: Optional[str] = None) -> Path:
-    """Run (or resume) training; returns the path of the saved weights."""
+def train(
+    cfg: TrainConfig, out: Path, resume: bool = False, device: Optional[str] = None, init: Optional[Path] = None
+) -> Path:
+    """Run (or resume) training; returns the path of the saved weights.
+
+    ``init``: start a fresh run (new optimizer, full learning-rate schedule) from these weights instead of
+    a random initialisation; their architecture must match the config. Ignored when resuming.
+    """
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
@@ -181,6 +188,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, device: Optional[st
     (out / "split.json").write_text(json.dumps(bank.split, indent=1))
 
     model = MultiverSegNet(MultiverSegConfig(encoder_widths=list(cfg.encoder_widths))).to(dev)
+    if init is not None and not (resume and (out / "last.pt").exists()):
+        load_state_strict(model, load_checkpoint(init).state_dict(), str(init))
+        log.info("starting from the weights in %s", init)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     user = RandomPrompts(rng)
     start, seconds = 0, 0.0
@@ -208,6 +218,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, device: Optional[st
         )
         state_path.with_suffix(".tmp").replace(state_path)
         meta = {"name": cfg.name, "size": cfg.size, "steps": step, "train_seconds": round(seconds), "device": str(dev)}
+        if init is not None:
+            meta["init"] = Path(init).name
         save_checkpoint(model, out / "model.pt", meta=meta)
 
     model.train()
@@ -253,6 +265,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--steps", type=int, help="override the config's step count")
+    parser.add_argument("--init", type=Path, help="fine-tune: start from these weights (fresh optimizer and schedule)")
     parser.add_argument("--data-root", help="override where relative source paths start")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     args = parser.parse_args(argv)
@@ -262,7 +275,7 @@ def main(argv=None) -> None:
         cfg.steps = args.steps
     if args.data_root:
         cfg.data_root = str(Path(args.data_root).resolve())
-    path = train(cfg, args.out, args.resume, args.device)
+    path = train(cfg, args.out, args.resume, args.device, args.init)
     print(f"weights: {path}")
 
 

@@ -126,7 +126,10 @@ class DatastoreContext:
             for image_id in sorted(current):
                 stamp = self._stamp(image_id)
                 seen = self._seen.get(image_id)
-                if stamp is None or (seen is not None and seen.stamp == stamp):
+                if stamp is None:  # listed, but its file is gone: as refresh_one does, drop its entries
+                    self._forget(image_id)
+                    continue
+                if seen is not None and seen.stamp == stamp:
                     continue
                 self._load(image_id, stamp)
                 read += 1
