@@ -157,6 +157,20 @@ def test_interactive_loss_runs_three_steps_with_and_without_context():
         assert len(steps) == 3 and torch.isfinite(loss) and loss.requires_grad
 
 
+def test_context_only_examples_start_without_prompts():
+    """A context-only example's first forward sees the image alone; its corrections come after."""
+    torch.manual_seed(0)
+    model = MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8]))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    x, y = blobs(2)
+    context = (x[:, None].repeat(1, 2, 1, 1, 1), y[:, None].repeat(1, 2, 1, 1, 1))
+    interactive_loss(model, x, y, *context, RandomPrompts(np.random.default_rng(0)), 2, 20.0, [True, False])
+    first, second = seen
+    assert not first[0, 1:].any() and first[1, 1:4].any()  # no box, clicks or scribbles for example 0
+    assert second[0, 1:4].any()  # ... until its first correction
+
+
 def small_config(root, steps):
     return TrainConfig(
         name="smoke", encoder_widths=[8, 8, 8], size=32, steps=steps, batch_size=4, max_context=3, lr=3e-3,

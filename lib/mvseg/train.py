@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ class TrainConfig:
     lr: float = 1e-4
     lr_final: float = 1e-4  # cosine decay from lr to lr_final over the run
     p_low_res: float = 0.0  # fraction of steps run at half resolution (cheaper; teaches scale robustness)
+    # Chance that, with a non-empty context, an example's first step has no prompts at all: the zero-click
+    # in-context prediction the app shows first, and which the user's first corrections then refine.
+    p_context_only: float = 0.0
     focal_gamma: float = 20.0
     p_synthetic: float = 0.5
     superpixel_scale: tuple[float, float] = (1.0, 500.0)
@@ -118,11 +121,13 @@ def interactive_loss(
     user: RandomPrompts,
     steps: int,
     gamma: float,
+    context_only: Optional[Sequence[bool]] = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Simulate ``steps`` rounds of interaction on a batch; returns the summed loss and each step's loss.
 
     ``images``/``labels`` ``B 1 S S``, context ``B n 1 S S`` (n may be 0), all on the model's device. The
-    prompts are drawn on the model grid, so the geometry is the identity.
+    prompts are drawn on the model grid, so the geometry is the identity. ``context_only[i]``: example
+    ``i``'s first step has no prompts (a zero-click prediction from the context); corrections follow.
     """
     b, _, size, _ = images.shape
     grid = Geometry(size, size, size)
@@ -135,7 +140,10 @@ def interactive_loss(
         host_previous = previous.cpu()
         predicted = (host_previous[:, 0] > 0).numpy()
         for i in range(b):
-            prompts[i] = user.first(truth[i]) if step == 0 else user.correct(truth[i], predicted[i], prompts[i])
+            if step > 0:
+                prompts[i] = user.correct(truth[i], predicted[i], prompts[i])
+            elif not (context_only is not None and context_only[i]):
+                prompts[i] = user.first(truth[i])
         target = torch.cat(
             [encode_for_model(host_images[i], grid, prompts[i], host_previous[i]) for i in range(b)]
         ).to(images.device)
@@ -235,7 +243,10 @@ def train(
             x, y, cx, cy = (t.to(dev) for t in (x, y, cx, cy))
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.steps))
-            loss, per_step = interactive_loss(model, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma)
+            context_only = (rng.random(cfg.batch_size) < cfg.p_context_only) & (n > 0)
+            loss, per_step = interactive_loss(
+                model, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma, context_only.tolist()
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
