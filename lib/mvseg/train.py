@@ -134,6 +134,7 @@ def interactive_loss(
     truth = labels[:, 0].bool().cpu().numpy()
     host_images = images[:, 0].cpu()  # prompts are encoded on the host, once per step; copy the images once
     prompts: list[Prompts] = [Prompts() for _ in range(b)]
+    context_only = [False] * b if context_only is None else context_only
     previous = torch.zeros_like(images)
     total, per_step = images.new_zeros(()), []
     for step in range(steps):
@@ -142,7 +143,7 @@ def interactive_loss(
         for i in range(b):
             if step > 0:
                 prompts[i] = user.correct(truth[i], predicted[i], prompts[i])
-            elif not (context_only is not None and context_only[i]):
+            elif not context_only[i]:
                 prompts[i] = user.first(truth[i])
         target = torch.cat(
             [encode_for_model(host_images[i], grid, prompts[i], host_previous[i]) for i in range(b)]
@@ -196,9 +197,6 @@ def train(
     (out / "split.json").write_text(json.dumps(bank.split, indent=1))
 
     model = MultiverSegNet(MultiverSegConfig(encoder_widths=list(cfg.encoder_widths))).to(dev)
-    if init is not None and not (resume and (out / "last.pt").exists()):
-        load_state_strict(model, load_checkpoint(init).state_dict(), str(init))
-        log.info("starting from the weights in %s", init)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     user = RandomPrompts(rng)
     start, seconds = 0, 0.0
@@ -210,6 +208,9 @@ def train(
         _set_random_state(state["random"], rng, gen)
         start, seconds = state["step"], state.get("seconds", 0.0)
         log.info("resuming %s at step %d", out, start)
+    elif init is not None:
+        load_state_strict(model, load_checkpoint(init).state_dict(), str(init))
+        log.info("starting from the weights in %s", init)
     _truncate_log(out / "log.jsonl", start)  # a fresh run (start 0) empties an old run's log
     log.info("training %s: %d parameters on %s", cfg.name, count_parameters(model), dev)
 

@@ -122,17 +122,7 @@ class DatastoreContext:
         """Bring every label's entries up to date; returns how many label files were read."""
         with self._lock:
             current = set(self.datastore.get_labeled_images())
-            read = 0
-            for image_id in sorted(current):
-                stamp = self._stamp(image_id)
-                seen = self._seen.get(image_id)
-                if stamp is None:  # listed, but its file is gone: as refresh_one does, drop its entries
-                    self._forget(image_id)
-                    continue
-                if seen is not None and seen.stamp == stamp:
-                    continue
-                self._load(image_id, stamp)
-                read += 1
+            read = sum(self._sync(image_id) for image_id in sorted(current))
             for image_id in set(self._seen) - current:
                 self._forget(image_id)
             return read
@@ -140,11 +130,20 @@ class DatastoreContext:
     def refresh_one(self, image_id: str) -> None:
         """Re-read one label now (the ``on_save_label`` hook)."""
         with self._lock:
-            stamp = self._stamp(image_id)
-            if stamp is None:
-                self._forget(image_id)
-            elif self._seen.get(image_id) is None or self._seen[image_id].stamp != stamp:
-                self._load(image_id, stamp)
+            self._sync(image_id)
+
+    def _sync(self, image_id: str) -> bool:
+        """Bring one label's entries up to date; True when its file was read. A label whose file is gone
+        (even if the datastore still lists it) drops out."""
+        stamp = self._stamp(image_id)
+        if stamp is None:
+            self._forget(image_id)
+            return False
+        seen = self._seen.get(image_id)
+        if seen is not None and seen.stamp == stamp:
+            return False
+        self._load(image_id, stamp)
+        return True
 
     def _forget(self, image_id: str) -> None:
         seen = self._seen.pop(image_id, None)
