@@ -15,7 +15,15 @@ from mvseg.evaluate import held_out
 from mvseg.interaction import RandomPrompts
 from mvseg.network import MultiverSegConfig, MultiverSegNet
 from mvseg.tasks import Source, TaskBank, split_subjects
-from mvseg.train import TrainConfig, focal_loss, half_resolution, interactive_loss, soft_dice_loss, train
+from mvseg.train import (
+    TrainConfig,
+    batches,
+    focal_loss,
+    half_resolution,
+    interactive_loss,
+    soft_dice_loss,
+    train,
+)
 
 from .conftest import disk
 
@@ -65,6 +73,26 @@ def test_flip_and_sobel_label_do_what_they_say():
     _, edges = augment.augment(x, y, {"sobel_label": dict(p=1.0)}, gen)
     assert edges.sum() < y.sum() and edges[0, 0, 14, 17] == 0 and edges[0, 0, 8, 17] == 1
 
+
+
+def test_perturbed_labels_are_near_misses_biased_one_way():
+    """Every item stays binary, non-empty and close to its label; one draw grows or shrinks them all."""
+    y = torch.from_numpy(disk((128, 128), (64, 60), 28)).float()[None, None].repeat(6, 1, 1, 1)
+    directions = set()
+    for seed in range(8):
+        out = augment.perturb_labels(y, torch.Generator().manual_seed(seed))
+        assert out.shape == y.shape and set(out.unique().tolist()) <= {0.0, 1.0}
+        dice = 2 * (out * y).flatten(1).sum(1) / (out.flatten(1).sum(1) + y.flatten(1).sum(1))
+        assert (dice > 0.7).all() and (dice < 1).any(), dice
+        change = out.flatten(1).sum(1) - y.flatten(1).sum(1)
+        grown, shrunk = bool((change > 0.05 * y[0].sum()).any()), bool((change < -0.05 * y[0].sum()).any())
+        assert not (grown and shrunk), change
+        directions.add(grown or not shrunk)
+    assert directions == {True, False}  # both directions occur over draws
+    dot = torch.zeros(1, 1, 16, 16)
+    dot[0, 0, 8, 8] = 1
+    shrunk = [augment.perturb_labels(dot, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert all(out.sum() > 0 for out in shrunk)  # an item eroded away keeps its label
 
 # -- task bank --------------------------------------------------------------------------------------
 
@@ -179,6 +207,35 @@ def small_config(root, steps):
     )
 
 
+
+def test_batches_depend_on_the_step_alone(task_root):
+    """Worker processes draw exactly the batches the main process would, and a stream started at step k
+    (a resumed run) continues the same sequence; p_noisy_context changes the context labels and nothing else."""
+    cfg = small_config(task_root, 6)
+    cfg.sources.append({"path": "unlab", "labelled": False})
+    cfg.p_synthetic, cfg.p_low_res, cfg.p_context_only, cfg.max_context = 0.5, 0.5, 0.5, 4
+    bank = TaskBank([Source(**s) for s in cfg.sources], task_root, 32, 0.0, 0)
+    serial = list(batches(bank, cfg, 0))
+    assert len(serial) == 6 and {b.synthetic for b in serial} != {0.0}
+
+    def same(a, b):
+        return all(torch.equal(u, v) for u, v in zip(a[:4], b[:4])) and a[4:] == b[4:]
+
+    assert all(same(a, b) for a, b in zip(serial, batches(bank, cfg, 0, workers=2), strict=True))
+    assert all(same(a, b) for a, b in zip(serial[3:], batches(bank, cfg, 3), strict=True))
+    cfg.p_noisy_context = 1.0
+    noisy = list(batches(bank, cfg, 0))
+    for a, b in zip(serial, noisy):
+        assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and a[4:] == b[4:]
+    assert any(not torch.equal(a.context_labels, b.context_labels) for a, b in zip(serial, noisy))
+
+
+def test_gpu_options_train_on_the_cpu_too(task_root, tmp_path):
+    """The GPU recipe (bfloat16 autocast, a batch-drawing worker) runs on the CPU too, with finite losses."""
+    train(small_config(task_root, 3), tmp_path / "bf16", bf16=True, workers=1)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+
 @pytest.mark.slow
 def test_training_learns_and_resumes(task_root, tmp_path):
     """A short CPU run lowers the loss on a fixed batch; a resumed run continues the same sequence."""
@@ -218,6 +275,8 @@ def test_init_starts_from_given_weights(task_root, tmp_path):
     for key, value in tuned.state_dict().items():
         torch.testing.assert_close(value, start[key])
     assert tuned.meta["init"] == first.name
+    cfg.steps = 2  # resuming without --init keeps the record of where the run started
+    assert load_checkpoint(train(cfg, tmp_path / "tuned", resume=True)).meta["init"] == first.name
     cfg.encoder_widths = [8, 8, 16]
     with pytest.raises(CheckpointError):
         train(cfg, tmp_path / "wrong", init=first)

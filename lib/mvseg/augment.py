@@ -5,7 +5,8 @@ spec (op name -> probability and parameter ranges). ``shared=False`` samples eve
 (within-task augmentation, synthetic-task copies); ``shared=True`` samples once and applies the same op to
 all items (task augmentation: it changes the task, so target and context must agree). Spatial ops warp
 image and label together; intensity ops touch the image only; ``sobel_label`` turns the label into its
-edges. Runs on any device; all randomness comes from one ``torch.Generator``.
+edges. :func:`perturb_labels` makes a label the kind of imperfect annotation a real context set holds.
+Runs on any device; all randomness comes from one ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -197,3 +198,41 @@ def augment(
     if "sobel_label" in spec:
         labels = _where(s.coin(spec["sobel_label"]["p"]), sobel_edges(labels), labels)
     return images, labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Imperfect context labels
+# ---------------------------------------------------------------------------------------------------
+
+
+def _grow(labels: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary ``N 1 H W`` dilated (``radius > 0``) or eroded (``radius < 0``) by a square of ``|radius|``."""
+    if radius == 0:
+        return labels
+    k = 2 * abs(radius) + 1
+    if radius > 0:
+        return F.max_pool2d(labels, k, stride=1, padding=abs(radius))
+    return 1 - F.max_pool2d(1 - labels, k, stride=1, padding=abs(radius))
+
+
+def perturb_labels(
+    labels: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    max_radius: int = 4,
+    alpha: tuple[float, float] = (1.0, 6.0),
+    sigma: tuple[float, float] = (8.0, 16.0),
+) -> torch.Tensor:
+    """A plausible imperfect annotation of binary ``N 1 H W`` labels, as a context set made of earlier
+    corrected predictions is: grown or shrunk by up to ``max_radius`` px (one direction for all ``N``,
+    since a model's or annotator's bias is systematic; a magnitude per item), then the border warped by a
+    smooth random field (``alpha`` px, scale ``sigma`` px). An empty result keeps the original label."""
+    n, _, h, w = labels.shape
+    sign = 1 if float(torch.rand((), generator=generator)) < 0.5 else -1
+    radii = torch.randint(0, max_radius + 1, (n,), generator=generator).tolist()
+    grown = torch.cat([_grow(labels[i : i + 1], sign * r) for i, r in enumerate(radii)])
+    s = _Sampler(n, False, generator, labels.device)
+    field = _elastic_field(n, h, w, s.uniform(*alpha), s.uniform(*sigma), generator, labels.device)
+    base = F.affine_grid(torch.eye(2, 3, device=labels.device).repeat(n, 1, 1), (n, 1, h, w), align_corners=False)
+    warped = (F.grid_sample(grown, base + field, mode="bilinear", align_corners=False) > 0.5).to(labels.dtype)
+    empty = warped.flatten(1).sum(1) == 0
+    return _where(empty, labels, warped)

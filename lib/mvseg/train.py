@@ -7,11 +7,17 @@ Each step draws ``n ~ U[0, max_context]``, then ``batch_size`` tasks with ``n`` 
 simulates ``interaction_steps`` rounds of interactive segmentation with the randomised user of
 :class:`mvseg.interaction.RandomPrompts`: 1-3 positive and 0-3 negative clicks, scribbles or a box first, 1-3
 corrections per later step, each step fed the previous prediction. The loss (soft Dice + focal, gamma 20) is
-summed over the steps; Adam.
+summed over the steps; Adam. Beyond the paper: some examples start from a zero-click in-context prediction
+(``p_context_only``) and some contexts carry perturbed labels (``p_noisy_context``), as a context set of
+earlier corrected predictions does.
+
+Every step's random draws come from (seed, step) alone (:func:`step_random`), so a run is deterministic for
+a given config on a given device, whether resumed or not and whatever ``--workers`` draws its batches. On a
+GPU, ``--workers`` (background batch drawing) and ``--bf16`` (autocast) keep the device busy.
 
 The run folder gets ``config.json``, ``split.json`` (train/held-out ids per task), ``log.jsonl`` (one line per
-step), ``last.pt`` (resumable: model, optimiser, step, random states) and ``model.pt`` (the weights, in the
-format :func:`mvseg.load_checkpoint` reads). Runs are deterministic for a given config on a given device.
+step), ``last.pt`` (resumable: model, optimiser, step) and ``model.pt`` (the weights, in the format
+:func:`mvseg.load_checkpoint` reads).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .augment import perturb_labels
 from .checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from .geometry import Geometry, binarize_resampled
 from .interaction import RandomPrompts
@@ -59,6 +66,9 @@ class TrainConfig:
     # Chance that, with a non-empty context, an example's first step has no prompts at all: the zero-click
     # in-context prediction the app shows first, and which the user's first corrections then refine.
     p_context_only: float = 0.0
+    # Chance that an example's context labels are perturbed (augment.perturb_labels): in use the context is
+    # the user's earlier corrected predictions, so clicks must outrank a context that disagrees with them.
+    p_noisy_context: float = 0.0
     focal_gamma: float = 20.0
     p_synthetic: float = 0.5
     superpixel_scale: tuple[float, float] = (1.0, 500.0)
@@ -148,7 +158,7 @@ def interactive_loss(
         target = torch.cat(
             [encode_for_model(host_images[i], grid, prompts[i], host_previous[i]) for i in range(b)]
         ).to(images.device)
-        logits = model(target, context_images, context_labels)
+        logits = model(target, context_images, context_labels).float()  # the loss in float32 under autocast
         loss = segmentation_loss(logits, labels, gamma)
         total = total + loss
         per_step.append(float(loss.detach()))
@@ -161,14 +171,76 @@ def interactive_loss(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _random_state(rng: np.random.Generator, gen: torch.Generator) -> dict:
-    return {"numpy": rng.bit_generator.state, "torch": gen.get_state(), "torch_global": torch.get_rng_state()}
+class Batch(NamedTuple):
+    """One step's examples: target ``B 1 S S``, context ``B n 1 S S``; which examples start without prompts."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    context_images: torch.Tensor
+    context_labels: torch.Tensor
+    context_only: list[bool]
+    synthetic: float
 
 
-def _set_random_state(state: dict, rng: np.random.Generator, gen: torch.Generator) -> None:
-    rng.bit_generator.state = state["numpy"]
-    gen.set_state(state["torch"])
-    torch.set_rng_state(state["torch_global"])
+def step_random(seed: int, step: int, stream: int) -> np.random.Generator:
+    """The random stream ``stream`` of training step ``step``: every step's draws depend on (seed, step)
+    alone, so a resumed run, or one drawing batches in parallel workers, repeats the same sequence."""
+    return np.random.default_rng([seed, step, stream])
+
+
+BATCH_STREAM, PROMPT_STREAM = 0, 1
+
+
+def draw_batch(bank: TaskBank, cfg: TrainConfig, step: int) -> Batch:
+    """Step ``step``'s examples: ``n ~ U[0, max_context]`` context entries each, perturbed context labels
+    (``p_noisy_context``), half resolution (``p_low_res``) and zero-click starts (``p_context_only``)."""
+    rng = step_random(cfg.seed, step, BATCH_STREAM)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    n = int(rng.integers(0, cfg.max_context + 1))
+    x, y, cx, cy, synthetic = bank.batch(
+        cfg.batch_size, n, rng, gen, p_synthetic=cfg.p_synthetic, superpixel_scale=tuple(cfg.superpixel_scale)
+    )
+    if n > 0:
+        for i in np.flatnonzero(rng.random(cfg.batch_size) < cfg.p_noisy_context):
+            cy[i] = perturb_labels(cy[i], gen)
+    if rng.random() < cfg.p_low_res:
+        (x, y), (cx, cy) = half_resolution(x, y), half_resolution(cx, cy)
+    context_only = ((rng.random(cfg.batch_size) < cfg.p_context_only) & (n > 0)).tolist()
+    return Batch(x, y, cx, cy, context_only, synthetic)
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """The batches of steps ``start`` to ``stop - 1``, in order. Under a ``DataLoader`` with ``W`` workers,
+    worker ``k`` draws steps ``start + k, start + k + W, ...`` and the loader interleaves them back in order."""
+
+    def __init__(self, bank: TaskBank, cfg: TrainConfig, start: int, stop: int):
+        self.bank, self.cfg, self.start, self.stop = bank, cfg, start, stop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        k, w = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(self.start + k, self.stop, w):
+            yield draw_batch(self.bank, self.cfg, step)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # W workers share the cores with the training process
+
+
+def batches(bank: TaskBank, cfg: TrainConfig, start: int, workers: int = 0):
+    """Iterator over the batches of steps ``start`` to ``cfg.steps - 1``; ``workers`` > 0 draws them in
+    that many background processes (the same batches, sooner)."""
+    stream = BatchStream(bank, cfg, start, cfg.steps)
+    if workers <= 0:
+        return iter(stream)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, collate_fn=_as_is, worker_init_fn=_one_thread, prefetch_factor=4
+    )
+    return iter(loader)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -179,18 +251,24 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def train(
-    cfg: TrainConfig, out: Path, resume: bool = False, device: Optional[str] = None, init: Optional[Path] = None
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    device: Optional[str] = None,
+    init: Optional[Path] = None,
+    workers: int = 0,
+    bf16: bool = False,
 ) -> Path:
     """Run (or resume) training; returns the path of the saved weights.
 
     ``init``: start a fresh run (new optimizer, full learning-rate schedule) from these weights instead of
-    a random initialisation; their architecture must match the config. Ignored when resuming.
+    a random initialisation; their architecture must match the config. A resumed run keeps the ``init``
+    it started from. ``workers``: background processes drawing batches. ``bf16``: run the network under
+    bfloat16 autocast (GPUs); the loss stays in float32.
     """
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     sources = [Source(**s) for s in cfg.sources]
     bank = TaskBank(sources, Path(cfg.data_root), cfg.size, cfg.heldout, cfg.seed)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -198,15 +276,14 @@ def train(
 
     model = MultiverSegNet(MultiverSegConfig(encoder_widths=list(cfg.encoder_widths))).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    user = RandomPrompts(rng)
     start, seconds = 0, 0.0
     state_path = out / "last.pt"
+    init_name = None if init is None else Path(init).name
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_random_state(state["random"], rng, gen)
-        start, seconds = state["step"], state.get("seconds", 0.0)
+        start, seconds, init_name = state["step"], state.get("seconds", 0.0), state.get("init")
         log.info("resuming %s at step %d", out, start)
     elif init is not None:
         load_state_strict(model, load_checkpoint(init).state_dict(), str(init))
@@ -215,55 +292,44 @@ def train(
     log.info("training %s: %d parameters on %s", cfg.name, count_parameters(model), dev)
 
     def save(step: int) -> None:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "random": _random_state(rng, gen),
-                "step": step,
-                "seconds": seconds,
-            },
-            state_path.with_suffix(".tmp"),
-        )
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds}
+        torch.save({**state, "init": init_name}, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
         meta = {"name": cfg.name, "size": cfg.size, "steps": step, "train_seconds": round(seconds), "device": str(dev)}
-        if init is not None:
-            meta["init"] = Path(init).name
+        if init_name is not None:
+            meta["init"] = init_name
         save_checkpoint(model, out / "model.pt", meta=meta)
 
     model.train()
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     with (out / "log.jsonl").open("a") as logf, tqdm(total=cfg.steps, initial=start, desc="training") as bar:
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            n = int(rng.integers(0, cfg.max_context + 1))
-            x, y, cx, cy, synthetic = bank.batch(
-                cfg.batch_size, n, rng, gen, p_synthetic=cfg.p_synthetic, superpixel_scale=tuple(cfg.superpixel_scale)
-            )
-            if rng.random() < cfg.p_low_res:
-                (x, y), (cx, cy) = half_resolution(x, y), half_resolution(cx, cy)
-            x, y, cx, cy = (t.to(dev) for t in (x, y, cx, cy))
+        t0 = time.perf_counter()
+        for step, batch in enumerate(batches(bank, cfg, start, workers), start):
+            x, y, cx, cy = (t.to(dev, non_blocking=True) for t in batch[:4])
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.steps))
-            context_only = (rng.random(cfg.batch_size) < cfg.p_context_only) & (n > 0)
-            loss, per_step = interactive_loss(
-                model, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma, context_only.tolist()
-            )
+            user = RandomPrompts(step_random(cfg.seed, step, PROMPT_STREAM))
+            with autocast:
+                loss, per_step = interactive_loss(
+                    model, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma, batch.context_only
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss = float(loss.detach())
-            seconds += time.perf_counter() - t0
+            now = time.perf_counter()
+            seconds, t0 = seconds + now - t0, now
             record = {
                 "step": step + 1,
                 "loss": loss,
                 "steps": per_step,
-                "context": n,
+                "context": cx.shape[1],
                 "size": x.shape[-1],
-                "synthetic": synthetic,
+                "synthetic": batch.synthetic,
                 "lr": optimizer.param_groups[0]["lr"],
             }
             logf.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}", ctx=n)
+            bar.set_postfix(loss=f"{loss:.3f}", ctx=cx.shape[1])
             bar.update(1)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 logf.flush()
@@ -280,6 +346,8 @@ def main(argv=None) -> None:
     parser.add_argument("--init", type=Path, help="fine-tune: start from these weights (fresh optimizer and schedule)")
     parser.add_argument("--data-root", help="override where relative source paths start")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    parser.add_argument("--workers", type=int, default=0, help="background processes drawing batches (GPU runs)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (GPU runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.load(args.config)
@@ -287,7 +355,7 @@ def main(argv=None) -> None:
         cfg.steps = args.steps
     if args.data_root:
         cfg.data_root = str(Path(args.data_root).resolve())
-    path = train(cfg, args.out, args.resume, args.device, args.init)
+    path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16)
     print(f"weights: {path}")
 
 
