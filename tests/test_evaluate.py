@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mvseg import Prediction, save_checkpoint
-from mvseg.evaluate import dice, main, segment_one, summarise
+from mvseg.evaluate import dice, main, on_grid, segment_one, summarise
 from mvseg.interaction import CenterClicks
 
 from .conftest import disk
@@ -59,6 +59,31 @@ def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
         assert run[0]["dice"] == [0.0]  # the seed image has no context and gets no clicks
     # the oracle's ground-truth context gives later images a real zero-click prediction
     assert any(r["dice"][0] > 0 for r in runs["oracle"][0][1:])
+
+
+def test_paper_grid_pads_square_and_resizes(tmp_path, tiny_task, tiny_models, monkeypatch):
+    from mvseg.data import Example
+
+    mask = np.zeros((40, 80), bool)
+    mask[10:30, 60:80] = True  # touches the right edge
+    image = np.where(mask, 200, 50).astype(np.uint8)
+    e = on_grid(Example("x", image, mask), 64)
+    assert e.image.shape == e.mask.shape == (64, 64) and e.image.dtype == np.float32
+    # 80 px side -> 64: rows 20..60 of the padded square hold the image, i.e. grid rows 16..48
+    assert not e.mask[:16].any() and not e.mask[48:].any() and e.image[:16].max() == 0
+    assert e.mask[:, -1].any() and abs(e.mask.sum() - 20 * 20 * 0.8 ** 2) <= 16
+    assert abs(e.image[e.mask].mean() - 1.0) < 0.05  # intensities normalised to [0, 1]
+
+    from mvseg import Predictor
+
+    shapes, predict = set(), Predictor.predict
+    monkeypatch.setattr(Predictor, "predict", lambda self, image, *a, **k: shapes.add(image.shape) or predict(
+        self, image, *a, **k))
+    out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "2", "--runs", "1", "--size", "32")
+    assert shapes == {(32, 32)}  # the task's 48 x 64 images never reach the model
+    assert json.loads((out / "settings.json").read_text())["size"] == 32
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, tiny_task, tiny_models, "--size", "0")
 
 
 class ScriptedPredictor:

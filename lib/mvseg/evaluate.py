@@ -10,6 +10,10 @@ corrections by the simulated user (``mvseg.interaction``) until Dice >= 0.9 or t
 Modes: ``context`` (as above), ``none`` (context off: interactive only), ``oracle`` (ground truth joins the
 context instead of the prediction). Outputs ``runs.json`` (every image of every run), ``summary.json``,
 ``summary.md`` (tables) and ``noi90.png`` (interactions per image vs image index, per mode).
+
+Grid: by default clicks and Dice are on each image's own pixels. ``--size 256`` evaluates as the paper does
+(its section 5): every image zero-padded square and resized to ``256 x 256`` first (``--size 128``: its
+appendix E.5).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm import tqdm
 
 from . import activelearning
 from .data import Example, load_task
+from .geometry import Geometry, normalize_intensity
 from .interaction import PROTOCOLS
 from .predictor import Prediction, Predictor
 from .prompts import Prompts
@@ -41,6 +46,16 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def on_grid(example: Example, size: int) -> Example:
+    """``example`` on the paper's evaluation grid: intensities in [0, 1], zero-padded to a centred square,
+    resized to ``size x size`` (bilinear; the mask resampled and thresholded at 0.5, as context masks are)."""
+    gray = normalize_intensity(example.image)
+    geometry = Geometry(gray.shape[0], gray.shape[1], size)
+    image = geometry.image_forward(gray)[0].numpy()
+    mask = geometry.mask_forward(example.mask)[0].numpy() > 0
+    return Example(example.id, image, mask)
 
 
 @dataclass
@@ -253,9 +268,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--budget", type=int, help="interactions per image (default: 20 clicks, 10 scribble steps; 0: zero-click only)"
     )
+    parser.add_argument(
+        "--size", type=int, help="evaluate on a zero-padded SIZE x SIZE grid (the paper: 256; default: own pixels)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.size is not None and args.size < 16:
+        parser.error(f"--size must be at least 16 pixels, got {args.size}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     predictor = Predictor(args.weights, fallback=args.fallback, device=args.device)
@@ -268,6 +288,8 @@ def main(argv=None) -> None:
         if args.ids and folder.name not in subsets:
             log.warning("%s: --ids lists none of its images, so all of them are used", folder.name)
         examples = load_task(folder, subsets.get(folder.name))
+        if args.size:
+            examples = [on_grid(e, args.size) for e in examples]
         if len(examples) < 2:
             raise SystemExit(f"{folder}: needs at least 2 labelled images, found {len(examples)}")
         records[folder.name] = {}
@@ -285,6 +307,8 @@ def main(argv=None) -> None:
     summary = summarise(records, args.protocol, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runs.json").write_text(json.dumps(records))
+    (args.out / "settings.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                        for k, v in vars(args).items()}, default=str, indent=1))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     md = table(summary, args.protocol)
     (args.out / "summary.md").write_text(md + "\n")
