@@ -14,7 +14,7 @@ from mvseg.checkpoint import CheckpointError
 from mvseg.evaluate import held_out
 from mvseg.interaction import RandomPrompts
 from mvseg.network import MultiverSegConfig, MultiverSegNet
-from mvseg.tasks import Source, TaskBank, split_subjects
+from mvseg.tasks import Source, TaskBank, intensity_label, split_subjects
 from mvseg.train import (
     TrainConfig,
     batches,
@@ -138,6 +138,30 @@ def test_task_bank_splits_by_subject_and_samples_tasks(task_root):
     assert all(y[i].any() for i in range(3))
     xs, ys, s = bank.sample(2, rng, gen, p_synthetic=1.0)
     assert s and ys[0].any()
+
+
+def test_intensity_label_keeps_the_band_inside_the_content_box():
+    image = np.zeros((32, 32), np.uint8)
+    image[:, 4:28] = 40  # columns 0-3 and 28-31: zero padding of a non-square image
+    image[10:14, 10:14] = 230  # two bright blobs and one bright pixel (noise)
+    image[20:25, 18:23] = 220
+    image[5, 20] = 255
+    bright = intensity_label(image, 0.6, 1.0, sigma=0.0)
+    assert bright.sum() == 16 + 25 and bright[12, 12] and bright[22, 20] and not bright[5, 20]
+    ground = intensity_label(image, 0.1, 0.3, sigma=1.5)  # the grey ground, blurred at the blobs only
+    assert ground[0, 4:28].all() and not ground[:, :4].any() and not ground[:, 28:].any()
+    assert not ground[12, 12] and not intensity_label(np.zeros((8, 8), np.uint8), 0.1, 1.0, 1.0).any()
+
+
+def test_intensity_tasks_apply_one_rule_to_different_images(task_root):
+    bank = TaskBank([Source("unlab", labelled=False)], task_root, size=32, heldout=0.0, seed=0)
+    rng = np.random.default_rng(0)
+    x, y = bank._intensity(3, rng)
+    assert x.shape == y.shape == (4, 1, 32, 32) and set(torch.unique(y).tolist()) <= {0.0, 1.0}
+    assert len({x[i].numpy().tobytes() for i in range(4)}) > 1  # not copies of one image
+    assert 0.005 <= y[0].mean() <= 0.6
+    xs, ys, synthetic = bank.sample(2, rng, torch.Generator().manual_seed(0), p_synthetic=1.0, p_intensity=1.0)
+    assert synthetic and ys[0].any() and xs.shape == (3, 1, 32, 32)
 
 
 def test_split_of_a_named_source_points_evaluation_at_its_folder(task_root):

@@ -7,8 +7,12 @@ into train and held-out parts. Every image is stored once, already on the model 
 resized, percentile-normalised, as :func:`mvseg.geometry.prepare_image` does at inference), as uint8.
 
 :meth:`TaskBank.batch` draws ``B`` tasks hierarchically (source, then task within it, then examples), or with
-probability ``p_synthetic`` a synthetic task: one superpixel of one image, copied and augmented (Table 4).
-Then within-task and task augmentations (Table 5) are applied.
+probability ``p_synthetic`` a synthetic task: one superpixel of one image, copied and augmented (Table 4), or,
+with probability ``p_intensity`` among synthetic tasks, an *intensity task* (:func:`intensity_label`): one
+rule, "the smoothed intensity lies in this band", applied to several different images of one source. The
+paper's copies teach matching a shape seen in the context; an intensity task's images differ, so its
+target can only be solved by reading the rule off the context, and its labels have many components, as
+cells, nuclei or lesions do. Then within-task and task augmentations (Table 5) are applied.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
@@ -32,6 +37,9 @@ from .geometry import prepare_image
 log = logging.getLogger(__name__)
 
 MIN_SUPERPIXEL_FRACTION = 0.002  # smaller superpixels make labels of a few model pixels
+# An intensity task's target label must cover this fraction of the image (else another rule is drawn).
+INTENSITY_FRACTION = (0.005, 0.6)
+INTENSITY_TRIES = 8
 
 
 @dataclass
@@ -87,6 +95,27 @@ def _load_folder(folder: Path, size: int, labelled: bool = True) -> list[tuple[s
             mask = geometry.mask_forward(m[..., 0] if m.ndim == 3 else m)[0].numpy().astype(np.uint8)
         out.append((path.stem, (grid[0].numpy() * 255).round().astype(np.uint8), mask))
     return out
+
+
+def intensity_label(image: np.ndarray, low: float, high: float, sigma: float, min_size: int = 4) -> np.ndarray:
+    """``S S`` uint8 image -> bool label: where the image, Gaussian-smoothed by ``sigma`` px, lies in
+    ``[low, high]`` (intensities in [0, 1]), without components smaller than ``min_size`` pixels.
+
+    Only the box of the image's content is labelled and smoothed (reflected at its edges), so the zero
+    padding of a non-square image neither joins a label nor blurs a band of it along the padding.
+    """
+    label = np.zeros(image.shape, bool)
+    rows, cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
+    if len(rows) == 0:
+        return label
+    box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    content = image[box].astype(np.float32) / 255
+    smooth = ndimage.gaussian_filter(content, sigma, mode="reflect") if sigma > 0 else content
+    label[box] = (smooth >= low) & (smooth <= high)
+    parts, n = ndimage.label(label)
+    if n:
+        label &= np.bincount(parts.ravel())[parts] >= min_size
+    return label
 
 
 class TaskBank:
@@ -174,6 +203,29 @@ class TaskBank:
         y = torch.from_numpy(segments == c).float()[None, None].repeat(n + 1, 1, 1, 1)
         return augment.augment(x, y, augment.SYNTHETIC, gen)
 
+    def _intensity(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target + ``n`` context entries of an intensity task: ``n + 1`` images of one source (different
+        ones where it has enough), one intensity band and smoothing for all of them. Bright objects on
+        dark ground (a band reaching 1) half of the time, a band in between otherwise; the task
+        augmentation's intensity flip makes dark objects of either."""
+        images = self.pool[rng.choice(sorted(self.pool))]
+        idx = rng.choice(len(images), size=n + 1, replace=len(images) < n + 1)
+        picked = [images[i] for i in idx]
+        for _ in range(INTENSITY_TRIES):
+            sigma = float(rng.uniform(0.5, 2.5))
+            if rng.random() < 0.5:
+                low, high = float(rng.uniform(0.25, 0.85)), 1.0
+            else:
+                low = float(rng.uniform(0.1, 0.7))
+                high = low + float(rng.uniform(0.1, 0.4))
+            target = intensity_label(picked[0], low, high, sigma)
+            if INTENSITY_FRACTION[0] <= target.mean() <= INTENSITY_FRACTION[1]:
+                break
+        labels = [target] + [intensity_label(im, low, high, sigma) for im in picked[1:]]
+        x = torch.from_numpy(np.stack(picked)).float().div(255)[:, None]
+        y = torch.from_numpy(np.stack(labels)).float()[:, None]
+        return x, y
+
     def sample(
         self,
         n: int,
@@ -181,12 +233,20 @@ class TaskBank:
         gen: torch.Generator,
         p_synthetic: float = 0.5,
         superpixel_scale: tuple[float, float] = (1, 500),
+        p_intensity: float = 0.0,
         retries: int = 3,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One augmented task: images and labels ``(n+1) 1 S S`` (item 0 is the target), synthetic or not."""
+        """One augmented task: images and labels ``(n+1) 1 S S`` (item 0 is the target), synthetic or not;
+        ``p_intensity`` of the synthetic ones are intensity tasks."""
         synthetic = not self.tasks or (bool(self.pool) and rng.random() < p_synthetic)
+        intensity = synthetic and rng.random() < p_intensity
         for _ in range(retries):
-            x, y = self._synthetic(n, rng, gen, superpixel_scale) if synthetic else self._real(n, rng)
+            if intensity:
+                x, y = self._intensity(n, rng)
+            elif synthetic:
+                x, y = self._synthetic(n, rng, gen, superpixel_scale)
+            else:
+                x, y = self._real(n, rng)
             x, y = augment.augment(x, y, augment.WITHIN_TASK, gen)
             x, y = augment.augment(x, y, augment.TASK, gen, shared=True)
             if y[0].any():  # a target whose label left the image teaches nothing

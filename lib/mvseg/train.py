@@ -72,6 +72,9 @@ class TrainConfig:
     focal_gamma: float = 20.0
     p_synthetic: float = 0.5
     superpixel_scale: tuple[float, float] = (1.0, 500.0)
+    # Fraction of synthetic tasks that are intensity tasks (several images of one source, one intensity
+    # rule; tasks.intensity_label) rather than the paper's augmented copies of one superpixel.
+    p_intensity: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     note: str = ""
@@ -198,7 +201,13 @@ def draw_batch(bank: TaskBank, cfg: TrainConfig, step: int) -> Batch:
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     n = int(rng.integers(0, cfg.max_context + 1))
     x, y, cx, cy, synthetic = bank.batch(
-        cfg.batch_size, n, rng, gen, p_synthetic=cfg.p_synthetic, superpixel_scale=tuple(cfg.superpixel_scale)
+        cfg.batch_size,
+        n,
+        rng,
+        gen,
+        p_synthetic=cfg.p_synthetic,
+        superpixel_scale=tuple(cfg.superpixel_scale),
+        p_intensity=cfg.p_intensity,
     )
     if n > 0:
         for i in np.flatnonzero(rng.random(cfg.batch_size) < cfg.p_noisy_context):
