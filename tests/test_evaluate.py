@@ -57,8 +57,46 @@ def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
     for mode, (run,) in runs.items():
         assert [len(r["dice"]) for r in run] == [1] * 4 and all(r["interactions"] == 0 for r in run)
         assert run[0]["dice"] == [0.0]  # the seed image has no context and gets no clicks
-    # the oracle's ground-truth context gives later images a real zero-click prediction
+    # a seed image left short of 90% Dice joins the context as its ground truth (finished by hand), so
+    # later images get a real zero-click prediction in both modes
     assert any(r["dice"][0] > 0 for r in runs["oracle"][0][1:])
+    assert any(r["dice"][0] > 0 for r in runs["context"][0][1:])
+
+
+def test_seed_label_is_ninety_percent_or_ground_truth_later_labels_are_predictions():
+    from mvseg.data import Example
+    from mvseg.evaluate import run_once
+
+    truth = disk((40, 40), (20, 20), 12).astype(bool)
+    examples = [Example(f"x{i}", truth.astype(np.uint8) * 200, truth) for i in range(3)]
+
+    class Stuck:  # every prediction is the top half of the object: Dice 2/3, never 90%
+        size = 128
+
+        def __init__(self):
+            self.added = []
+
+        def new_context(self):
+            test = self
+
+            class Recorder(list):
+                def add(self, key, image, mask):
+                    test.added.append((key, np.asarray(mask).copy()))
+                    self.append(key)
+
+            return Recorder()
+
+        def predict(self, image, prompts, context, previous=None):
+            half = truth.copy()
+            half[20:] = False
+            return Prediction(half.astype(np.float32), half, logits=None)
+
+    predictor = Stuck()
+    results = run_once(predictor, examples, "context", "clicks", budget=3)
+    assert [r.interactions for r in results] == [3, 3, 3] and not any(r.reached for r in results)
+    (_, seed), (_, second), (_, third) = predictor.added
+    assert (seed == truth).all()  # the seed, short of 90%, is finished by hand
+    assert second.sum() == third.sum() < truth.sum()  # the others join as predicted
 
 
 def test_paper_grid_pads_square_and_resizes(tmp_path, tiny_task, tiny_models, monkeypatch):
