@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mvseg import ContextSet, Prediction
-from mvseg.activelearning import coverage_scores, descriptors, entropy_scores, scores
+from mvseg.activelearning import coverage_scores, descriptors, entropy_scores, nearest_scores, scores
 
 from .conftest import disk
 from .test_evaluate import run_cli, tiny_task  # noqa: F401  (tiny_task: a fixture)
@@ -42,6 +42,15 @@ def test_coverage_scores_are_distances_to_the_nearest_labelled():
     d = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     s = coverage_scores(d, d[:1])
     assert s[0] == pytest.approx(0.0, abs=1e-6) and (s[1:] > 0).all()
+
+
+def test_nearest_picks_the_image_most_like_a_labelled_one():
+    pool = [disk_image(20, 1), disk_image(44, 2), stripes(9)]
+    s = scores("nearest", pool, [disk_image(45, 99)])
+    assert int(np.argmax(s)) == 1  # the disk beside the labelled one, not the far disk or the stripes
+    assert np.allclose(scores("nearest", pool, []), scores("coverage", pool, []))  # same cold start
+    d = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    assert np.allclose(nearest_scores(d, d[:2]), 1 - coverage_scores(d, d[:2]), atol=1e-6)
 
 
 class StubPredictor:

@@ -343,9 +343,10 @@ def test_background_scores_are_stored_in_image_info(server):
     app.scoreboard.score_all()
     unlabelled = app.datastore().get_unlabeled_images()
     info = app.datastore().get_image_info(unlabelled[0])
-    assert set(info["mvseg_scores"]["head"]) == {"coverage", "uncertainty", "hybrid"}
-    r = client.post("/activelearning/uncertainty", json={"client_id": "ann-3"}).json()
-    assert r["id"] in unlabelled and r["score"] == pytest.approx(app.scoreboard.get("head", "uncertainty")[r["id"]])
+    assert set(info["mvseg_scores"]["head"]) == {"coverage", "nearest", "uncertainty", "hybrid"}
+    for k, strategy in enumerate(("uncertainty", "nearest")):
+        r = client.post(f"/activelearning/{strategy}", json={"client_id": f"ann-{3 + k}"}).json()
+        assert r["id"] in unlabelled and r["score"] == pytest.approx(app.scoreboard.get("head", strategy)[r["id"]])
 
 
 def test_next_sample_for_an_unknown_label_is_404(server):

@@ -42,7 +42,7 @@ from mvseg import Predictor
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("coverage", "hybrid", "uncertainty", "random", "first")
+STRATEGIES = ("coverage", "nearest", "hybrid", "uncertainty", "random", "first")
 DEFAULT_STRATEGY = "coverage"  # best measured (zero-click Dice by order, see README)
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DESCRIPTIONS = {
     "hybrid": "Context-aware: unsure predictions first, among images unlike anything labelled",
     "coverage": "Context-aware: the image least like anything labelled (the most typical one to start)",
+    "nearest": "Context-aware: the image most like something labelled, the cheapest to segment next",
     "uncertainty": "Context-aware: the image whose zero-click prediction is least certain",
     "random": "Random unlabelled image",
     "first": "First unlabelled image by name",
@@ -63,7 +64,7 @@ class Leases:
 class ScoreBoard:
     """Per-label scores of the unlabelled images, refreshed in a background thread."""
 
-    def __init__(self, segmenter, datastore, strategies=("coverage", "uncertainty", "hybrid")):
+    def __init__(self, segmenter, datastore, strategies=("coverage", "nearest", "uncertainty", "hybrid")):
         self.segmenter = segmenter
         self.datastore = datastore
         self.strategies = strategies
@@ -109,14 +110,16 @@ class ScoreBoard:
         self._descriptors[image_id] = (key, d)
         return d
 
-    def coverage(self, candidates: list[str], labelled: list[str]) -> dict[str, float]:
+    def likeness(self, strategy: str, candidates: list[str], labelled: list[str]) -> dict[str, float]:
+        """``coverage`` or ``nearest`` scores from image descriptors alone (no network)."""
         cand = [(i, self.descriptor(i)) for i in candidates]
         cand = [(i, d) for i, d in cand if d is not None]
         if not cand:
             return {}
         lab = [d for d in (self.descriptor(i) for i in labelled) if d is not None]
         lab_t = torch.stack(lab) if lab else torch.zeros((0, cand[0][1].numel()))
-        s = activelearning.coverage_scores(torch.stack([d for _, d in cand]), lab_t)
+        score = activelearning.nearest_scores if strategy == "nearest" else activelearning.coverage_scores
+        s = score(torch.stack([d for _, d in cand]), lab_t)
         return {i: float(v) for (i, _), v in zip(cand, s)}
 
     # -- the background pass ------------------------------------------------------------------------
@@ -150,10 +153,11 @@ class ScoreBoard:
         self.context.refresh()
         unlabelled = sorted(self.datastore.get_unlabeled_images())
         labelled = sorted(self.datastore.get_labeled_images())
-        cover = self.coverage(unlabelled, labelled)  # image likeness: the same for every label name
+        # image likeness: the same for every label name
+        cover, near = (self.likeness(s, unlabelled, labelled) for s in ("coverage", "nearest"))
         new: dict[str, dict[str, dict[str, float]]] = {}
         for label in self.context.label_names():
-            new[label] = {"coverage": cover}
+            new[label] = {"coverage": cover, "nearest": near}
             context = self.context.get(label)
             unsure: dict[str, float] = {}
             if len(context) and ("uncertainty" in self.strategies or "hybrid" in self.strategies):
@@ -213,8 +217,9 @@ class NextSample(Strategy):
         else:
             scores = self.board.get(label, self.name)
             missing = [i for i in candidates if i not in scores]
-            if missing:  # not scored yet (new images, or the first pass still running): coverage now
-                scores.update(self.board.coverage(missing, sorted(datastore.get_labeled_images())))
+            if missing:  # not scored yet (new images, or the first pass still running): likeness now
+                likeness = self.name if self.name in ("coverage", "nearest") else "coverage"
+                scores.update(self.board.likeness(likeness, missing, sorted(datastore.get_labeled_images())))
             pick = max(candidates, key=lambda i: scores.get(i, float("-inf")))
             score = scores.get(pick)
             why = f"highest {self.name} score among {len(candidates)} unlabelled images for '{label}'"
