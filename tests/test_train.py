@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -298,9 +299,10 @@ def test_init_starts_from_given_weights(task_root, tmp_path):
     tuned = load_checkpoint(train(cfg, tmp_path / "tuned", init=first))
     for key, value in tuned.state_dict().items():
         torch.testing.assert_close(value, start[key])
-    assert tuned.meta["init"] == first.name
+    lineage = {"file": first.name, "sha256": hashlib.sha256(first.read_bytes()).hexdigest()}
+    assert tuned.meta["init"] == lineage
     cfg.steps = 2  # resuming without --init keeps the record of where the run started
-    assert load_checkpoint(train(cfg, tmp_path / "tuned", resume=True)).meta["init"] == first.name
+    assert load_checkpoint(train(cfg, tmp_path / "tuned", resume=True)).meta["init"] == lineage
     cfg.encoder_widths = [8, 8, 16]
     with pytest.raises(CheckpointError):
         train(cfg, tmp_path / "wrong", init=first)

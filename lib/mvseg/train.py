@@ -23,6 +23,7 @@ step), ``last.pt`` (resumable: model, optimiser, step) and ``model.pt`` (the wei
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -259,6 +260,10 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def train(
     cfg: TrainConfig,
     out: Path,
@@ -287,7 +292,8 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, seconds = 0, 0.0
     state_path = out / "last.pt"
-    init_name = None if init is None else Path(init).name
+    # The file name alone does not say which weights they were (every stage saves a model.pt).
+    init_name = None if init is None else {"file": Path(init).name, "sha256": _sha256(Path(init))}
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
