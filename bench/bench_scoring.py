@@ -4,8 +4,8 @@
 
 Builds a MONAI Label local datastore of ``--images`` unlabelled hc18 images plus ``--labels`` images with
 saved final labels (``../shared/datasets/hc18_fetal_head``), then times ``ScoreBoard.score_all()``: image
-descriptors (coverage, nearest), one zero-click forward per image for uncertainty, the hybrid ranks, and writing the scores
-into every image's info. Prints the total and per-image time.
+descriptors (coverage, nearest), one zero-click forward per image for uncertainty (confident reuses it),
+the hybrid ranks, and writing the scores into every image's info. Prints the total and per-image time.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def main(argv=None) -> None:
         n = len(board.get("head", "uncertainty"))
         print(f"context: {args.labels} labels read in {t1 - t0:.2f} s")
         per_image = (t2 - t1) / max(1, n) * 1e3
-        print(f"scoring pass: {n} unlabelled images in {t2 - t1:.1f} s ({per_image:.0f} ms per image; coverage, "
-              f"nearest, uncertainty with {min(args.labels, SCORING_CONTEXT)} context entries, hybrid, image info written)")
+        k = min(args.labels, SCORING_CONTEXT)
+        print(f"scoring pass: {n} unlabelled images in {t2 - t1:.1f} s ({per_image:.0f} ms per image; "
+              f"coverage, nearest, uncertainty and confident with {k} context entries, hybrid, image info written)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

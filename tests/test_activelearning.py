@@ -82,6 +82,17 @@ def test_uncertainty_prefers_the_image_the_model_is_unsure_about():
     assert hybrid.shape == (2,) and (0 <= hybrid).all() and (hybrid <= 1).all()
 
 
+def test_confident_prefers_the_image_the_model_is_sure_about_and_starts_cold_as_coverage():
+    predictor = StubPredictor()
+    context = predictor.new_context()
+    context.add("a", disk_image(32, 0), disk((64, 64), (32, 32), 12))
+    bright, dark = np.full((64, 64), 200, np.uint8), np.full((64, 64), 20, np.uint8)
+    assert int(np.argmax(scores("confident", [bright, dark], [disk_image(32, 0)], predictor, context))) == 0
+    pool = [disk_image(30 + i, i) for i in range(5)] + [stripes(9)]
+    cold = scores("confident", pool, [], predictor, predictor.new_context())
+    assert np.allclose(cold, scores("coverage", pool, [], predictor))
+
+
 def test_unknown_strategy_is_an_error():
     with pytest.raises(ValueError, match="unknown strategy"):
         scores("best", [disk_image(30, 0)], [])

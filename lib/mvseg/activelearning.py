@@ -9,6 +9,9 @@ the unlabelled images (higher = segment sooner) given what is labelled:
 * ``uncertainty``: how unsure the zero-click in-context prediction is (mean binary entropy of its
   probabilities on the model grid). Cold start: as coverage.
 * ``hybrid``: the mean of the two rank-normalised scores.
+* ``confident``: the opposite of uncertainty: the most certain zero-click prediction first, the image the
+  model already segments best, so the clicks it needs are few and its label joins the context while the
+  harder images wait for a larger context. Cold start: as coverage.
 * ``nearest``: the opposite of coverage: the image most like something labelled, whose in-context
   prediction should need the fewest corrections now. If an image's cost grows with its distance to the
   nearest labelled image, this greedy order (Prim's, growing a minimum spanning tree from the first image)
@@ -27,7 +30,7 @@ import torch
 from .context import ContextSet, describe
 from .geometry import prepare_image
 
-STRATEGIES = ("random", "first", "coverage", "nearest", "uncertainty", "hybrid")
+STRATEGIES = ("random", "first", "coverage", "nearest", "uncertainty", "confident", "hybrid")
 SCORING_CONTEXT = 2  # context entries per scoring forward: enough to rank, cheap enough for pools of 500+
 SCORING_BATCH = 4  # images per scoring forward: small networks run far faster batched
 
@@ -111,4 +114,6 @@ def scores(
     unsure = entropy_scores(predictor, candidates, context)
     if strategy == "uncertainty":
         return unsure
+    if strategy == "confident":
+        return -unsure
     return hybrid_scores(cover, unsure)

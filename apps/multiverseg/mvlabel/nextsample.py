@@ -3,9 +3,9 @@
 The strategies themselves live in :mod:`mvseg.activelearning`; here they meet the datastore:
 
 * :class:`ScoreBoard` scores every unlabelled image, per label name, in a background thread after each
-  save (and at start-up). Coverage needs descriptors only (cached per file); uncertainty needs one network
-  forward per image, and the board takes the predictor's lock one forward at a time, so an annotator's
-  click waits for at most one of them. Scores also go into each image's info in the datastore.
+  save (and at start-up). Coverage needs descriptors only (cached per file); uncertainty and confident need
+  one network forward per image, and the board takes the predictor's lock one forward at a time, so an
+  annotator's click waits for at most one of them. Scores also go into each image's info in the datastore.
 * :class:`Leases` keeps an image handed to one annotator away from the others for a while.
 * :class:`NextSample` is the MONAI Label strategy: it answers from the stored scores at once (coverage is
   computed on the spot for images the board has not reached yet) and says why it picked the image.
@@ -38,6 +38,7 @@ DESCRIPTIONS = {
     "coverage": "Context-aware: the image least like anything labelled (the most typical one to start)",
     "nearest": "Context-aware: the image most like something labelled, the cheapest to segment next",
     "uncertainty": "Context-aware: the image whose zero-click prediction is least certain",
+    "confident": "Context-aware: the image whose zero-click prediction is most certain, the fewest clicks now",
     "random": "Random unlabelled image",
     "first": "First unlabelled image by name",
 }
@@ -64,7 +65,7 @@ class Leases:
 class ScoreBoard:
     """Per-label scores of the unlabelled images, refreshed in a background thread."""
 
-    def __init__(self, segmenter, datastore, strategies=("coverage", "nearest", "uncertainty", "hybrid")):
+    def __init__(self, segmenter, datastore, strategies=("coverage", "nearest", "uncertainty", "confident", "hybrid")):
         self.segmenter = segmenter
         self.datastore = datastore
         self.strategies = strategies
@@ -160,7 +161,7 @@ class ScoreBoard:
             new[label] = {"coverage": cover, "nearest": near}
             context = self.context.get(label)
             unsure: dict[str, float] = {}
-            if len(context) and ("uncertainty" in self.strategies or "hybrid" in self.strategies):
+            if len(context) and {"uncertainty", "confident", "hybrid"} & set(self.strategies):
                 predictor = self.segmenter.predictor
                 for start in range(0, len(unlabelled), activelearning.SCORING_BATCH):
                     if self._wake.is_set() or self._stop:
@@ -172,6 +173,7 @@ class ScoreBoard:
                         s = activelearning.entropy_scores(predictor, [p for _, p in planes], context)
                         unsure.update({i: float(v) for (i, _), v in zip(planes, s)})
             new[label]["uncertainty"] = unsure or dict(cover)
+            new[label]["confident"] = {i: -v for i, v in unsure.items()} or dict(cover)
             ids = [i for i in cover if i in new[label]["uncertainty"]]
             hybrid = activelearning.hybrid_scores(
                 np.array([cover[i] for i in ids]), np.array([new[label]["uncertainty"][i] for i in ids])
