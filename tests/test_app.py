@@ -327,7 +327,8 @@ def test_unknown_strategy_is_404(server):
 def test_strategies_default_first_and_explain_the_pick(server):
     client, _, _ = server
     strategies = list(client.get("/info/").json()["strategies"])
-    assert strategies[0] == "coverage" and {"hybrid", "uncertainty", "random", "first"} <= set(strategies)
+    assert strategies[0] == "confident"
+    assert {"coverage", "nearest", "hybrid", "uncertainty", "random", "first"} <= set(strategies)
     r = client.post("/activelearning/coverage", json={"client_id": "ann-1"})
     assert r.status_code == 200, r.text
     first = r.json()
@@ -340,11 +341,15 @@ def test_strategies_default_first_and_explain_the_pick(server):
 
 def test_background_scores_are_stored_in_image_info(server):
     client, app, _ = server
+    if not app.datastore().get_labeled_images():  # run alone: give the model-based scores a context
+        assert save_final(client, IDS[0], hc18_pair(IDS[0])[1]).status_code == 200
     app.scoreboard.score_all()
     unlabelled = app.datastore().get_unlabeled_images()
     info = app.datastore().get_image_info(unlabelled[0])
-    assert set(info["mvseg_scores"]["head"]) == {"coverage", "nearest", "uncertainty", "hybrid"}
-    for k, strategy in enumerate(("uncertainty", "nearest")):
+    assert set(info["mvseg_scores"]["head"]) == {"coverage", "nearest", "uncertainty", "confident", "hybrid"}
+    unsure = app.scoreboard.get("head", "uncertainty")
+    assert app.scoreboard.get("head", "confident") == {i: -v for i, v in unsure.items()}
+    for k, strategy in enumerate(("uncertainty", "nearest", "confident")):
         r = client.post(f"/activelearning/{strategy}", json={"client_id": f"ann-{3 + k}"}).json()
         assert r["id"] in unlabelled and r["score"] == pytest.approx(app.scoreboard.get("head", strategy)[r["id"]])
 
