@@ -42,7 +42,7 @@ from mvseg import Predictor
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("coverage", "confident", "nearest", "hybrid", "uncertainty", "random", "first")
+STRATEGIES = ("confident", "coverage", "nearest", "hybrid", "uncertainty", "random", "first")
 DEFAULT_STRATEGY = "confident"  # fewest total clicks measured over whole pools (see README)
 
 

@@ -293,12 +293,12 @@ def train(
     start, seconds = 0, 0.0
     state_path = out / "last.pt"
     # The file name alone does not say which weights they were (every stage saves a model.pt).
-    init_name = None if init is None else {"file": Path(init).name, "sha256": _sha256(Path(init))}
+    init_record = None if init is None else {"file": Path(init).name, "sha256": _sha256(Path(init))}
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start, seconds, init_name = state["step"], state.get("seconds", 0.0), state.get("init")
+        start, seconds, init_record = state["step"], state.get("seconds", 0.0), state.get("init")
         log.info("resuming %s at step %d", out, start)
     elif init is not None:
         load_state_strict(model, load_checkpoint(init).state_dict(), str(init))
@@ -308,11 +308,11 @@ def train(
 
     def save(step: int) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds}
-        torch.save({**state, "init": init_name}, state_path.with_suffix(".tmp"))
+        torch.save({**state, "init": init_record}, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
         meta = {"name": cfg.name, "size": cfg.size, "steps": step, "train_seconds": round(seconds), "device": str(dev)}
-        if init_name is not None:
-            meta["init"] = init_name
+        if init_record is not None:
+            meta["init"] = init_record
         save_checkpoint(model, out / "model.pt", meta=meta)
 
     model.train()
