@@ -260,10 +260,6 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def train(
     cfg: TrainConfig,
     out: Path,
@@ -292,8 +288,7 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, seconds = 0, 0.0
     state_path = out / "last.pt"
-    # The file name alone does not say which weights they were (every stage saves a model.pt).
-    init_record = None if init is None else {"file": Path(init).name, "sha256": _sha256(Path(init))}
+    init_record = None  # where the weights started, kept in every checkpoint
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
@@ -302,6 +297,8 @@ def train(
         log.info("resuming %s at step %d", out, start)
     elif init is not None:
         load_state_strict(model, load_checkpoint(init).state_dict(), str(init))
+        # the file name alone does not say which weights they were (every stage saves a model.pt)
+        init_record = {"file": Path(init).name, "sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest()}
         log.info("starting from the weights in %s", init)
     _truncate_log(out / "log.jsonl", start)  # a fresh run (start 0) empties an old run's log
     log.info("training %s: %d parameters on %s", cfg.name, count_parameters(model), dev)
