@@ -65,10 +65,9 @@ class Leases:
 class ScoreBoard:
     """Per-label scores of the unlabelled images, refreshed in a background thread."""
 
-    def __init__(self, segmenter, datastore, strategies=("coverage", "nearest", "uncertainty", "confident", "hybrid")):
+    def __init__(self, segmenter, datastore):
         self.segmenter = segmenter
         self.datastore = datastore
-        self.strategies = strategies
         self.scores: dict[str, dict[str, dict[str, float]]] = {}  # label -> strategy -> image -> score
         self.passes = 0
         self._descriptors: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -161,7 +160,7 @@ class ScoreBoard:
             new[label] = {"coverage": cover, "nearest": near}
             context = self.context.get(label)
             unsure: dict[str, float] = {}
-            if len(context) and {"uncertainty", "confident", "hybrid"} & set(self.strategies):
+            if len(context):
                 predictor = self.segmenter.predictor
                 for start in range(0, len(unlabelled), activelearning.SCORING_BATCH):
                     if self._wake.is_set() or self._stop:
