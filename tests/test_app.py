@@ -60,6 +60,13 @@ def final_label_bytes(studies, image_id):
     return (studies / "labels" / "final" / f"{image_id}.png").read_bytes()
 
 
+def ensure_final(client, studies) -> bytes:
+    """The saved final label of ``IDS[0]``, saved first when the tests that save it did not run (``-k``)."""
+    if not (studies / "labels" / "final" / f"{IDS[0]}.png").exists():
+        assert save_final(client, IDS[0], hc18_pair(IDS[0])[1]).status_code == 200
+    return final_label_bytes(studies, IDS[0])
+
+
 # -- info and the interactive loop on 2D images --------------------------------------------------------
 
 
@@ -260,7 +267,7 @@ def test_qupath_wsi_region_on_a_datastore_image(server):
 )
 def test_bad_requests_get_4xx_with_a_message(server, model, image, params, status):
     client, _, studies = server
-    saved = final_label_bytes(studies, IDS[0])
+    saved = ensure_final(client, studies)
     r = infer(client, model, image, params)
     assert r.status_code == status, r.text
     assert r.json()["detail"]
@@ -301,7 +308,7 @@ def test_scribbles_are_prompts(server):
 )
 def test_bad_labels_are_refused_and_the_saved_one_kept(server, label, name, status):
     client, _, studies = server
-    saved = final_label_bytes(studies, IDS[0])
+    saved = ensure_final(client, studies)
     body = png_bytes(label) if label is not None else b"garbage"
     r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
                    files={"label": (name, body, "application/octet-stream")})
@@ -340,9 +347,8 @@ def test_strategies_default_first_and_explain_the_pick(server):
 
 
 def test_background_scores_are_stored_in_image_info(server):
-    client, app, _ = server
-    if not app.datastore().get_labeled_images():  # run alone: give the model-based scores a context
-        assert save_final(client, IDS[0], hc18_pair(IDS[0])[1]).status_code == 200
+    client, app, studies = server
+    ensure_final(client, studies)  # the model-based scores need a context
     app.scoreboard.score_all()
     unlabelled = app.datastore().get_unlabeled_images()
     info = app.datastore().get_image_info(unlabelled[0])
