@@ -328,6 +328,23 @@ def test_unknown_strategy_is_404(server):
     assert r.status_code == 404 and "random" in r.json()["detail"]
 
 
+@pytest.mark.parametrize("conf, message", [({"strategy": "nope"}, "--conf strategy"), ({"axis": "3"}, "--conf axis")])
+def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
+    """A mistyped ``--conf`` stops the server at start-up with the valid choices, not on the first request."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multiverseg_main", APP_DIR / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    torch.manual_seed(0)
+    save_checkpoint(MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8, 8])), tmp_path / "tiny.pt")
+    studies = make_studies(tmp_path / "studies", IDS[:1])
+    conf = {"weights": str(tmp_path / "tiny.pt"), "device": "cpu", **conf}
+    with pytest.raises(ValueError, match=message) as raised:
+        main.MultiverSegApp(str(APP_DIR), str(studies), conf)
+    assert "confident" in str(raised.value) or "0, 1 or 2" in str(raised.value)
+
+
 # -- next sample ---------------------------------------------------------------------------------------
 
 

@@ -232,6 +232,16 @@ def small_config(root, steps):
     )
 
 
+def test_config_overrides():
+    """``--set KEY=VALUE`` replaces one entry, read as JSON and kept to the entry's type; typos are refused."""
+    cfg = TrainConfig()
+    cfg.override(["p_low_res=0", "steps=7", "encoder_widths=[8, 8]", "name=tuned", "superpixel_scale=[2, 3]"])
+    assert (cfg.p_low_res, cfg.steps, cfg.encoder_widths, cfg.name) == (0.0, 7, [8, 8], "tuned")
+    assert isinstance(cfg.p_low_res, float) and cfg.superpixel_scale == (2, 3)
+    for bad in ("p_lowres=0", "p_low_res", "steps=many", "steps=1.5", "p_low_res=[0]"):
+        with pytest.raises(ValueError, match="--set"):
+            cfg.override([bad])
+
 
 def test_batches_depend_on_the_step_alone(task_root):
     """Worker processes draw exactly the batches the main process would, and a stream started at step k

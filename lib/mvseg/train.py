@@ -90,6 +90,26 @@ class TrainConfig:
         cfg.data_root = str((Path(path).parent / cfg.data_root).resolve())
         return cfg
 
+    def override(self, assignments: Sequence[str]) -> None:
+        """Apply ``KEY=VALUE`` overrides, e.g. ``p_low_res=0``: VALUE is read as JSON (a bare word as a
+        string) and must have the type of the entry it replaces."""
+        for item in assignments:
+            key, sep, text = item.partition("=")
+            if not sep or key not in self.__dataclass_fields__:
+                raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(self.__dataclass_fields__)}")
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+            current = getattr(self, key)
+            if isinstance(current, float) and type(value) is int:
+                value = float(value)
+            elif isinstance(current, (list, tuple)) and isinstance(value, list):
+                value = type(current)(value)
+            if type(value) is not type(current):
+                raise ValueError(f"--set {item!r}: {key} takes a {type(current).__name__}, got {value!r}")
+            setattr(self, key, value)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Loss
@@ -355,6 +375,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--steps", type=int, help="override the config's step count")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config entry (VALUE as JSON, e.g. --set p_low_res=0); repeatable",
+    )
     parser.add_argument("--init", type=Path, help="fine-tune: start from these weights (fresh optimizer and schedule)")
     parser.add_argument("--data-root", help="override where relative source paths start")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
@@ -365,6 +389,7 @@ def main(argv=None) -> None:
     cfg = TrainConfig.load(args.config)
     if args.steps is not None:
         cfg.steps = args.steps
+    cfg.override(args.set)
     if args.data_root:
         cfg.data_root = str(Path(args.data_root).resolve())
     path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16)
