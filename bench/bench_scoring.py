@@ -1,6 +1,6 @@
 """Background scoring benchmark: one full pass of the app's ScoreBoard over a datastore of 2D images.
 
-    python -m bench.bench_scoring [--images 500] [--labels 8] [--weights PATH]
+    python -m bench.bench_scoring [--images 500] [--labels 8] [--weights PATH] [--size 256]
 
 Builds a MONAI Label local datastore of ``--images`` unlabelled hc18 images plus ``--labels`` images with
 saved final labels (``../shared/datasets/hc18_fetal_head``), then times ``ScoreBoard.score_all()``: image
@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--labels", type=int, default=8)
     parser.add_argument("--weights", help="checkpoint (default: the bundled weights)")
+    parser.add_argument("--size", type=int, help="the network's grid, as the app's --conf size (default: 128)")
     args = parser.parse_args(argv)
 
     from monailabel.config import settings
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
             mask = np.asarray(Image.open(HC18 / "masks" / f"{key}.png")) > 0
             Image.fromarray(mask.astype(np.uint8)).save(work / "labels" / "final" / f"{key}.png")
         datastore = LocalDatastore(str(work), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
-        predictor = Predictor(args.weights, device="cpu")
+        predictor = Predictor(args.weights, device="cpu", size=args.size)
         predictor.warmup()
         context = DatastoreContext(datastore, predictor.new_context, ["head"])
         segmenter = Segmenter(predictor, context, InteractionStore())

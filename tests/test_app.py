@@ -333,12 +333,8 @@ def test_unknown_strategy_is_404(server):
     assert r.status_code == 404 and "random" in r.json()["detail"]
 
 
-@pytest.mark.parametrize(
-    "conf, message",
-    [({"strategy": "nope"}, "--conf strategy must be one of confident, coverage"), ({"axis": "3"}, "--conf axis must be 0, 1 or 2")],
-)
-def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
-    """A mistyped ``--conf`` stops the server at start-up with the valid choices, not on the first request."""
+def start_app(tmp_path, conf: dict):
+    """The app (without the HTTP layer) on a one-image datastore and tiny weights, with extra ``--conf``."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("multiverseg_main", APP_DIR / "main.py")
@@ -346,9 +342,28 @@ def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
     spec.loader.exec_module(main)
     save_tiny_weights(tmp_path / "tiny.pt")
     studies = make_studies(tmp_path / "studies", IDS[:1])
-    conf = {"weights": str(tmp_path / "tiny.pt"), "device": "cpu", **conf}
+    return main.MultiverSegApp(str(APP_DIR), str(studies), {"weights": str(tmp_path / "tiny.pt"), "device": "cpu", **conf})
+
+
+@pytest.mark.parametrize(
+    "conf, message",
+    [
+        ({"strategy": "nope"}, "--conf strategy must be one of confident, coverage"),
+        ({"axis": "3"}, "--conf axis must be 0, 1 or 2"),
+        ({"size": "big"}, "--conf size must be a whole number of pixels, got 'big'"),
+        ({"size": "100"}, "size 100 must be a positive multiple of 8"),
+    ],
+)
+def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
+    """A mistyped ``--conf`` stops the server at start-up with the valid choices, not on the first request."""
     with pytest.raises(ValueError, match=message):
-        main.MultiverSegApp(str(APP_DIR), str(studies), conf)
+        start_app(tmp_path, conf)
+
+
+def test_conf_size_sets_the_model_grid(tmp_path):
+    """``--conf size`` is the grid the network and every context set work on."""
+    app = start_app(tmp_path, {"size": "64"})
+    assert app.predictor.size == 64 and app.predictor.new_context().size == 64
 
 
 # -- next sample ---------------------------------------------------------------------------------------

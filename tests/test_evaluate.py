@@ -63,6 +63,24 @@ def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
     assert any(r["dice"][0] > 0 for r in runs["context"][0][1:])
 
 
+def test_model_size_sets_the_network_grid(tmp_path, tiny_task, tiny_models, monkeypatch, capsys):
+    from mvseg.predictor import Predictor
+
+    seen = set()
+    forward = Predictor.forward
+
+    def spy(self, target, *context):
+        seen.add(tuple(target.shape[-2:]))
+        return forward(self, target, *context)
+
+    monkeypatch.setattr(Predictor, "forward", spy)
+    run_cli(tmp_path, tiny_task, tiny_models, "--images", "2", "--runs", "1", "--model-size", "32", "--budget", "1")
+    assert seen == {(32, 32)}
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, tiny_task, tiny_models, "--model-size", "30")
+    assert "size 30 must be a positive multiple of" in capsys.readouterr().err
+
+
 def test_seed_label_is_ninety_percent_or_ground_truth_later_labels_are_predictions():
     from mvseg.data import Example
     from mvseg.evaluate import run_once

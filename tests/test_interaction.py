@@ -107,6 +107,17 @@ def test_random_prompts_respect_counts_and_sides():
         assert q.count() >= p.count() or q.positive_scribbles is not None
 
 
+def test_far_negative_clicks_leave_the_band_only_when_asked():
+    truth = rect((64, 64), 24, 24, 40, 40)
+    band = background_band(truth)
+    for p_far, expect_far in ((0.0, False), (1.0, True)):
+        negatives = []
+        for seed in range(40):
+            negatives += RandomPrompts(np.random.default_rng(seed), p_far_negative=p_far).first(truth).negative
+        assert negatives and not any(truth[y, x] for x, y in negatives)
+        assert any(not band[y, x] for x, y in negatives) == expect_far
+
+
 def _medscribble():
     for task in sorted(DATASETS.glob("medscribble_*")):
         if "octa" in task.name:  # vessel masks: annotators scribble across vessels, not along them

@@ -9,6 +9,8 @@ Configuration (``--conf key value``):
     labels            comma-separated label names; the first is the default (default: ``foreground``)
     axis              slice axis of volumes, 0-2 (default: 2)
     max_context       most context entries per forward (default: 64)
+    size              side of the square grid the network sees, in pixels (default: the checkpoint's, 128);
+                      256 resolves small structures such as nuclei better, at four times the compute
     slices_per_volume most slices one 3D label adds to the context (default: 4)
     device            cpu, cuda, mps (default: best available)
     state_expiry      seconds an idle interaction state is kept (default: 1800)
@@ -76,10 +78,14 @@ class MultiverSegApp(MONAILabelApp):
         self.axis = int(conf.get("axis", 2))
         if self.axis not in (0, 1, 2):
             raise ValueError(f"--conf axis must be 0, 1 or 2, got {self.axis}")
+        size = conf.get("size") or None
+        if size is not None and not str(size).isdigit():
+            raise ValueError(f"--conf size must be a whole number of pixels, got '{size}'")
         self.predictor = Predictor(
             conf.get("weights") or None,
             fallback=conf.get("fallback") or None,
             device=conf.get("device") or None,
+            size=None if size is None else int(size),
             max_context=int(conf.get("max_context", 64)),
         )
         self.interactions = InteractionStore(expiry=float(conf.get("state_expiry", 1800)))

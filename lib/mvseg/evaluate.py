@@ -14,6 +14,9 @@ Modes: ``context`` (as above), ``none`` (context off: interactive only), ``oracl
 context instead of the prediction). Outputs ``runs.json`` (every image of every run), ``summary.json``,
 ``summary.md`` (tables) and ``noi90.png`` (interactions per image vs image index, per mode).
 
+Model grid: ``--model-size 256`` runs the network on a 256 x 256 grid instead of the checkpoint's own (the
+app's ``--conf size``).
+
 Grid: by default clicks and Dice are on each image's own pixels. ``--size 256`` evaluates as the paper does
 (its section 5): every image zero-padded square and resized to ``256 x 256`` first (``--size 128``: its
 appendix E.5).
@@ -275,6 +278,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--size", type=int, help="evaluate on a zero-padded SIZE x SIZE grid (the paper: 256; default: own pixels)"
     )
+    parser.add_argument(
+        "--model-size", type=int, help="side of the grid the network runs on (default: the checkpoint's, 128)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -282,7 +288,10 @@ def main(argv=None) -> None:
         parser.error(f"--size must be at least 16 pixels, got {args.size}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    predictor = Predictor(args.weights, fallback=args.fallback, device=args.device)
+    try:
+        predictor = Predictor(args.weights, fallback=args.fallback, device=args.device, size=args.model_size)
+    except ValueError as e:
+        parser.error(str(e))
     subsets = held_out(json.loads(args.ids.read_text())) if args.ids else {}
     budget = BUDGET[args.protocol] if args.budget is None else args.budget
     records: dict = {}

@@ -264,6 +264,16 @@ class RandomPrompts:
     min_corrections: int = 1
     max_corrections: int = 3
     box_jitter: float = 0.1
+    # Chance that the first negative clicks come from anywhere in the background rather than from the
+    # band around the object: users also click away a false region far from the target.
+    p_far_negative: float = 0.0
+
+    def negative_click_region(self, truth: np.ndarray) -> np.ndarray:
+        """Where the first negative clicks go: the band around the object, or (with chance
+        ``p_far_negative``) the whole background."""
+        t = _binary(truth)
+        far = self.p_far_negative > 0 and self.rng.random() < self.p_far_negative and (~t).any()
+        return ~t if far else background_band(t)
 
     def first(self, truth: np.ndarray) -> Prompts:
         t = _binary(truth)
@@ -275,7 +285,7 @@ class RandomPrompts:
             prompts.box = bounding_box(t, self.box_jitter, self.rng)
         if "clicks" in kind:
             prompts.positive = random_points(t, n_pos, self.rng)
-            prompts.negative = random_points(background_band(t), n_neg, self.rng)
+            prompts.negative = random_points(self.negative_click_region(t), n_neg, self.rng)
         if kind == "scribbles":
             parts = components(t)
             if parts:

@@ -98,8 +98,9 @@ class Predictor:
         self.fallback = _as_model(fallback, SCRIBBLEPROMPT)
         if self.fallback is not None:
             self.fallback = self.fallback.to(self.device).eval()
-        if self.size % 2 ** (self.model.depth - 1):
-            raise ValueError(f"size {self.size} must be divisible by {2 ** (self.model.depth - 1)} for this network")
+        step = 2 ** (self.model.depth - 1)
+        if self.size <= 0 or self.size % step:
+            raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
         self._lock = threading.Lock()
 
     def new_context(self) -> ContextSet:

@@ -70,6 +70,9 @@ class TrainConfig:
     # Chance that an example's context labels are perturbed (augment.perturb_labels): in use the context is
     # the user's earlier corrected predictions, so clicks must outrank a context that disagrees with them.
     p_noisy_context: float = 0.0
+    # Chance that the first negative prompts come from the whole background instead of the band around
+    # the object (interaction.RandomPrompts.p_far_negative).
+    p_far_negative: float = 0.0
     focal_gamma: float = 20.0
     p_synthetic: float = 0.5
     superpixel_scale: tuple[float, float] = (1.0, 500.0)
@@ -340,7 +343,7 @@ def train(
             x, y, cx, cy = (t.to(dev, non_blocking=True) for t in batch[:4])
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.steps))
-            user = RandomPrompts(step_random(cfg.seed, step, PROMPT_STREAM))
+            user = RandomPrompts(step_random(cfg.seed, step, PROMPT_STREAM), p_far_negative=cfg.p_far_negative)
             with autocast:
                 loss, per_step = interactive_loss(
                     model, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma, batch.context_only
