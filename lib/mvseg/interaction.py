@@ -272,6 +272,7 @@ class RandomPrompts:
         """Where the first negative clicks go: the band around the object, or (with chance
         ``p_far_negative``) the whole background."""
         t = _binary(truth)
+        # no draw at p = 0, so configs without far negatives keep their random streams (older runs repeat)
         far = self.p_far_negative > 0 and self.rng.random() < self.p_far_negative and (~t).any()
         return ~t if far else background_band(t)
 

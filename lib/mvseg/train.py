@@ -70,8 +70,8 @@ class TrainConfig:
     # Chance that an example's context labels are perturbed (augment.perturb_labels): in use the context is
     # the user's earlier corrected predictions, so clicks must outrank a context that disagrees with them.
     p_noisy_context: float = 0.0
-    # Chance that the first negative prompts come from the whole background instead of the band around
-    # the object (interaction.RandomPrompts.p_far_negative).
+    # Chance that the first negative clicks come from the whole background instead of the band around
+    # the object (interaction.RandomPrompts.p_far_negative; scribbles keep the band).
     p_far_negative: float = 0.0
     focal_gamma: float = 20.0
     p_synthetic: float = 0.5
