@@ -61,7 +61,7 @@ class StubPredictor:
     def new_context(self):
         return ContextSet(self.size)
 
-    def predict_many(self, images, context, batch_size=4):
+    def predict_many(self, images, context, batch_size=4, refine=True):
         out = []
         for im in images:
             level = 8.0 if im.mean() > 100 else 0.1

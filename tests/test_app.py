@@ -352,6 +352,7 @@ def start_app(tmp_path, conf: dict):
         ({"axis": "3"}, "--conf axis must be 0, 1 or 2"),
         ({"size": "big"}, "--conf size must be a whole number of pixels, got 'big'"),
         ({"size": "100"}, "size 100 must be a positive multiple of 8"),
+        ({"refine": "maybe"}, "--conf refine must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
@@ -364,6 +365,11 @@ def test_conf_size_sets_the_model_grid(tmp_path):
     """``--conf size`` is the grid the network and every context set work on."""
     app = start_app(tmp_path, {"size": "64"})
     assert app.predictor.size == 64 and app.predictor.new_context().size == 64
+
+
+def test_conf_refine_switches_boundary_refinement(tmp_path):
+    assert start_app(tmp_path / "on", {}).predictor.refiner is not None
+    assert start_app(tmp_path / "off", {"refine": "False"}).predictor.refiner is None
 
 
 # -- next sample ---------------------------------------------------------------------------------------

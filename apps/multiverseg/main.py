@@ -11,6 +11,8 @@ Configuration (``--conf key value``):
     max_context       most context entries per forward (default: 64)
     size              side of the square grid the network sees, in pixels (default: the checkpoint's, 128);
                       256 resolves small structures such as nuclei better, at four times the compute
+    refine            true/false: snap boundaries to the image's intensity edges where the grid blurred
+                      them (default: true; see ``mvseg.refine``)
     slices_per_volume most slices one 3D label adds to the context (default: 4)
     device            cpu, cuda, mps (default: best available)
     state_expiry      seconds an idle interaction state is kept (default: 1800)
@@ -81,12 +83,16 @@ class MultiverSegApp(MONAILabelApp):
         size = conf.get("size") or None
         if size is not None and not str(size).isdigit():
             raise ValueError(f"--conf size must be a whole number of pixels, got '{size}'")
+        refine = str(conf.get("refine", "true")).strip().lower()
+        if refine not in ("true", "false"):
+            raise ValueError(f"--conf refine must be true or false, got '{refine}'")
         self.predictor = Predictor(
             conf.get("weights") or None,
             fallback=conf.get("fallback") or None,
             device=conf.get("device") or None,
             size=None if size is None else int(size),
             max_context=int(conf.get("max_context", 64)),
+            refine=refine == "true",
         )
         self.interactions = InteractionStore(expiry=float(conf.get("state_expiry", 1800)))
         super().__init__(

@@ -6,8 +6,10 @@ from .geometry import Geometry, normalize_intensity, prepare_image
 from .network import MultiverSegConfig, MultiverSegNet, ScribblePromptConfig, ScribblePromptUNet
 from .predictor import Prediction, Predictor
 from .prompts import Prompts, encode_prompts
+from .refine import BoundaryRefiner
 
 __all__ = [
+    "BoundaryRefiner",
     "CheckpointError",
     "ContextSet",
     "Geometry",

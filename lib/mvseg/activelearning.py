@@ -62,7 +62,8 @@ def entropy_scores(
 ) -> np.ndarray:
     """Mean binary entropy (bits) of each image's zero-click in-context prediction, on the model grid."""
     out = []
-    for prediction in predictor.predict_many(images, context.copy(max_size=k), batch_size=SCORING_BATCH):
+    predictions = predictor.predict_many(images, context.copy(max_size=k), batch_size=SCORING_BATCH, refine=False)
+    for prediction in predictions:
         p = torch.sigmoid(prediction.logits).clamp(1e-6, 1 - 1e-6)
         out.append(float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean()))
     return np.asarray(out)

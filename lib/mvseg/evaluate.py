@@ -15,7 +15,8 @@ context instead of the prediction). Outputs ``runs.json`` (every image of every 
 ``summary.md`` (tables) and ``noi90.png`` (interactions per image vs image index, per mode).
 
 Model grid: ``--model-size 256`` runs the network on a 256 x 256 grid instead of the checkpoint's own (the
-app's ``--conf size``).
+app's ``--conf size``). Masks have their boundaries refined on the image's own pixels (``mvseg.refine``), as
+the app serves them; ``--no-refine`` measures the raw resampled masks.
 
 Grid: by default clicks and Dice are on each image's own pixels. ``--size 256`` evaluates as the paper does
 (its section 5): every image zero-padded square and resized to ``256 x 256`` first (``--size 128``: its
@@ -281,6 +282,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--model-size", type=int, help="side of the grid the network runs on (default: the checkpoint's, 128)"
     )
+    parser.add_argument(
+        "--no-refine", action="store_true", help="raw resampled masks: no boundary refinement (mvseg.refine)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -289,7 +293,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
-        predictor = Predictor(args.weights, fallback=args.fallback, device=args.device, size=args.model_size)
+        predictor = Predictor(
+            args.weights, fallback=args.fallback, device=args.device, size=args.model_size, refine=not args.no_refine
+        )
     except ValueError as e:
         parser.error(str(e))
     subsets = held_out(json.loads(args.ids.read_text())) if args.ids else {}

@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from .checkpoint import MULTIVERSEG, SCRIBBLEPROMPT, load_checkpoint
 from .context import ContextSet
-from .geometry import DEFAULT_PERCENTILES, DEFAULT_SIZE, Geometry, prepare_image
+from .geometry import DEFAULT_PERCENTILES, DEFAULT_SIZE, Geometry, normalize_intensity, prepare_image
 from .network import MultiverSegNet, ScribblePromptUNet
 from .prompts import Prompts, encode_for_model
+from .refine import BoundaryRefiner
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class Prediction:
     """A segmentation on the original grid, plus what is needed to refine it."""
 
     probability: np.ndarray  # H W float32 in [0, 1]
-    mask: np.ndarray  # H W uint8 {0, 1}: probability >= 0.5
+    mask: np.ndarray  # H W uint8 {0, 1}: probability >= 0.5 (after boundary refinement, if on)
     logits: torch.Tensor = field(repr=False)  # 1 S S model-grid logits: pass back as ``previous``
     context_ids: list = field(default_factory=list)
     context_version: int = 0
@@ -60,6 +61,25 @@ def _as_model(model: Union[nn.Module, PathLike, None], kind: str) -> Optional[nn
     return net
 
 
+def overrules(prompts: Optional[Prompts], before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether ``after`` takes away from the user a pixel that ``before`` gave them: a positive click or
+    stroke pixel turned background, or a negative one turned foreground (masks ``H W`` bool)."""
+    if not prompts:
+        return False
+    h, w = before.shape
+    for points, scribble, wanted in (
+        (prompts.positive, prompts.positive_scribbles, True),
+        (prompts.negative, prompts.negative_scribbles, False),
+    ):
+        marked = np.zeros((h, w), bool) if scribble is None else np.asarray(scribble) > 0
+        for x, y in points:
+            marked[min(h - 1, max(0, int(y))), min(w - 1, max(0, int(x)))] = True
+        lost = marked & (before == wanted) & (after != wanted)
+        if lost.any():
+            return True
+    return False
+
+
 class Predictor:
     """MultiverSeg inference on one device, one forward at a time.
 
@@ -71,6 +91,9 @@ class Predictor:
         dtype: ``torch.float32`` or ``torch.bfloat16`` (autocast).
         size: model resolution (default: the one the checkpoint was trained at, else 128).
         max_context: most context entries per forward (see ``ContextSet.select``).
+        refine: snap boundaries to the image's own intensity edges where the grid blurred them
+            (:class:`mvseg.refine.BoundaryRefiner`; ``True`` for its defaults, ``False`` for the raw
+            resampled prediction).
     """
 
     def __init__(
@@ -82,6 +105,7 @@ class Predictor:
         size: Optional[int] = None,
         max_context: int = 64,
         percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        refine: Union[bool, BoundaryRefiner] = True,
     ):
         if model is None:
             from .weights import default_weights
@@ -93,6 +117,7 @@ class Predictor:
         self.dtype = dtype
         self.max_context = max_context
         self.percentiles = percentiles
+        self.refiner = BoundaryRefiner() if refine is True else (refine or None)
         self.model = _as_model(model, MULTIVERSEG).to(self.device).eval()
         self.size = size or int(getattr(self.model, "meta", {}).get("size", DEFAULT_SIZE))
         self.fallback = _as_model(fallback, SCRIBBLEPROMPT)
@@ -151,7 +176,7 @@ class Predictor:
         target = encode_for_model(model_image, geometry, prompts, prev)
         ids, images, labels, version = self._context_for(model_image, context, exclude)
         logits, network = self.forward(target, images[None], labels[None])
-        return self._finish(logits[0], geometry, ids, version, network)
+        return self._finish(logits[0], geometry, ids, version, network, image, prompts)
 
     def predict_many(
         self,
@@ -159,8 +184,10 @@ class Predictor:
         context: Optional[ContextSet] = None,
         batch_size: int = 4,
         progress: bool = False,
+        refine: bool = True,
     ) -> list[Prediction]:
-        """Zero-click, in-context segmentation of many images, batched."""
+        """Zero-click, in-context segmentation of many images, batched. ``refine=False`` skips the
+        boundary refinement (for callers that only read the model-grid logits, such as scoring)."""
         prepared = [prepare_image(im, self.size, self.percentiles) for im in images]
         jobs = []
         for model_image, geometry in prepared:
@@ -183,7 +210,7 @@ class Predictor:
             logits, network = self.forward(targets, ci, cl)
             for row, i in enumerate(group):
                 _, _, _, ids, version, geometry = jobs[i]
-                out[i] = self._finish(logits[row], geometry, ids, version, network)
+                out[i] = self._finish(logits[row], geometry, ids, version, network, images[i] if refine else None)
             bar.update(len(group))
         bar.close()
         return out  # type: ignore[return-value]
@@ -207,12 +234,33 @@ class Predictor:
         images, labels = context.tensors(ids)
         return ids, images, labels, version
 
-    @staticmethod
-    def _finish(logits: torch.Tensor, geometry: Geometry, ids: list, version: int, network: str) -> Prediction:
-        probability = torch.sigmoid(geometry.logits_back(logits[0])).numpy()
+    def _finish(
+        self,
+        logits: torch.Tensor,
+        geometry: Geometry,
+        ids: list,
+        version: int,
+        network: str,
+        image: Optional[np.ndarray] = None,
+        prompts: Optional[Prompts] = None,
+    ) -> Prediction:
+        """Model-grid logits ``1 S S`` -> a :class:`Prediction` on the original grid; with ``image``, its
+        boundary refined (the probability moved across 0.5 wherever the refinement moved the mask), unless
+        that would overrule one of the user's ``prompts``."""
+        probability = torch.sigmoid(geometry.logits_back(logits[0])).numpy().astype(np.float32, copy=False)
+        mask = probability >= 0.5
+        cell = 1 / geometry.scale  # original pixels per grid cell
+        if image is not None and self.refiner is not None and cell > 1:
+            refined = self.refiner(normalize_intensity(image, self.percentiles), mask, cell)
+            if overrules(prompts, mask, refined):
+                refined = mask
+            below = np.nextafter(np.float32(0.5), np.float32(0))
+            probability = np.where(refined & ~mask, np.maximum(probability, 0.5), probability)
+            probability = np.where(mask & ~refined, np.minimum(probability, below), probability)
+            mask = refined
         return Prediction(
-            probability=probability.astype(np.float32, copy=False),
-            mask=(probability >= 0.5).astype(np.uint8),
+            probability=probability,
+            mask=mask.astype(np.uint8),
             logits=logits.reshape(1, geometry.size, geometry.size),
             context_ids=list(ids),
             context_version=version,
