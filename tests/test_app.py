@@ -348,7 +348,7 @@ def start_app(tmp_path, conf: dict):
 @pytest.mark.parametrize(
     "conf, message",
     [
-        ({"strategy": "nope"}, "--conf strategy must be one of confident, coverage"),
+        ({"strategy": "nope"}, "--conf strategy must be one of nearest, confident, coverage"),
         ({"axis": "3"}, "--conf axis must be 0, 1 or 2"),
         ({"size": "big"}, "--conf size must be a whole number of pixels, got 'big'"),
         ({"size": "100"}, "size 100 must be a positive multiple of 8"),
@@ -378,7 +378,7 @@ def test_conf_refine_switches_boundary_refinement(tmp_path):
 def test_strategies_default_first_and_explain_the_pick(server):
     client, _, _ = server
     strategies = list(client.get("/info/").json()["strategies"])
-    assert strategies[0] == "confident"
+    assert strategies[0] == "nearest"
     assert {"coverage", "nearest", "hybrid", "uncertainty", "random", "first"} <= set(strategies)
     r = client.post("/activelearning/coverage", json={"client_id": "ann-1"})
     assert r.status_code == 200, r.text
