@@ -1,6 +1,6 @@
 """Server benchmark: round trips of clicks over HTTP against a real ``monailabel start_server``.
 
-    python -m bench.bench_server [--labels 0 16 64] [--clicks 20] [--weights PATH]
+    python -m bench.bench_server [--labels 0 16 64] [--clicks 20] [--weights PATH] [--conf refine false]
 
 For each datastore size (final labels already saved), starts the server on loopback with the bundled
 weights and replays clicks the way the clients send them: on a 512 x 512 PNG (2D) and on slices of a
@@ -171,8 +171,10 @@ def main(argv=None) -> None:
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--weights", help="checkpoint (default: the bundled weights)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="one more app setting for the server, e.g. --conf refine false; repeatable")
     args = parser.parse_args(argv)
-    conf = {"labels": "head", "device": "cpu"}
+    conf = {"labels": "head", "device": "cpu", **dict(args.conf)}
     if args.weights:
         conf["weights"] = args.weights
     rows = [row for n in args.labels for row in run(n, args.clicks, conf)]
