@@ -92,8 +92,8 @@ class Predictor:
         size: model resolution (default: the one the checkpoint was trained at, else 128).
         max_context: most context entries per forward (see ``ContextSet.select``).
         refine: snap boundaries to the image's own intensity edges where the grid blurred them
-            (:class:`mvseg.refine.BoundaryRefiner`; ``True`` for its defaults, ``False`` for the raw
-            resampled prediction).
+            (``True``: a :class:`mvseg.refine.BoundaryRefiner` with its defaults, or pass a configured
+            one; ``False``: the raw resampled prediction).
     """
 
     def __init__(
