@@ -216,10 +216,19 @@ class Geometry:
         return x1, y1, x2, y2
 
 
+def prepare_image_and_gray(
+    image: np.ndarray, size: int = DEFAULT_SIZE, percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+) -> tuple[torch.Tensor, Geometry, np.ndarray]:
+    """As :func:`prepare_image`, plus the normalised grey image on the original grid (``H W`` in [0, 1]),
+    for callers that read the image's own pixels again (boundary refinement)."""
+    gray = normalize_intensity(image, percentiles)
+    geometry = Geometry(gray.shape[0], gray.shape[1], size)
+    return geometry.image_forward(gray), geometry, gray
+
+
 def prepare_image(
     image: np.ndarray, size: int = DEFAULT_SIZE, percentiles: tuple[float, float] = DEFAULT_PERCENTILES
 ) -> tuple[torch.Tensor, Geometry]:
     """Any 2D image -> (model-grid grey image ``1 size size`` in [0, 1], its :class:`Geometry`)."""
-    gray = normalize_intensity(image, percentiles)
-    geometry = Geometry(gray.shape[0], gray.shape[1], size)
-    return geometry.image_forward(gray), geometry
+    model_image, geometry, _ = prepare_image_and_gray(image, size, percentiles)
+    return model_image, geometry

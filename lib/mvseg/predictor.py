@@ -16,7 +16,14 @@ from tqdm import tqdm
 
 from .checkpoint import MULTIVERSEG, SCRIBBLEPROMPT, load_checkpoint
 from .context import ContextSet
-from .geometry import DEFAULT_PERCENTILES, DEFAULT_SIZE, Geometry, normalize_intensity, prepare_image
+from .geometry import (
+    DEFAULT_PERCENTILES,
+    DEFAULT_SIZE,
+    Geometry,
+    normalize_intensity,
+    prepare_image,
+    prepare_image_and_gray,
+)
 from .network import MultiverSegNet, ScribblePromptUNet
 from .prompts import Prompts, encode_for_model
 from .refine import BoundaryRefiner
@@ -171,12 +178,13 @@ class Predictor:
         previous-prediction channel so that new clicks refine it. ``exclude``: context ids not to use
         (e.g. the image itself).
         """
-        model_image, geometry = prepare_image(image, self.size, self.percentiles)
+        # the grey image is kept for the boundary refinement: one normalisation per click, not two
+        model_image, geometry, gray = prepare_image_and_gray(image, self.size, self.percentiles)
         prev = previous.logits if isinstance(previous, Prediction) else previous
         target = encode_for_model(model_image, geometry, prompts, prev)
         ids, images, labels, version = self._context_for(model_image, context, exclude)
         logits, network = self.forward(target, images[None], labels[None])
-        return self._finish(logits[0], geometry, ids, version, network, image, prompts)
+        return self._finish(logits[0], geometry, ids, version, network, gray, prompts)
 
     def predict_many(
         self,
@@ -210,7 +218,9 @@ class Predictor:
             logits, network = self.forward(targets, ci, cl)
             for row, i in enumerate(group):
                 _, _, _, ids, version, geometry = jobs[i]
-                out[i] = self._finish(logits[row], geometry, ids, version, network, images[i] if refine else None)
+                # normalised again here rather than kept for every image: a volume's slices add up
+                gray = normalize_intensity(images[i], self.percentiles) if refine and self.refiner else None
+                out[i] = self._finish(logits[row], geometry, ids, version, network, gray)
             bar.update(len(group))
         bar.close()
         return out  # type: ignore[return-value]
@@ -241,17 +251,16 @@ class Predictor:
         ids: list,
         version: int,
         network: str,
-        image: Optional[np.ndarray] = None,
+        gray: Optional[np.ndarray] = None,
         prompts: Optional[Prompts] = None,
     ) -> Prediction:
-        """Model-grid logits ``1 S S`` -> a :class:`Prediction` on the original grid; with ``image``, its
-        boundary refined (the probability moved across 0.5 wherever the refinement moved the mask), unless
-        that would overrule one of the user's ``prompts``."""
+        """Model-grid logits ``1 S S`` -> a :class:`Prediction` on the original grid; with ``gray`` (the
+        normalised image ``H W``), its boundary refined (the probability moved across 0.5 wherever the
+        refinement moved the mask), unless that would overrule one of the user's ``prompts``."""
         probability = torch.sigmoid(geometry.logits_back(logits[0])).numpy().astype(np.float32, copy=False)
         mask = probability >= 0.5
-        cell = 1 / geometry.scale  # original pixels per grid cell
-        if image is not None and self.refiner is not None and cell > 1:
-            refined = self.refiner(normalize_intensity(image, self.percentiles), mask, cell)
+        if gray is not None and self.refiner is not None:
+            refined = self.refiner(gray, mask, 1 / geometry.scale)  # cell: original pixels per grid cell
             if overrules(prompts, mask, refined):
                 refined = mask
             below = np.nextafter(np.float32(0.5), np.float32(0))
