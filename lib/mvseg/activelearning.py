@@ -82,6 +82,12 @@ def hybrid_scores(cover: np.ndarray, unsure: np.ndarray) -> np.ndarray:
     return 0.5 * (ranks(cover) + ranks(unsure))
 
 
+def entropy_strategies(cover: np.ndarray, unsure: np.ndarray) -> dict[str, np.ndarray]:
+    """The strategies built on prediction entropy, from the coverage and entropy scores of the same
+    candidates: ``uncertainty``, ``confident`` and ``hybrid``."""
+    return {"uncertainty": unsure, "confident": -unsure, "hybrid": hybrid_scores(cover, unsure)}
+
+
 def scores(
     strategy: str,
     candidates: Sequence[np.ndarray],
@@ -112,9 +118,4 @@ def scores(
         return cover
     if predictor is None:
         raise ValueError(f"strategy '{strategy}' needs a predictor")
-    unsure = entropy_scores(predictor, candidates, context)
-    if strategy == "uncertainty":
-        return unsure
-    if strategy == "confident":
-        return -unsure
-    return hybrid_scores(cover, unsure)
+    return entropy_strategies(cover, entropy_scores(predictor, candidates, context))[strategy]

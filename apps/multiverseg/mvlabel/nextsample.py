@@ -171,13 +171,12 @@ class ScoreBoard:
                     if planes:  # one batched forward, holding the predictor's lock only for it
                         s = activelearning.entropy_scores(predictor, [p for _, p in planes], context)
                         unsure.update({i: float(v) for (i, _), v in zip(planes, s)})
-            new[label]["uncertainty"] = unsure or dict(cover)
-            new[label]["confident"] = {i: -v for i, v in unsure.items()} or dict(cover)
-            ids = [i for i in cover if i in new[label]["uncertainty"]]
-            hybrid = activelearning.hybrid_scores(
-                np.array([cover[i] for i in ids]), np.array([new[label]["uncertainty"][i] for i in ids])
+            ids = [i for i in cover if i in unsure]
+            derived = activelearning.entropy_strategies(
+                np.array([cover[i] for i in ids]), np.array([unsure[i] for i in ids])
             )
-            new[label]["hybrid"] = {i: float(v) for i, v in zip(ids, hybrid)}
+            for strategy, values in derived.items():  # no context yet: every one of them falls back to coverage
+                new[label][strategy] = {i: float(v) for i, v in zip(ids, values)} if ids else dict(cover)
         with self._lock:
             self.scores = new
             self.passes += 1
