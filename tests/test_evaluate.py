@@ -63,6 +63,31 @@ def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
     assert any(r["dice"][0] > 0 for r in runs["context"][0][1:])
 
 
+def test_leave_one_out_gives_each_image_every_other_ground_truth(tmp_path, tiny_task, tiny_models, monkeypatch):
+    import mvseg.evaluate as evaluate
+
+    seen = []
+    segment = evaluate.segment_one
+
+    def spy(predictor, example, context, *args):
+        if context is not None:  # the none mode has no context
+            labelled = all(context.get(k).label.any() for k in context.ids())
+            seen.append((example.id, sorted(context.ids()), labelled))
+        return segment(predictor, example, context, *args)
+
+    monkeypatch.setattr(evaluate, "segment_one", spy)
+    out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "3", "--runs", "1",
+                  "--modes", "leave-one-out", "none", "--order", "random", "coverage", "--budget", "0")
+    runs = json.loads((out / "runs.json").read_text())["task"]
+    assert set(runs) == {"leave-one-out", "none"}  # no order: every image sees the same context whatever it is
+    pool = sorted(r["id"] for r in runs["leave-one-out"][0])
+    assert len(pool) == 4 and [r["index"] for r in runs["leave-one-out"][0]] == [0, 1, 2, 3]
+    assert len(seen) == 4
+    for image, ids, labelled in seen:  # the seed image too: all the others, never itself, with their masks
+        assert ids == [i for i in pool if i != image] and labelled
+    assert all(len(r["dice"]) == 1 for r in runs["leave-one-out"][0])
+
+
 def test_model_size_sets_the_network_grid(tmp_path, tiny_task, tiny_models, monkeypatch, capsys):
     from mvseg.predictor import Predictor
 

@@ -11,7 +11,9 @@ The seed image seeds the context with a label of at least 90% Dice, as in the pa
 90% with ScribblePrompt): its prediction if that got there, else its ground truth, as a user who finishes
 the first image by hand would save; it is counted at the full budget then.
 Modes: ``context`` (as above), ``none`` (context off: interactive only), ``oracle`` (ground truth joins the
-context instead of the prediction). Outputs ``runs.json`` (every image of every run), ``summary.json``,
+context instead of the prediction), ``leave-one-out`` (each image with the ground truth of every other image of
+the pool as context: the richest context any order could give, so its total estimates the floor that no
+next-sample strategy gets below). Outputs ``runs.json`` (every image of every run), ``summary.json``,
 ``summary.md`` (tables) and ``noi90.png`` (interactions per image vs image index, per mode).
 
 Model grid: ``--model-size 256`` runs the network on a 256 x 256 grid instead of the checkpoint's own (the
@@ -44,7 +46,8 @@ from .prompts import Prompts
 
 log = logging.getLogger(__name__)
 
-MODES = ("context", "none", "oracle")
+MODES = ("context", "none", "oracle", "leave-one-out")
+ORDERED_MODES = ("context", "oracle")  # modes where the order of the images matters
 BUDGET = {"clicks": 20, "scribbles": 10}
 TARGET_DICE = 0.9
 
@@ -119,6 +122,8 @@ def run_once(
     """Segment ``examples`` in one mode. ``order="random"`` keeps the given order (the first is the seed
     image); any other :mod:`mvseg.activelearning` strategy picks each next image, the seed image too."""
     protocol = PROTOCOLS[protocol_name]()
+    if mode == "leave-one-out":
+        return leave_one_out(predictor, examples, protocol, budget)
     context = None if mode == "none" else predictor.new_context()
     remaining = list(range(len(examples)))
     described = None if order in ("random", "first") else activelearning.descriptors(
@@ -149,6 +154,20 @@ def run_once(
             label = example.mask if mode == "oracle" or finished_by_hand else final.mask
             if label.any():
                 context.add(example.id, example.image, label)
+    return results
+
+
+def leave_one_out(predictor: Predictor, examples: list[Example], protocol, budget: int) -> list[ImageResult]:
+    """Segment each image with every other image of ``examples`` (ground truth) as context."""
+    results = []
+    for index, example in enumerate(examples):
+        context = predictor.new_context()
+        for other in examples:
+            if other is not example and other.mask.any():
+                context.add(other.id, other.image, other.mask)
+        result, _ = segment_one(predictor, example, context, protocol, budget)
+        result.index = index
+        results.append(result)
     return results
 
 
@@ -235,8 +254,8 @@ def plot(summary: dict, protocol: str, path: Path) -> None:
 
 
 def runs_of(modes: list[str], orders: list[str]) -> list[tuple[str, str]]:
-    """(mode, order) pairs: orders apply to the context modes; ``none`` has no context, so no order."""
-    return [(m, o) for m in modes for o in (orders if m != "none" else ["random"])]
+    """(mode, order) pairs: orders apply to the modes whose context grows image by image."""
+    return [(m, o) for m in modes for o in (orders if m in ORDERED_MODES else ["random"])]
 
 
 def held_out(subsets: dict) -> dict:
