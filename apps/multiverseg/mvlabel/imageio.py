@@ -1,7 +1,9 @@
 """Reading images and labels, and writing results on the input's own grid.
 
 2D images (PNG, JPEG, TIFF, BMP) are read with Pillow as ``H W`` or ``H W C``: a click ``[x, y]`` is
-(column, row), as MONAI's 2D loader orders it. Volumes (NIfTI with nibabel, NRRD with pynrrd) keep the
+(column, row), as MONAI's 2D loader orders it. In a volume format (NIfTI, NRRD) a 2D image's label is
+``W H`` (or ``W H 1``): its first axis is x, as ITK, Slicer and OHIF read the image; labels are read and
+results written in that order, so a mask never comes back transposed. Volumes (NIfTI with nibabel, NRRD with pynrrd) keep the
 voxel order of the file, ``[i, j, k]``, which is the order ITK/MONAI (hence Slicer and OHIF) use.
 Results are written with the input's shape, voxel order and geometry (affine / NRRD space), in the
 format the client asks for. Labels may also be ASAP XML polygons (what QuPath saves).
@@ -147,9 +149,13 @@ def read_label(path: str, like: Loaded) -> np.ndarray:
     ext = extension(path)
     if ext in IMAGE_2D + NIFTI + NRRD:
         label = read_image(path).array
-        if label.ndim == 3 and not like.is_volume:
-            label = label[..., 0]
         if label.ndim == 4 and label.shape[3] == 1:
+            label = label[..., 0]
+        if not like.is_volume and ext in NIFTI + NRRD:  # x first (W H [1]): Slicer's 2D label
+            if label.ndim == 3 and label.shape[2] == 1:
+                label = label[..., 0]
+            label = label.T if label.ndim == 2 else label
+        elif label.ndim == 3 and not like.is_volume:  # an RGB(A) PNG label: its first channel
             label = label[..., 0]
     else:
         raise BadRequest(f"unsupported label format '{ext}'", 415)
@@ -175,22 +181,32 @@ def _suffix(like: Loaded, ext: Optional[str]) -> str:
     return ext
 
 
-def write_label(mask: np.ndarray, like: Loaded, ext: Optional[str] = None, dtype: str = "uint8") -> str:
-    """Write ``mask`` (``like.shape``) to a temporary file in ``like``'s geometry; returns its path."""
+def write_label(
+    mask: np.ndarray, like: Loaded, ext: Optional[str] = None, dtype: str = "uint8", compress: bool = True
+) -> str:
+    """Write ``mask`` (``like.shape``) to a temporary file in ``like``'s geometry; returns its path.
+
+    ``compress=False`` (a client's ``result_compress: false``) writes NRRD raw and NIfTI as ``.nii``:
+    OHIF copies the bytes straight into its labelmap. PNG and TIFF are written as they always are.
+    """
     suffix = _suffix(like, ext)
+    if not compress and suffix == ".nii.gz":
+        suffix = ".nii"
     try:
         data = mask.astype(np.dtype(dtype or "uint8"))
     except TypeError:
         raise BadRequest(f"unknown result_dtype '{dtype}'", 422) from None
     fd, path = tempfile.mkstemp(suffix=suffix, prefix="mvseg-")
     os.close(fd)
+    if suffix in NIFTI + NRRD and not like.is_volume:
+        data = data.T  # H W -> W H: x first, as a volume format holds a 2D image
     if suffix in NIFTI:
         header = like.header.copy() if isinstance(like.header, nib.Nifti1Header) else None
         img = nib.Nifti1Image(data if data.ndim >= 3 or like.is_volume else data[..., None], like.affine, header)
         img.set_data_dtype(data.dtype)
         nib.save(img, path)
     elif suffix in NRRD:
-        _write_nrrd(path, data, like.affine if like.is_volume else None)
+        _write_nrrd(path, data, like.affine if like.is_volume else None, compress)
     else:
         Image.fromarray(data.astype(np.uint8) if data.dtype != np.uint16 else data).save(path)
     return path
@@ -200,15 +216,15 @@ _NRRD_TYPES = {"uint8": "uint8", "int8": "int8", "uint16": "uint16", "int16": "i
                "int32": "int32", "float32": "float", "float64": "double"}
 
 
-def _write_nrrd(path: str, data: np.ndarray, affine: Optional[np.ndarray]) -> None:
-    """NRRD with gzip (level 1: label volumes are mostly zeros) in LPS space, which every reader takes.
+def _write_nrrd(path: str, data: np.ndarray, affine: Optional[np.ndarray], compress: bool = True) -> None:
+    """NRRD, gzip (level 1: label volumes are mostly zeros) or raw, in LPS space, which every reader takes.
 
     Written directly rather than through pynrrd: its Fortran-order copy dominated a click's write time.
     """
     if data.dtype.name not in _NRRD_TYPES:
         raise BadRequest(f"result_dtype {data.dtype} cannot be written as NRRD", 422)
     lines = ["NRRD0004", f"type: {_NRRD_TYPES[data.dtype.name]}", f"dimension: {data.ndim}",
-             "sizes: " + " ".join(str(n) for n in data.shape), "encoding: gzip"]
+             "sizes: " + " ".join(str(n) for n in data.shape), "encoding: " + ("gzip" if compress else "raw")]
     if data.dtype.itemsize > 1:
         lines.append("endian: little" if data.dtype.byteorder in "<=|" else "endian: big")
     if affine is not None and data.ndim == 3:
@@ -218,11 +234,13 @@ def _write_nrrd(path: str, data: np.ndarray, affine: Optional[np.ndarray]) -> No
                   "space directions: " + " ".join(vec(lps[:, i]) for i in range(3)),
                   "space origin: " + vec(lps[:, 3])]
     # NRRD's first axis varies fastest: Fortran order (a copy only when the array is C-ordered)
-    payload = zlib.compressobj(1, zlib.DEFLATED, 31)
     raw = np.asfortranarray(data).tobytes(order="F")
+    if compress:
+        payload = zlib.compressobj(1, zlib.DEFLATED, 31)
+        raw = payload.compress(raw) + payload.flush()
     with open(path, "wb") as f:
         f.write(("\n".join(lines) + "\n\n").encode())
-        f.write(payload.compress(raw) + payload.flush())
+        f.write(raw)
 
 
 def write_asap(polygons: dict[str, list[np.ndarray]], colors: dict[str, str], path: Optional[str] = None) -> str:

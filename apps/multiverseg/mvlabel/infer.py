@@ -12,6 +12,16 @@ from .imageio import write_label
 from .segmenter import Segmenter
 
 
+def result_file(mask: np.ndarray, loaded, request: dict) -> str:
+    """Write a result as the request asks (``result_extension``, ``result_dtype``, ``result_compress``)."""
+    compress = request.get("result_compress", True)
+    if isinstance(compress, str):
+        compress = compress.strip().lower() not in ("false", "0", "no")
+    return write_label(
+        mask, loaded, request.get("result_extension"), request.get("result_dtype", "uint8"), bool(compress)
+    )
+
+
 def _fill_slice(shape: tuple, axis: int, index: int, plane: np.ndarray, value: int = 1) -> np.ndarray:
     """A volume of ``shape`` that is zero except slice ``index``, which holds ``plane * value``."""
     out = np.zeros(shape, np.uint8, order="F")  # file order of NIfTI and NRRD: written without a copy
@@ -47,7 +57,7 @@ class MultiverSegInfer(InferTask):
         loaded = target.loaded
         if loaded.is_volume:  # Slicer/OHIF replace the one slice they asked for
             mask = _fill_slice(loaded.shape, self.segmenter.axis, target.index, mask)
-        path = write_label(mask, loaded, request.get("result_extension"), request.get("result_dtype", "uint8"))
+        path = result_file(mask, loaded, request)
         info["latencies"]["write"] = round(time.perf_counter() - t0, 4)
         return path, info
 
@@ -69,5 +79,4 @@ class MultiverSegAuto(InferTask):
 
     def __call__(self, request):
         loaded, labelmap, info = self.segmenter.automatic(request)
-        path = write_label(labelmap, loaded, request.get("result_extension"), request.get("result_dtype", "uint8"))
-        return path, info
+        return result_file(labelmap, loaded, request), info
