@@ -2,6 +2,7 @@
 
 import sys
 
+import nibabel as nib
 import numpy as np
 
 from mvseg import Predictor, Prompts
@@ -33,3 +34,21 @@ def test_default_weights_segment_a_sample_slice():
     prediction = Predictor(device="cpu").predict(image, Prompts(positive=[(xs[i], ys[i])]))
     assert prediction.mask.shape == truth.shape
     assert prediction.mask[ys[i], xs[i]] == 1  # the clicked structure is in the mask
+
+
+def test_make_dicom_writes_the_volume_as_a_series_readers_get_back_exactly(tmp_path):
+    import importlib.util
+
+    import SimpleITK as sitk
+
+    spec = importlib.util.spec_from_file_location("make_dicom", ROOT / "sample-datasets" / "make_dicom.py")
+    make_dicom = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_dicom)
+    files = make_dicom.write_series(make_dicom.SAMPLE, tmp_path / "series")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
+    sitk.WriteImage(reader.Execute(), str(tmp_path / "back.nii.gz"))
+    back, source = nib.load(str(tmp_path / "back.nii.gz")), nib.load(str(make_dicom.SAMPLE))
+    assert len(files) == source.shape[2] and back.shape == source.shape
+    np.testing.assert_allclose(back.affine, source.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(source.dataobj))

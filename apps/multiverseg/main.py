@@ -25,18 +25,24 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+
+import numpy as np
 
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
 from mvlabel.contextstore import DatastoreContext
+from mvlabel.dicomweb import connect
 from mvlabel.errors import BadRequest
-from mvlabel.imageio import extension, read_asap, read_image, read_label
+from mvlabel.imageio import IMAGE_2D, extension, read_asap, read_image, read_label
+from mvlabel.ohif import serve_ohif_assets
 from mvlabel.infer import MultiverSegAuto, MultiverSegInfer
 from mvlabel.interactions import InteractionStore
 from mvlabel.nextsample import Leases, NextSample, ScoreBoard
@@ -45,6 +51,7 @@ from mvlabel.wsi import infer_region
 from mvseg import Predictor
 
 log = logging.getLogger(__name__)
+serve_ohif_assets()  # MONAI Label 0.8.5 answers every nested /ohif/ asset with index.html
 
 STRATEGIES = ("nearest", "confident", "coverage", "hybrid", "uncertainty", "random", "first")
 # The smallest worst case over the two measured pools: at most 4.0% more clicks than random order; every
@@ -68,11 +75,17 @@ class CheckedDatastore(LocalDatastore):
             image = read_image(image_uri)
             if extension(label_filename) == ".xml":
                 read_asap(label_filename, image.shape[:2])
-            else:
-                read_label(label_filename, image)
+                return super().save_label(image_id, label_filename, label_tag, label_info)
+            label = read_label(label_filename, image)
         except BadRequest as e:
             raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        if image.is_volume or extension(label_filename) in IMAGE_2D:
+            return super().save_label(image_id, label_filename, label_tag, label_info)
+        # a 2D image's label sent as NRRD/NIfTI (Slicer): kept as PNG, one label file per image and tag
+        with tempfile.TemporaryDirectory() as tmp:
+            png = os.path.join(tmp, "label.png")
+            Image.fromarray(label.astype(np.uint16 if label.max() > 255 else np.uint8)).save(png)
+            return super().save_label(image_id, png, label_tag, label_info)
 
 
 class MultiverSegApp(MONAILabelApp):
@@ -111,7 +124,7 @@ class MultiverSegApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            datastore = super().init_datastore()
+            datastore = connect(self.studies, self.label_names)
         else:
             datastore = CheckedDatastore(
                 self.studies,

@@ -1,0 +1,432 @@
+"""A DICOMweb PACS as the datastore: images are series, ``final`` labels are DICOM SEG series in the PACS.
+
+MONAI Label 0.8.5's ``DICOMWebDatastore`` is the base (its client, its local cache for other tags), with
+what an annotation server needs done differently:
+
+* **Labels are found by their SEG series for the image.** Every save stores a new SEG series in the PACS
+  and nothing replaces the old ones, so an image's ``final`` label is built, per segment label (label
+  name), from the newest SEG that holds that segment; SEG metadata is read once per SEG (it never changes).
+* **A SEG is resampled onto the image grid.** A SEG read back covers only the slices that hold the
+  segment; each segment is placed on the image's own grid (same geometry, nearest neighbour).
+* **One download per series at a time**, into a temporary folder renamed when complete; the conversion to
+  NIfTI is written beside it and renamed too. A request and the background scorer asking for the same
+  series share one download, and a half-written file never stays in the cache.
+* **A save is visible at once**: the new SEG joins the index as it is stored, and series listings are kept
+  only ``list_ttl`` seconds (other writers to the PACS show up within that time).
+* **Every imaging modality is listed** unless ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` is set: series of
+  non-image modalities (SEG, SR, PR, ...) are left out, instead of MONAI Label's default of CT only.
+* **Ids are series UIDs and nothing else**: a name that is not a listed series is refused before any
+  path is built from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
+from pydicom.dataset import Dataset
+
+from .errors import BadRequest
+from .imageio import read_image, read_label
+
+log = logging.getLogger(__name__)
+
+FINAL = "final"
+NON_IMAGE = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC", "FID", "PLAN"}
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class SegRecord:
+    """What the index keeps of one SEG series (read once from its metadata)."""
+
+    uid: str
+    study: str
+    image: str  # the referenced image series
+    when: str  # sortable creation time: newest wins
+    segments: tuple  # ((segment number, segment label), ...)
+    order: int = 0  # when it was first seen here: breaks ties of SEGs stored within one second
+
+
+def _value(meta: Dataset, keyword: str, default: str = "") -> str:
+    value = getattr(meta, keyword, None)
+    return default if value is None else str(value)
+
+
+def _seg_record(uid: str, study: str, meta: Dataset) -> Optional[SegRecord]:
+    refs = meta.get("ReferencedSeriesSequence")
+    if not refs:
+        log.warning("SEG %s names no referenced series: ignored", uid)
+        return None
+    when = "".join(
+        _value(meta, k).ljust(w, "0")[:w]
+        for k, w in (("SeriesDate", 8), ("SeriesTime", 13), ("ContentDate", 8), ("ContentTime", 13))
+    )
+    segments = tuple(
+        (int(s.SegmentNumber), str(getattr(s, "SegmentLabel", f"segment_{int(s.SegmentNumber)}")))
+        for s in meta.get("SegmentSequence", [])
+    )
+    return SegRecord(uid, study, str(refs[0].SeriesInstanceUID), when, segments)
+
+
+class PacsDatastore(DICOMWebDatastore):
+    """MONAI Label datastore over a DICOMweb PACS (see the module docstring).
+
+    Args:
+        client: a ``DICOMwebClient`` for the PACS's DICOMweb root. search_filter: QIDO filter for the image
+            series (None: every series of an imaging modality). cache_path: local cache folder (None:
+            MONAI Label's default). names: the app's label names, for labels saved without ``label_info``.
+        list_ttl: seconds a listing of the PACS's series is reused.
+    """
+
+    def __init__(self, client, search_filter: Optional[dict], cache_path: Optional[str], names: list[str],
+                 fetch_by_frame: bool = False, list_ttl: float = 10.0):
+        super().__init__(client, search_filter or {}, cache_path, fetch_by_frame, convert_to_nifti=True)
+        self.names = list(names)
+        self.list_ttl = list_ttl
+        # beside MONAI Label's cache folder, not in it: its file watcher need not see these writes
+        root = os.path.realpath(self._datastore_path) + "-mvseg"
+        self.series_dir = os.path.join(root, "series")
+        self.labels_dir = os.path.join(root, "final")
+        for folder in (self.series_dir, self.labels_dir):
+            os.makedirs(folder, exist_ok=True)
+        self._filter = search_filter
+        self._guard = threading.Lock()
+        self._series_locks: dict[str, threading.RLock] = defaultdict(threading.RLock)
+        self._listed: tuple[float, list[str], dict] = (0.0, [], {})  # when, image series, {uid: study}
+        self._segs: dict[str, SegRecord] = {}  # every SEG seen, by its series UID
+        self._segs_listed = 0.0
+        self._labels: dict[str, tuple[tuple, str, dict]] = {}  # image -> (SEG uids, label file, label info)
+
+    def _lock(self, key: str) -> threading.RLock:
+        with self._guard:
+            return self._series_locks[key]
+
+    # -- listing ------------------------------------------------------------------------------------
+
+    def _list(self) -> tuple[list[str], dict]:
+        with self._guard:
+            at, series, studies = self._listed
+            if time.monotonic() - at < self.list_ttl:
+                return series, studies
+        found = self._client.search_for_series(search_filters=self._filter or {})
+        series, studies = [], {}
+        for item in found:
+            meta = Dataset.from_json(item)
+            if self._filter is None and _value(meta, "Modality").upper() in NON_IMAGE:
+                continue
+            uid = _value(meta, "SeriesInstanceUID")
+            series.append(uid)
+            studies[uid] = _value(meta, "StudyInstanceUID")
+        with self._guard:
+            self._listed = (time.monotonic(), series, studies)
+        return series, studies
+
+    def list_images(self) -> list[str]:
+        return list(self._list()[0])
+
+    def _seg_index(self) -> dict[str, SegRecord]:
+        """Every SEG series in the PACS (listing reused for ``list_ttl`` s, metadata read once per SEG)."""
+        with self._guard:
+            fresh = time.monotonic() - self._segs_listed < self.list_ttl
+        if not fresh:
+            for item in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+                meta = Dataset.from_json(item)
+                uid, study = _value(meta, "SeriesInstanceUID"), _value(meta, "StudyInstanceUID")
+                if uid not in self._segs:
+                    self._remember_seg(uid, study)
+            with self._guard:
+                self._segs_listed = time.monotonic()
+        return dict(self._segs)
+
+    def _remember_seg(self, uid: str, study: str) -> None:
+        try:
+            meta = Dataset.from_json(self._client.retrieve_series_metadata(study, uid)[0])
+        except Exception as e:  # one unreadable SEG must not hide the others
+            log.warning("SEG %s: metadata not readable: %s", uid, e)
+            return
+        record = _seg_record(uid, study, meta)
+        if record is not None:
+            with self._guard:
+                self._segs[uid] = replace(record, order=len(self._segs))
+
+    def _current_segs(self, image_id: str) -> dict[str, SegRecord]:
+        """``{segment label: newest SEG holding it}`` for one image."""
+        newest: dict[str, SegRecord] = {}
+        for record in sorted(self._seg_index().values(), key=lambda r: (r.when, r.order)):
+            if record.image == image_id:
+                for _, name in record.segments:
+                    newest[name] = record
+        return newest
+
+    def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[list] = None) -> list[str]:
+        if label_tag not in (None, FINAL):
+            return LocalDatastore.get_labeled_images(self, label_tag, labels)
+        images = set(self.list_images())
+        return sorted({r.image for r in self._seg_index().values() if r.image in images})
+
+    def get_unlabeled_images(self, label_tag: Optional[str] = None, labels: Optional[list] = None) -> list[str]:
+        labelled = set(self.get_labeled_images(label_tag, labels))
+        return [i for i in self.list_images() if i not in labelled]
+
+    def _check_id(self, image_id: str) -> str:
+        if not isinstance(image_id, str) or not UID.match(image_id) or len(image_id) > 64:
+            raise BadRequest(f"'{image_id}' is not a series UID of this PACS", 404)
+        series, studies = self._list()
+        if image_id not in studies:
+            with self._guard:
+                self._listed = (0.0, [], {})  # a series stored a moment ago: look once more
+            series, studies = self._list()
+        if image_id not in studies:
+            raise BadRequest(f"series '{image_id}' is not in the PACS (or not listed by the search filter)", 404)
+        return studies[image_id]
+
+    # -- images -------------------------------------------------------------------------------------
+
+    def get_image_uri(self, image_id: str) -> str:
+        """The series as a NIfTI volume in the cache, downloaded and converted once (one thread at a time)."""
+        study = self._check_id(image_id)
+        target = os.path.join(self.series_dir, f"{image_id}.nii.gz")
+        with self._lock(image_id):
+            if not os.path.exists(target):
+                t0 = time.perf_counter()
+                folder = self._download(study, image_id)
+                t1 = time.perf_counter()
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+                image = reader.Execute()
+                _write_atomic(image, target)
+                log.info("series %s: downloaded in %.2f s, converted in %.2f s", image_id, t1 - t0,
+                         time.perf_counter() - t1)
+        return target
+
+    def _download(self, study: str, series: str) -> str:
+        """The series' DICOM files in ``series_dir/<uid>/`` (complete, or not there at all)."""
+        folder = os.path.join(self.series_dir, series)
+        if os.path.isdir(folder) and os.listdir(folder):
+            return folder
+        partial = tempfile.mkdtemp(prefix=f"{series}.", suffix=".part", dir=self.series_dir)
+        try:
+            dicom_web_download_series(study, series, partial, self._client, self._fetch_by_frame)
+            os.replace(partial, folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return folder
+
+    def get_image_info(self, image_id: str) -> dict:
+        info = {}
+        try:
+            info = LocalDatastore.get_image_info(self, image_id) or {}
+        except Exception:
+            pass
+        return info
+
+    # -- labels -------------------------------------------------------------------------------------
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """``final``: the image's label built from its newest SEG per segment label ("" when it has none).
+        ``label_id`` is the image series (as the local datastore names labels) or a SEG series."""
+        if label_tag != FINAL:
+            return LocalDatastore.get_label_uri(self, label_id, label_tag)
+        record = self._segs.get(label_id)
+        image_id = record.image if record is not None else (image_id or label_id)
+        built = self._build_label(image_id)
+        return built[1] if built else ""
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict:
+        if label_tag != FINAL:
+            return LocalDatastore.get_label_info(self, label_id, label_tag)
+        built = self._build_label(label_id)
+        return dict(built[2]) if built else {}
+
+    def _build_label(self, image_id: str) -> Optional[tuple[tuple, str, dict]]:
+        """(SEG uids, NIfTI path, label info) of an image's current final label, rebuilt when its SEGs change."""
+        current = self._current_segs(image_id)
+        if not current:
+            return None
+        names = sorted(current, key=lambda n: (self.names.index(n) if n in self.names else len(self.names), n))
+        key = tuple(current[n].uid for n in names)
+        hit = self._labels.get(image_id)
+        if hit and hit[0] == key and os.path.exists(hit[1]):
+            return hit
+        with self._lock(image_id):
+            image = sitk.ReadImage(self.get_image_uri(image_id))
+            labelmap = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+            segments = {}
+            for idx, name in enumerate(names, start=1):
+                record = current[name]
+                number = next(n for n, label in record.segments if label == name)
+                if record.uid not in segments:
+                    segments[record.uid] = _read_seg(self._download(record.study, record.uid))
+                mask = _on_grid(segments[record.uid][number], image)
+                labelmap[mask > 0] = idx
+            out = sitk.GetImageFromArray(labelmap)
+            out.CopyInformation(image)
+            path = os.path.join(self.labels_dir, f"{image_id}.nii.gz")
+            _write_atomic(out, path)
+            info = {
+                "label_info": [{"name": n, "idx": i} for i, n in enumerate(names, start=1)],
+                "segs": list(key),
+                "ts": max(current[n].when for n in names),
+            }
+            self._labels[image_id] = (key, path, info)
+            return self._labels[image_id]
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
+                   label_id: str = "") -> str:
+        """``final``: stored in the PACS as a new DICOM SEG (segment labels = label names); other tags stay
+        in the local cache. The label is checked against the image before anything is stored."""
+        try:
+            return self._save(image_id, label_filename, label_tag, label_info)
+        except BadRequest as e:  # the datastore endpoint calls this directly: answer 4xx, not 500
+            raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
+
+    def _save(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        image_uri = self.get_image_uri(image_id)
+        image = read_image(image_uri)
+        if label_filename.endswith(".bin"):  # OHIF: the raw voxel buffer in the image's (Fortran) order
+            label = np.fromfile(label_filename, np.uint8)
+            if label.size != int(np.prod(image.shape)):
+                raise BadRequest(f"label has {label.size} voxels but the image has {int(np.prod(image.shape))}", 422)
+            label = label.reshape(image.shape, order="F").astype(np.int32)
+        else:
+            label = read_label(label_filename, image)
+        if label_tag != FINAL:
+            fd, path = tempfile.mkstemp(suffix=".nii.gz")
+            os.close(fd)
+            try:
+                nib.save(nib.Nifti1Image(label.astype(np.uint8), image.affine), path)
+                return LocalDatastore.save_label(self, image_id, path, label_tag, label_info)
+            finally:
+                os.unlink(path)
+        segments = self._segments(label, label_info)
+        if not segments:
+            raise BadRequest("the label is empty: nothing to store", 422)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            labelmap = np.zeros(label.shape, np.uint16)
+            for value, (name, mask) in enumerate(segments, start=1):
+                labelmap[mask] = value
+            path = os.path.join(tmp, "label.nii.gz")
+            nib.save(nib.Nifti1Image(labelmap, image.affine), path)
+            described = [{"name": n, "idx": v} for v, (n, _) in enumerate(segments, start=1)]
+            described[0]["model_name"] = "MultiverSeg"  # the SEG's series description
+            seg_file = nifti_to_dicom_seg(os.path.join(self.series_dir, image_id), path, described)
+            if not seg_file:
+                raise BadRequest("the label could not be written as DICOM SEG", 422)
+            t1 = time.perf_counter()
+            try:
+                seg_uid = dicom_web_upload_dcm(seg_file, self._client)
+            finally:
+                os.unlink(seg_file)
+        if not seg_uid:
+            raise BadRequest("the PACS did not accept the DICOM SEG", 502)
+        study = self._check_id(image_id)
+        self._remember_seg(seg_uid, study)  # visible at once, whatever the listing cache holds
+        log.info("label of %s stored as SEG %s (%s): written in %.2f s, stored in %.2f s", image_id, seg_uid,
+                 ", ".join(n for n, _ in segments), t1 - t0, time.perf_counter() - t1)
+        return seg_uid
+
+    def _segments(self, label: np.ndarray, label_info: dict) -> list[tuple[str, np.ndarray]]:
+        """``[(label name, mask)]`` of a labelmap, named by its ``label_info`` or the app's label names."""
+        described = label_info.get("label_info") if isinstance(label_info, dict) else None
+        out = []
+        if isinstance(described, list) and described:
+            for item in described:
+                if isinstance(item, dict) and "name" in item:
+                    mask = label == int(item.get("idx", item.get("id", 1)))
+                    if mask.any():
+                        out.append((str(item["name"]), mask))
+            return out
+        for v in (int(v) for v in np.unique(label) if v != 0):
+            out.append((self.names[v - 1] if 0 < v <= len(self.names) else f"label_{v}", label == v))
+        return out
+
+    def json(self) -> dict:
+        """The listing ``GET /datastore/`` answers: every image series and, where it has SEGs, its final label."""
+        objects = {}
+        for uid in self.list_images():
+            segs = self._current_segs(uid)
+            labels = {FINAL: {"ext": ".nii.gz", "info": {"segs": {n: r.uid for n, r in segs.items()}}}} if segs else {}
+            objects[uid] = {"image": {"ext": ".nii.gz", "info": self.get_image_info(uid)}, "labels": labels}
+        return {"name": self.name(), "objects": objects}
+
+    def status(self) -> dict:
+        labelled = self.get_labeled_images()
+        return {"total": len(self.list_images()), "completed": len(labelled), "label_tags": {FINAL: len(labelled)}}
+
+    def datalist(self, full_path=True) -> list[dict[str, Any]]:
+        return [{"image": self.get_image_uri(i), "label": self.get_label_uri(i, FINAL)}
+                for i in self.get_labeled_images()]
+
+
+def _read_seg(folder: str) -> dict[int, sitk.Image]:
+    """``{segment number: binary sitk image}`` of the SEG file in ``folder`` (its own, cropped, grid)."""
+    import pydicom_seg
+
+    files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+    result = pydicom_seg.SegmentReader().read(pydicom.dcmread(files[0]))
+    return {n: result.segment_image(n) for n in result.available_segments}
+
+
+def _on_grid(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """A SEG segment resampled (nearest neighbour, same physical space) onto the image's grid."""
+    resampled = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def _write_atomic(image: sitk.Image, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def connect(url: str, names: list[str]) -> PacsDatastore:
+    """A :class:`PacsDatastore` on ``url`` with MONAI Label's DICOMweb settings (credentials, URL prefixes,
+    cache path, search filter), as ``monailabel start_server --studies URL`` would make its own."""
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from monailabel.config import settings
+    from monailabel.datastore.dicom import DICOMwebClientX
+
+    user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
+    password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
+    session = create_session_from_user_pass(user, password) if user and password else None
+    client = DICOMwebClientX(
+        url=url.rstrip("/"),
+        session=session,
+        qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+        wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+        stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+    )
+    cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+    # MONAI Label's default filter lists CT only; unless one is set, every imaging modality is listed
+    chosen = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" in settings.model_fields_set
+    return PacsDatastore(
+        client,
+        settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER if chosen else None,
+        cache or None,
+        names,
+        fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+    )

@@ -1,0 +1,325 @@
+"""The app against real clients' real components: a DICOMweb PACS (Orthanc) and the bundled OHIF in Chromium.
+
+Orthanc (Debian's, with its DICOMweb plugin) runs from a temp dir on a free loopback port and gets two MR
+series of the sample brain by STOW-RS; ``monailabel start_server --studies http://.../dicom-web`` serves
+them with the bundled weights. The tests follow a hospital user: click on a slice, save a label (it goes to
+the PACS as DICOM SEG), watch the context grow, restart the server, then do the same click in OHIF in
+headless Chromium (Debian's, driven by Playwright) and read the overlay off the rendered pixels. Every
+process is stopped by its PID; every wait is bounded. ``.ci/run`` installs Orthanc and Chromium.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import requests
+
+from bench.bench_server import free_port, start_server
+
+from .conftest import ROOT
+from .pacs import orthanc_available, start_orthanc, stop_process, upload
+
+pytestmark = [pytest.mark.slow, pytest.mark.pacs]
+if not orthanc_available() and not os.environ.get("CI"):
+    pytest.skip("Orthanc is not installed (tests/system-deps.sh installs it)", allow_module_level=True)
+
+SAMPLE = ROOT / "sample-datasets" / "brain-3d" / "mni152_t1_2mm.nii.gz"
+TRUTH = nib.load(str(ROOT / "sample-datasets" / "brain-3d" / "ground-truth" / "mni152_t1_2mm.nii.gz"))
+NAMES = ["white_matter", "grey_matter"]
+LABEL_INFO = [{"name": "white_matter", "idx": 1}, {"name": "grey_matter", "idx": 2}]
+K = 47  # the clicked slice (axis 2)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _make_dicom():
+    spec = importlib.util.spec_from_file_location("make_dicom", ROOT / "sample-datasets" / "make_dicom.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Site:
+    """Orthanc + the annotation server, and what the tests share."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.orthanc_port, self.port = free_port(), free_port()
+        self.dicomweb = f"http://127.0.0.1:{self.orthanc_port}/dicom-web"
+        self.server = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_server(self) -> float:
+        """A fresh server with an empty cache (as on a new machine); returns the seconds it took."""
+        self.restarts += 1
+        os.environ["MONAI_LABEL_DATASTORE_CACHE_PATH"] = str(self.root / f"cache{self.restarts}")
+        t0 = time.perf_counter()
+        self.server = start_server(self.dicomweb, self.port, self.root / f"server{self.restarts}.log",
+                                   {"labels": ",".join(NAMES)})
+        return time.perf_counter() - t0
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            stop_process(self.server)
+            self.server = None
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pacs")
+    site = Site(root)
+    orthanc = start_orthanc(root / "orthanc", site.orthanc_port)
+    saved_cache = os.environ.get("MONAI_LABEL_DATASTORE_CACHE_PATH")
+    try:
+        make_dicom = _make_dicom()
+        site.series = []
+        for name in ("a", "b"):  # two MR series of one volume: one to label, one to be offered next
+            files = make_dicom.write_series(SAMPLE, root / f"series_{name}", patient=f"MNI152-{name}")
+            upload(site.dicomweb, files)
+            site.series.append(_series_uid(files[0]))
+        site.start_server()
+        yield site
+    finally:
+        site.stop_server()
+        stop_process(orthanc)
+        if saved_cache is None:
+            os.environ.pop("MONAI_LABEL_DATASTORE_CACHE_PATH", None)
+        else:
+            os.environ["MONAI_LABEL_DATASTORE_CACHE_PATH"] = saved_cache
+
+
+def _series_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(str(path), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def click(site: Site, series: str, point: list, **params) -> requests.Response:
+    params = {"foreground": [point], "background": [], "result_extension": ".nrrd", "result_dtype": "uint8",
+              "label_name": "white_matter", **params}
+    return requests.post(f"{site.url}/infer/multiverseg?image={series}&output=all",
+                         data={"params": json.dumps(params)}, timeout=120)
+
+
+def white_matter_point(k: int = K) -> list:
+    ii, jj = np.nonzero(np.asarray(TRUTH.dataobj)[:, :, k] == 1)
+    return [int(ii[len(ii) // 2]), int(jj[len(jj) // 2]), k]
+
+
+def multipart(response) -> tuple[dict, bytes]:
+    from .app_helpers import split_multipart
+
+    return split_multipart(response)
+
+
+def save_label(site: Site, series: str, label: np.ndarray, label_info=LABEL_INFO) -> requests.Response:
+    path = site.root / "upload.nii.gz"
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), TRUTH.affine), str(path))
+    with path.open("rb") as f:
+        return requests.put(f"{site.url}/datastore/label?image={series}&tag=final",
+                            data={"params": json.dumps({"label_info": label_info})},
+                            files={"label": ("label.nii.gz", f)}, timeout=120)
+
+
+def segs_in_pacs(site: Site) -> list[dict]:
+    """Every SEG in Orthanc: its series UID, referenced series and segment labels (read from the PACS)."""
+    from dicomweb_client import DICOMwebClient
+    from pydicom.dataset import Dataset
+
+    client = DICOMwebClient(site.dicomweb)
+    out = []
+    for item in client.search_for_series(search_filters={"Modality": "SEG"}):
+        meta = Dataset.from_json(item)
+        full = Dataset.from_json(client.retrieve_series_metadata(meta.StudyInstanceUID, meta.SeriesInstanceUID)[0])
+        out.append({"uid": meta.SeriesInstanceUID, "image": full.ReferencedSeriesSequence[0].SeriesInstanceUID,
+                    "labels": sorted(s.SegmentLabel for s in full.SegmentSequence)})
+    return out
+
+
+# -- the server against the PACS ------------------------------------------------------------------------
+
+
+def test_ohif_assets_are_served_as_what_they_are(site):
+    static = Path(__import__("monailabel").__file__).parent / "endpoints" / "static" / "ohif"
+    nested = next(p for p in sorted(static.rglob("*.js")) if p.parent != static)
+    r = requests.get(f"{site.url}/ohif/{nested.relative_to(static).as_posix()}", timeout=10)
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+    assert r.content == nested.read_bytes()
+    assert "text/html" in requests.get(f"{site.url}/ohif/", timeout=10).headers["content-type"]
+    r = requests.get(f"{site.url}/ohif/..%2F..%2F..%2Fconfig.py", timeout=10)
+    assert r.status_code == 404
+
+
+def test_mr_series_are_listed(site):
+    objects = requests.get(f"{site.url}/datastore/?output=all", timeout=30).json()["objects"]
+    assert sorted(objects) == sorted(site.series)  # MR, though MONAI Label's default filter lists CT only
+
+
+def test_click_on_a_slice_answers_the_whole_volume_with_only_that_slice(site):
+    r = click(site, site.series[0], white_matter_point(), result_compress=False)
+    assert r.status_code == 200, r.text
+    info, body = multipart(r)
+    assert b"encoding: raw" in body.split(b"\n\n", 1)[0]  # OHIF reads the bytes as they come
+    path = site.root / "click.nrrd"
+    path.write_bytes(body)
+    out, header = nrrd.read(str(path))
+    assert out.shape == TRUTH.shape
+    lps = np.diag([-1.0, -1.0, 1.0]) @ TRUTH.affine[:3]
+    np.testing.assert_allclose(np.asarray(header["space directions"]), lps[:, :3].T, atol=1e-4)
+    np.testing.assert_allclose(header["space origin"], lps[:, 3], atol=1e-4)
+    assert out[:, :, K].any() and not np.delete(out, K, axis=2).any()
+    assert info["slice"] == K and info["context_size"] == 0
+
+
+def test_one_series_is_downloaded_once_whoever_asks(site, tmp_path):
+    """A click and the background scorer asking for the same series at once: one complete download."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from monailabel.config import settings
+
+    from mvlabel.dicomweb import connect
+
+    settings.MONAI_LABEL_DATASTORE_CACHE_PATH = str(tmp_path)
+    try:
+        store = connect(site.dicomweb, NAMES)
+    finally:
+        settings.MONAI_LABEL_DATASTORE_CACHE_PATH = ""
+    paths, errors = [], []
+
+    def fetch():
+        try:
+            paths.append(store.get_image_uri(site.series[1]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(set(paths)) == 1
+    assert nib.load(paths[0]).shape == TRUTH.shape
+    assert not [p for p in os.listdir(store.series_dir) if p.endswith(".part")]
+
+
+def test_saving_a_final_label_stores_a_seg_and_grows_the_context(site):
+    a, b = site.series
+    before = multipart(click(site, b, white_matter_point()))[0]["context_size"]
+    assert requests.post(f"{site.url}/activelearning/first", json={"client_id": "x"}, timeout=30).json()["id"] in (a, b)
+    r = save_label(site, a, np.asarray(TRUTH.dataobj))
+    assert r.status_code == 200, r.text
+    segs = segs_in_pacs(site)
+    assert [(s["image"], s["labels"]) for s in segs] == [(a, sorted(NAMES))]
+    after = multipart(click(site, b, white_matter_point()))[0]
+    assert after["context_size"] > before
+    r = requests.post(f"{site.url}/infer/multiverseg_auto?image={b}&output=json", data={"params": "{}"}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert set(r.json()["label_names"]) == set(NAMES)
+    for strategy in ("first", "nearest"):  # the labelled series is no longer offered
+        r = requests.post(f"{site.url}/activelearning/{strategy}", json={"client_id": "x"}, timeout=30)
+        assert r.json()["id"] == b
+    assert requests.get(f"{site.url}/datastore/?output=stats", timeout=30).json()["completed"] == 1
+
+
+def test_the_newest_seg_per_label_counts_on_the_image_grid(site):
+    """A second save with white matter only on some slices: its SEG covers those slices only, yet the label
+    read back is on the whole grid, white matter from the new SEG and grey matter still from the first."""
+    a = site.series[0]
+    truth = np.asarray(TRUTH.dataobj)
+    partial = np.where(truth == 1, 1, 0).astype(np.uint8)
+    partial[:, :, : K - 10] = 0
+    r = save_label(site, a, partial, [{"name": "white_matter", "idx": 1}])
+    assert r.status_code == 200, r.text
+    r = requests.get(f"{site.url}/datastore/label?label={a}&tag=final", timeout=60)
+    assert r.status_code == 200, r.text
+    path = site.root / "label_back.nii.gz"
+    path.write_bytes(r.content)
+    back = nib.load(str(path))
+    assert back.shape == truth.shape
+    np.testing.assert_allclose(back.affine, TRUTH.affine, atol=1e-4)
+    info = requests.get(f"{site.url}/datastore/label/info?label={a}&tag=final", timeout=30).json()
+    value = {item["name"]: item["idx"] for item in info["label_info"]}
+    data = np.asarray(back.dataobj)
+    np.testing.assert_array_equal(data == value["white_matter"], partial == 1)
+    np.testing.assert_array_equal(data == value["grey_matter"], truth == 2)
+
+
+def test_a_restarted_server_rebuilds_the_context_from_the_pacs(site):
+    site.stop_server()
+    seconds = site.start_server()  # empty cache: everything comes from Orthanc again
+    info = multipart(click(site, site.series[1], white_matter_point()))[0]
+    assert info["context_size"] > 0
+    print(f"restart with the context rebuilt from the PACS: {seconds:.1f} s")
+
+
+# -- OHIF in a real browser -----------------------------------------------------------------------------
+
+
+def green_pixels(png: bytes) -> int:
+    """Pixels of a screenshot tinted green: OHIF blends white_matter's labelmap (rgb 122, 183, 49) over
+    the grey image; before the answer only the click's marker, a small green ring, is there."""
+    import io
+
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((g - r > 25) & (g - b > 40)).sum())
+
+
+def test_ohif_point_prompt_shows_an_overlay_on_the_clicked_slice(site, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    requests_seen = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(60_000)
+            page.on("request", lambda r: requests_seen.append(r.post_data or "") if "/infer/" in r.url else None)
+            page.goto(f"{site.url}/ohif/")
+            page.get_by_role("button", name="Confirm and Hide").click()
+            page.get_by_text("MNI152-b").first.click()  # the study list shows the PACS's studies
+            page.get_by_role("button", name="MONAI Label").click()
+            server = page.locator("#monailabelServerURL")
+            server.fill(site.url + "/")
+            server.locator("xpath=../..").locator("button.actionButton").click()
+            page.get_by_text("Point Prompts").click()
+            page.locator("tr.clickable-row", has_text="white_matter").click()
+            viewport = page.locator(".cornerstone-canvas").first
+            box = viewport.bounding_box()
+            page.mouse.click(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.45)
+            time.sleep(1)
+            before = viewport.screenshot(path=str(shots / "before.png"))
+            with page.expect_response(lambda r: "/infer/multiverseg" in r.url, timeout=120_000) as answer:
+                page.get_by_title("Run PointPrompts").click()
+            assert answer.value.status == 200
+            after, deadline = b"", time.monotonic() + 30
+            while time.monotonic() < deadline:  # the overlay is drawn a moment after the answer
+                after = viewport.screenshot(path=str(shots / "after.png"))
+                if green_pixels(after) > 1000:
+                    break
+                time.sleep(0.5)
+            page.screenshot(path=str(shots / "viewer.png"))
+        finally:
+            browser.close()
+    params = json.loads(requests_seen[-1].split("\r\n\r\n", 1)[1].split("\r\n", 1)[0])
+    assert params["result_compress"] is False and len(params["foreground"][0]) == 3
+    assert green_pixels(before) < 300 and green_pixels(after) > 1000, (green_pixels(before), green_pixels(after))
+    print(f"OHIF screenshots: {shots}")
