@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -68,3 +69,33 @@ def split_multipart(response) -> tuple[dict, bytes]:
         elif b'name="image"' in head:
             image = body
     return params, image
+
+
+def save_tiny_weights(path):
+    """A small, seeded, untrained MultiverSeg checkpoint: the app runs fast on it."""
+    import torch
+
+    from mvseg import MultiverSegConfig, MultiverSegNet, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8, 8])), path)
+
+
+@contextlib.contextmanager
+def app_client(studies: Path, conf: dict):
+    """``(TestClient, app instance)`` of the app on ``studies`` with tiny weights (the lifespan runs)."""
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    weights = studies.parent / "tiny.pt"
+    if not weights.exists():
+        save_tiny_weights(weights)
+    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
+    settings.MONAI_LABEL_STUDIES = str(studies)
+    settings.MONAI_LABEL_APP_CONF = {"weights": str(weights), "device": "cpu", **conf}
+    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
+    from monailabel.app import app
+    from monailabel.interfaces.utils.app import app_instance
+
+    with TestClient(app) as client:
+        yield client, app_instance()

@@ -11,41 +11,24 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from mvseg import MultiverSegConfig, MultiverSegNet, save_checkpoint
 
-from .app_helpers import APP_DIR, hc18_ids, hc18_pair, make_studies, png_bytes, split_multipart
+from .app_helpers import (
+    APP_DIR, app_client, hc18_ids, hc18_pair, make_studies, png_bytes, save_tiny_weights, split_multipart,
+)
 
 IDS = hc18_ids(6)
 VOLUME_IDS = hc18_ids(5, start=10)
 
 
-def save_tiny_weights(path):
-    """A small, seeded, untrained MultiverSeg checkpoint: the app runs fast on it."""
-    torch.manual_seed(0)
-    save_checkpoint(MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8, 8])), path)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(client, app instance, studies dir) on a datastore of 6 PNGs and two volumes, with tiny weights."""
-    from fastapi.testclient import TestClient
-    from monailabel.config import settings
-
     root = tmp_path_factory.mktemp("app")
     studies = make_studies(root / "studies", IDS, VOLUME_IDS)
-    save_tiny_weights(root / "tiny.pt")
-    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
-    settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = {"weights": str(root / "tiny.pt"), "labels": "head", "device": "cpu"}
-    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
-    from monailabel.app import app
-    from monailabel.interfaces.utils.app import app_instance
-
-    with TestClient(app) as client:
-        yield client, app_instance(), studies
+    with app_client(studies, {"labels": "head"}) as (client, app):
+        yield client, app, studies
 
 
 def infer(client, model, image, params, output="json", files=None):

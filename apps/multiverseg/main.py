@@ -25,23 +25,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
-
-import numpy as np
 
 from fastapi import HTTPException
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
 from mvlabel.contextstore import DatastoreContext
 from mvlabel.dicomweb import connect
 from mvlabel.errors import BadRequest
-from mvlabel.imageio import IMAGE_2D, extension, read_asap, read_image, read_label
+from mvlabel import guard, imageio
+from mvlabel.access import TokenCache, install_monailabel_user, verifier_from_settings
+from mvlabel.imageio import read_image
+from mvlabel.localstore import CheckedDatastore
 from mvlabel.ohif import serve_ohif_assets
 from mvlabel.infer import MultiverSegAuto, MultiverSegInfer
 from mvlabel.interactions import InteractionStore
@@ -59,33 +57,15 @@ STRATEGIES = ("nearest", "confident", "coverage", "hybrid", "uncertainty", "rand
 DEFAULT_STRATEGY = "nearest"
 
 
+def _positive_int(conf: dict, key: str, default: int) -> int:
+    value = str(conf.get(key, default))
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"--conf {key} must be a positive whole number, got '{value}'")
+    return int(value)
+
+
 def _http(error: BadRequest) -> HTTPException:
     return HTTPException(status_code=error.status, detail=str(error))
-
-
-class CheckedDatastore(LocalDatastore):
-    """Local datastore that refuses a label it cannot read or that does not fit its image, before anything
-    on disk is touched (the base class copies first and asks later)."""
-
-    def save_label(self, image_id, label_filename, label_tag, label_info):
-        image_uri = self.get_image_uri(image_id)
-        if not image_uri:
-            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
-        try:
-            image = read_image(image_uri)
-            if extension(label_filename) == ".xml":
-                read_asap(label_filename, image.shape[:2])
-                return super().save_label(image_id, label_filename, label_tag, label_info)
-            label = read_label(label_filename, image)
-        except BadRequest as e:
-            raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
-        if image.is_volume or extension(label_filename) in IMAGE_2D:
-            return super().save_label(image_id, label_filename, label_tag, label_info)
-        # a 2D image's label sent as NRRD/NIfTI (Slicer): kept as PNG, one label file per image and tag
-        with tempfile.TemporaryDirectory() as tmp:
-            png = os.path.join(tmp, "label.png")
-            Image.fromarray(label.astype(np.uint16 if label.max() > 255 else np.uint8)).save(png)
-            return super().save_label(image_id, png, label_tag, label_info)
 
 
 class MultiverSegApp(MONAILabelApp):
@@ -110,6 +90,17 @@ class MultiverSegApp(MONAILabelApp):
             refine=refine == "true",
         )
         self.interactions = InteractionStore(expiry=float(conf.get("state_expiry", 1800)))
+        imageio.MAX_PIXELS = _positive_int(conf, "max_pixels", 100_000_000)
+        max_body = _positive_int(conf, "max_upload_mb", 2048) << 20
+        tokens = None
+        if settings.MONAI_LABEL_AUTH_ENABLE:
+            verifier = verifier_from_settings()
+            install_monailabel_user(verifier)  # MONAI Label's own role checks use the same verification
+            tokens = TokenCache(verifier)
+        from monailabel.app import app as server
+
+        guard.install(server.router, lambda inner: guard.Guard(
+            inner, tokens, self._check_upload, self._image_exists, max_body, dicom_seg=self._on_pacs(studies)))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -122,8 +113,22 @@ class MultiverSegApp(MONAILabelApp):
 
     # -- wiring -------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _on_pacs(studies: str) -> bool:
+        return studies.startswith(("http://", "https://"))
+
+    @staticmethod
+    def _check_upload(path: str, filename: str) -> None:
+        read_image(path)  # BadRequest when unreadable, of an unknown format or over max_pixels
+
+    def _image_exists(self, image_id: str) -> bool:
+        try:
+            return bool(self.datastore().get_image_uri(image_id))
+        except Exception:
+            return False
+
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
+        if self._on_pacs(self.studies):
             datastore = connect(self.studies, self.label_names)
         else:
             datastore = CheckedDatastore(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Optional, Sequence, Union
 
@@ -27,6 +26,7 @@ from .geometry import (
 from .network import MultiverSegNet, ScribblePromptUNet
 from .prompts import Prompts, encode_for_model
 from .refine import BoundaryRefiner
+from .scheduling import PriorityLock
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,12 @@ class Predictor:
         step = 2 ** (self.model.depth - 1)
         if self.size <= 0 or self.size % step:
             raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
-        self._lock = threading.Lock()
+        self._lock = PriorityLock()  # one forward at a time; clicks before background work
+
+    def background(self):
+        """``with predictor.background():`` this thread's forwards wait while a click waits (zero-click
+        volumes, scoring, batch jobs); see :mod:`mvseg.scheduling`."""
+        return self._lock.background()
 
     def new_context(self) -> ContextSet:
         """An empty context set on this predictor's grid."""

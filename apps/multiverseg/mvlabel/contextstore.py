@@ -51,7 +51,8 @@ def pick_slices(mask: np.ndarray, axis: int, cap: int) -> list[int]:
 
 def label_masks(label: np.ndarray, info: dict, names: list[str]) -> dict[str, np.ndarray]:
     """Labelmap -> ``{label name: binary mask}``. ``label_info`` names the values; a binary map takes
-    ``names[0]``; other values take ``names[value - 1]`` when configured, else ``label_<value>``."""
+    ``names[0]`` (0/255 masks too); other values take ``names[value - 1]`` when configured, else
+    ``label_<value>``."""
     described = info.get("label_info") if isinstance(info, dict) else None
     out: dict[str, np.ndarray] = {}
     if isinstance(described, list) and described:
@@ -63,6 +64,8 @@ def label_masks(label: np.ndarray, info: dict, names: list[str]) -> dict[str, np
                     out[str(item["name"])] = mask
         return out
     values = [int(v) for v in np.unique(label) if v != 0]
+    if values == [255]:  # a 0/255 mask, as masks are often stored: binary
+        values, label = [1], (label != 0).astype(np.uint8)
     for v in values:
         name = names[v - 1] if 0 < v <= len(names) else f"label_{v}"
         out[name] = label == v

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FINAL = "final"
 NON_IMAGE = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC", "FID", "PLAN"}
+SEG_WRITER = "itkimage2segimage"  # dcmqi's tool, which MONAI Label's SEG writer runs
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -316,6 +318,8 @@ class PacsDatastore(DICOMWebDatastore):
                 return LocalDatastore.save_label(self, image_id, path, label_tag, label_info)
             finally:
                 os.unlink(path)
+        if not shutil.which(SEG_WRITER):
+            raise BadRequest(f"{SEG_WRITER} is not installed on the server (pip install dcmqi)", 503)
         segments = self._segments(label, label_info)
         if not segments:
             raise BadRequest("the label is empty: nothing to store", 422)
@@ -423,6 +427,12 @@ def connect(url: str, names: list[str]) -> PacsDatastore:
     cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     # MONAI Label's default filter lists CT only; unless one is set, every imaging modality is listed
     chosen = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" in settings.model_fields_set
+    # dcmqi's itkimage2segimage (pip install dcmqi) beside this Python, when its folder is not on PATH
+    tools = os.path.dirname(sys.executable)
+    if not shutil.which(SEG_WRITER) and os.path.exists(os.path.join(tools, SEG_WRITER)):
+        os.environ["PATH"] = tools + os.pathsep + os.environ.get("PATH", "")
+    if not shutil.which(SEG_WRITER):
+        log.warning("%s not found: saving labels to the PACS needs it (pip install dcmqi)", SEG_WRITER)
     return PacsDatastore(
         client,
         settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER if chosen else None,

@@ -84,8 +84,22 @@ def _nrrd_affine(header: dict) -> np.ndarray:
     return flip[:, None] * affine
 
 
+# Largest image the server reads, in pixels (voxels for volumes); the app sets it (--conf max_pixels).
+# Checked from the header, before any decoding: a small file can hold a huge image (decompression bomb).
+MAX_PIXELS = 100_000_000
+
+
+def _check_size(shape, path: str) -> None:
+    pixels = int(np.prod([int(n) for n in shape]))
+    if pixels > MAX_PIXELS:
+        raise BadRequest(
+            f"image {os.path.basename(path)} has {pixels:,} pixels ({' x '.join(str(int(n)) for n in shape)}); "
+            f"this server reads at most {MAX_PIXELS:,}", 413)
+
+
 def read_image(path: str) -> Loaded:
-    """Read a 2D image or a volume; unreadable or empty files raise :class:`BadRequest` (415/422)."""
+    """Read a 2D image or a volume; unreadable or empty files raise :class:`BadRequest` (415/422), images
+    over :data:`MAX_PIXELS` raise it with 413 before they are decoded."""
     path = str(path)
     ext = extension(path)
     if not os.path.isfile(path):
@@ -93,13 +107,17 @@ def read_image(path: str) -> Loaded:
     try:
         if ext in NIFTI:
             img = nib.load(path)
+            _check_size(img.shape, path)
             array = np.asanyarray(img.dataobj)
             loaded = Loaded(array, path, ext, np.asarray(img.affine, float), img.header)
         elif ext in NRRD:
+            _check_size(nrrd.read_header(path)["sizes"], path)
             array, header = nrrd.read(path)
             loaded = Loaded(array, path, ext, _nrrd_affine(header), header)
         elif ext in IMAGE_2D:
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check (at open), at the same limit
             with Image.open(path) as im:
+                _check_size(im.size, path)
                 im.load()
                 if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "1"):
                     im = im.convert("RGB" if im.mode in ("P", "PA", "CMYK", "YCbCr") else "L")
@@ -111,6 +129,9 @@ def read_image(path: str) -> Loaded:
             )
     except BadRequest:
         raise
+    except Image.DecompressionBombError:  # Pillow's own check, at open: far over the limit
+        raise BadRequest(f"image {os.path.basename(path)} has more pixels than this server reads "
+                         f"({MAX_PIXELS:,} at most)", 413) from None
     except Exception as e:  # each reader raises its own types for corrupt files
         raise BadRequest(f"cannot read image {os.path.basename(path)}: {e}", 422) from None
     if loaded.is_volume:

@@ -139,6 +139,10 @@ class ScoreBoard:
         self._wake.set()
 
     def _run(self) -> None:
+        with self.segmenter.predictor.background():  # scoring forwards yield to clicks
+            self._loop()
+
+    def _loop(self) -> None:
         while not self._stop:
             self._wake.wait()
             self._wake.clear()
@@ -158,7 +162,7 @@ class ScoreBoard:
         new: dict[str, dict[str, dict[str, float]]] = {}
         for label in self.context.label_names():
             new[label] = {"coverage": cover, "nearest": near}
-            context = self.context.get(label)
+            context = self.context.get(label).copy()
             unsure: dict[str, float] = {}
             if len(context):
                 predictor = self.segmenter.predictor

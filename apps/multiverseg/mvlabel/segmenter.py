@@ -22,6 +22,7 @@ from mvseg import ContextSet, Predictor, Prompts
 
 from .contextstore import DatastoreContext, volume_slice
 from .errors import BadRequest
+from .guard import current_client
 from .imageio import Loaded, read_image, read_label, stat_key
 from .interactions import InteractionStore, SliceResult
 
@@ -109,7 +110,7 @@ class Segmenter:
         t0 = time.perf_counter()
         loaded = self.load(request.get("image", ""))
         label = self.label_name(request)
-        client = str(request.get("client_id") or "default")
+        client = str(request.get("client_id") or current_client.get())
         fg = _number_list(request.get("foreground"), "foreground")
         bg = _number_list(request.get("background"), "background")
         ndim = 3 if loaded.is_volume else 2
@@ -198,20 +199,17 @@ class Segmenter:
         """The label's datastore context (refreshed first: returns how many label files that read), plus
         slices of this volume already segmented in the session."""
         read = self.context.refresh()
-        base = self.context.get(target.label)
+        context = self.context.get(target.label).copy()  # a snapshot: a refresh may change the live set meanwhile
         if target.index is None:
-            return base, read
-        near = self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices)
-        if not near:
-            return base, read
-        merged = base.copy()
-        for i, result in near:
+            return context, read
+        version = context.version  # the datastore's; session slices do not count
+        for i, result in self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices):
             try:
-                merged.add(("session", i), result.image, result.mask)
+                context.add(("session", i), result.image, result.mask)
             except ValueError:
                 continue
-        merged.version = base.version
-        return merged, read
+        context.version = version
+        return context, read
 
     @staticmethod
     def _volume_key(target: Target) -> tuple:
@@ -287,8 +285,9 @@ class Segmenter:
         labelmap = np.zeros(best.shape, np.uint8)
         sizes, versions = {}, {}
         for value, name in enumerate(names, start=1):
-            context = self.context.get(name)
-            predictions = self.predictor.predict_many(planes, context, batch_size=4)
+            context = self.context.get(name).copy()
+            with self.predictor.background():  # a click waits for one batch of slices at most
+                predictions = self.predictor.predict_many(planes, context, batch_size=4)
             prob = np.stack([p.probability for p in predictions])
             win = (prob >= 0.5) & (prob > best)
             labelmap[win] = value

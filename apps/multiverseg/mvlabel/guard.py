@@ -1,0 +1,335 @@
+"""The gate in front of every endpoint the server has, MONAI Label's own included.
+
+MONAI Label's routes parse their inputs themselves and run on the event loop; :class:`Guard` wraps its
+router (an ASGI app) so that, before any route runs:
+
+* the caller is who they say and may do this (:mod:`mvlabel.access`), when authentication is on;
+* ids and tags in the query are names, never paths (``image``, ``id``, ``label``, ``tag``, ``session_id``);
+* the JSON form fields (``params``, ``info``, ``wsi``) and JSON bodies are objects of the right shape, and
+  no ``params`` key smuggles a path (``image``, ``label`` as a file) or a ``final`` tag into a route;
+* an uploaded image is a readable image within the size limits (a corrupt or huge file never lands);
+* bodies larger than ``max_body`` are refused (413).
+
+A refusal is a 4xx JSON ``{"detail": message}``. Routes that run the model or write files run on a worker
+thread (their own event loop, the request's ``receive``/``send`` bridged back), so ``/info/`` and the other
+quick routes answer while a volume is being segmented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import os
+import re
+import tempfile
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs
+
+import anyio
+
+from .access import PUBLIC, ROLE_NAMES, Identity, TokenCache, required_role
+from .errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. +=,@()-]{0,254}$")  # ids: file-name safe, no separators
+TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+FINAL = "final"
+JSON_FIELDS = ("params", "info", "wsi")
+RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+# routes that run the model, read big files or write: off the event loop
+OFF_LOOP = re.compile(r"^/(infer|activelearning|datastore|batch|scoring|train|session)(/|$)")
+current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
+# who is asking, for requests that name no client_id: user and address (never one state for everyone)
+current_client: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_client", default="default")
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+def check_name(value: str, what: str) -> None:
+    if not NAME.match(value) or ".." in value:
+        raise Refusal(422, f"'{what}' must be a name (letters, digits, '_', '-', '.'), not a path: {value!r}")
+
+
+def check_tag(value: str, what: str = "tag") -> None:
+    if not TAG.match(value):
+        raise Refusal(422, f"'{what}' must be a plain tag name (letters, digits, '_', '-'): {value!r}")
+
+
+def _json_object(text: str, field: str) -> dict:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise Refusal(400, f"'{field}' is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise Refusal(422, f"'{field}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_params(params: dict, route: str) -> None:
+    """Keys of a request's ``params`` that name files or tags."""
+    for key in ("image", "session", "file"):
+        if key in params:
+            raise Refusal(422, f"'params.{key}' is not accepted: the image is the query's 'image' or an upload")
+    label = params.get("label")
+    if label is not None and not (isinstance(label, str) and (label == "" or NAME.match(label))):
+        raise Refusal(422, f"'params.label' must be a label name, got {label!r}")
+    tag = params.get("label_tag")
+    if tag is not None:
+        if not isinstance(tag, str):
+            raise Refusal(422, "'params.label_tag' must be a tag name")
+        check_tag(tag, "params.label_tag")
+        if tag == FINAL and (params.get("save_label") or route.startswith("/batch")):
+            raise Refusal(409, "inference never writes 'final' labels; save them with PUT /datastore/label")
+    described = params.get("label_info")
+    if described is not None:
+        if not isinstance(described, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"]
+            and isinstance(d.get("idx", 1), int) and not isinstance(d.get("idx", 1), bool) and 0 < d.get("idx", 1) < 256
+            for d in described
+        ):
+            raise Refusal(422, "'label_info' must be a list of {\"name\": text, \"idx\": 1..255}")
+    for key in ("foreground", "background"):
+        points = params.get(key)
+        if points not in (None, "") and not (
+            isinstance(points, list) and all(
+                isinstance(p, list) and all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                            and abs(c) < 1e9 for c in p) for p in points)
+        ):
+            raise Refusal(422, f"'{key}' must be a list of points made of numbers")
+    dtype = params.get("result_dtype")
+    if dtype is not None and dtype not in RESULT_DTYPES:
+        raise Refusal(422, f"'result_dtype' must be one of {', '.join(RESULT_DTYPES)}, got {dtype!r}")
+    for key in ("scribbles_fg_label", "scribbles_bg_label", "slice"):
+        value = params.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and abs(value) < 1e9) and not (isinstance(value, str) and value.isdigit()):
+            raise Refusal(422, f"'{key}' must be a number, got {value!r}")
+
+
+def check_wsi(wsi: dict) -> None:
+    from monailabel.endpoints.wsi_infer import WSIInput
+    from pydantic import ValidationError
+
+    try:
+        model = WSIInput.model_validate(wsi)
+    except ValidationError as e:
+        raise Refusal(422, f"'wsi' is not valid: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+    check_params(model.params or {}, "/infer/wsi")
+
+
+class Guard:
+    """ASGI wrapper of MONAI Label's router (see the module docstring).
+
+    Args:
+        inner: the router's ASGI app. tokens: verified identities when authentication is on, else None.
+        check_upload: ``(path, filename) -> None``; raises :class:`BadRequest` for an unusable image upload.
+        image_exists: ``(image id) -> bool`` for the routes that delete. max_body: largest request body (bytes).
+    """
+
+    def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str, str], None],
+                 image_exists: Callable[[str], bool], max_body: int, dicom_seg: bool = False):
+        self.inner = inner
+        self.dicom_seg = dicom_seg  # output=dicom_seg needs a DICOMweb datastore
+        self.tokens = tokens
+        self.check_upload = check_upload
+        self.image_exists = image_exists
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        spool = None
+        try:
+            identity = self._authenticate(scope, method, path)
+            self._check_query(method, path, parse_qs(scope.get("query_string", b"").decode("latin-1")))
+            if method in ("POST", "PUT", "PATCH"):
+                spool = await self._read_body(receive)
+                await self._check_body(scope, path, spool)
+                receive = _replay(spool, receive)
+        except Refusal as e:
+            if spool is not None:
+                spool.close()
+            return await _respond(send, e.status, str(e), e.headers)
+        user = identity.username if identity else "anonymous"
+        token = current_user.set(user)
+        client = current_client.set(f"{user}@{(scope.get('client') or ('?',))[0]}")
+        try:
+            if OFF_LOOP.search(path):
+                await _in_worker_thread(self.inner, scope, receive, send)
+            else:
+                await self.inner(scope, receive, send)
+        finally:
+            current_user.reset(token)
+            current_client.reset(client)
+            if spool is not None:
+                spool.close()
+
+    # -- who ----------------------------------------------------------------------------------------
+
+    def _authenticate(self, scope, method: str, path: str) -> Optional[Identity]:
+        if self.tokens is None:
+            return None
+        needed = required_role(method, path)
+        if needed == PUBLIC:
+            return None
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        if not header.lower().startswith("bearer "):
+            raise Refusal(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+        try:
+            identity = self.tokens.identity(header[7:].strip())
+        except Exception as e:  # invalid, expired, wrong audience, unknown key, provider unreachable
+            log.info("token refused for %s %s: %s", method, path, e)
+            raise Refusal(401, "the token is not valid", {"WWW-Authenticate": "Bearer"}) from None
+        if identity.level < needed:
+            raise Refusal(403, f"role '{ROLE_NAMES[needed]}' or above is required for {method} {path}")
+        return identity
+
+    # -- what ---------------------------------------------------------------------------------------
+
+    def _check_query(self, method: str, path: str, query: dict[str, list[str]]) -> None:
+        for key in ("image", "id", "label", "session_id"):
+            for value in query.get(key, []):
+                if value:
+                    check_name(value, key)
+        for value in query.get("tag", []):
+            check_tag(value)
+        if "dicom_seg" in query.get("output", []) and not self.dicom_seg:
+            raise Refusal(422, "output=dicom_seg needs a DICOMweb datastore; ask for image, json or all")
+        if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
+            image = (query.get("id") or [""])[0]
+            if not image or not self.image_exists(image):
+                raise Refusal(404, f"image '{image}' is not in the datastore")
+
+    async def _read_body(self, receive):
+        spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                spool.close()
+                raise Refusal(413, f"request body over {self.max_body >> 20} MiB")
+            spool.write(chunk)
+            if not message.get("more_body"):
+                break
+        spool.seek(0)
+        return spool
+
+    async def _check_body(self, scope, path: str, spool) -> None:
+        from starlette.requests import Request
+
+        ctype = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").lower()
+        if ctype.startswith("application/json"):
+            body = spool.read()
+            spool.seek(0)
+            if body.strip():
+                data = _json_object(body.decode("utf-8", "replace"), "body")
+                if "params" in data:
+                    if not isinstance(data["params"], dict):
+                        raise Refusal(422, "'params' must be a JSON object")
+                    check_params(data["params"], path)
+                if path.startswith("/infer/wsi/"):
+                    check_wsi(data)
+            return
+        if not (ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded")):
+            return
+        try:
+            form = await Request(scope, _replay(spool, None)).form(max_files=8, max_fields=64)
+        except Exception as e:
+            raise Refusal(400, f"the form could not be parsed: {e}") from None
+        try:
+            for field in JSON_FIELDS:
+                value = form.get(field)
+                if isinstance(value, str):
+                    data = _json_object(value, field)
+                    if field == "wsi":
+                        check_wsi(data)
+                    elif field == "params":
+                        check_params(data, path)
+            upload = form.get("file")
+            if upload is not None and hasattr(upload, "read") and path.startswith(("/datastore", "/infer/")):
+                await self._check_upload(upload)
+            if path.startswith("/infer/") and not hasattr(upload, "read"):
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                if not (query.get("image") or [""])[0] and not (query.get("session_id") or [""])[0]:
+                    raise Refusal(422, "name an image (?image=ID) or upload one ('file')")
+        finally:
+            await form.close()
+            spool.seek(0)
+
+    async def _check_upload(self, upload) -> None:
+        suffix = "".join(os.path.splitext(upload.filename or "")[1:]) or ".bin"
+        name = (upload.filename or "").lower()
+        suffix = ".nii.gz" if name.endswith(".nii.gz") else suffix
+        fd, tmp = tempfile.mkstemp(suffix=suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while chunk := await upload.read(1 << 20):
+                    f.write(chunk)
+            await upload.seek(0)
+            try:
+                await anyio.to_thread.run_sync(self.check_upload, tmp, upload.filename or "")
+            except BadRequest as e:
+                raise Refusal(e.status, f"upload refused: {e}") from None
+        finally:
+            os.unlink(tmp)
+
+
+def _replay(spool, receive):
+    """A ``receive`` that hands the buffered body on, then the client's own messages (disconnect)."""
+    done = False
+
+    async def replay():
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": spool.read(), "more_body": False}
+        if receive is None:
+            return {"type": "http.disconnect"}
+        return await receive()
+
+    return replay
+
+
+async def _in_worker_thread(app, scope, receive, send) -> None:
+    """Run an ASGI call on a worker thread's own event loop; ``receive``/``send`` stay on this loop."""
+    loop = asyncio.get_running_loop()
+
+    async def receive_there():
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(receive(), loop))
+
+    async def send_there(message):
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(send(message), loop))
+
+    context = contextvars.copy_context()
+    await anyio.to_thread.run_sync(lambda: context.run(asyncio.run, app(scope, receive_there, send_there)))
+
+
+async def _respond(send, status: int, message: str, headers: Optional[dict] = None) -> None:
+    body = json.dumps({"detail": message}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install(app_router, guard_factory: Callable[[Any], Guard]) -> Guard:
+    """Wrap MONAI Label's router once (a second app in the same process replaces the first's guard)."""
+    inner = app_router.middleware_stack
+    if isinstance(inner, Guard):
+        inner = inner.inner
+    guard = guard_factory(inner)
+    app_router.middleware_stack = guard
+    return guard

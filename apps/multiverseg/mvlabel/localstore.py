@@ -1,0 +1,173 @@
+"""The local (folder) datastore, made safe to share: nothing saved is ever lost or half-written.
+
+MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks questions later. Here:
+
+* a label is read and checked against its image (shape, readable, at most ``MAX_LABELS`` values) before
+  anything on disk is touched; a 2D image's label sent as NRRD/NIfTI (Slicer) is stored as PNG;
+* tags are plain names (``final`` is only written by a label save; the routes see to that);
+* a ``final`` label that is replaced is kept in ``labels/final/.history/<image>/`` with who saved it and when;
+* two saves of one image at the same time: the second is refused with 409 instead of silently winning;
+* label files and ``datastore_v2.json`` are written to a temporary name and renamed, so a kill leaves the
+  old file or the new one, never half of one, and the datastore still starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
+from PIL import Image
+
+from .errors import BadRequest
+from .guard import current_user
+from .imageio import IMAGE_2D, extension, read_asap, read_image, read_label
+
+FINAL = "final"
+MAX_LABELS = 16  # distinct label values one labelmap may hold
+TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CheckedDatastore(LocalDatastore):
+    def __init__(self, *args, **kwargs):
+        self._saving: set = set()
+        self._saving_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def save_label(self, image_id, label_filename, label_tag, label_info):
+        if not isinstance(label_tag, str) or not TAG.match(label_tag):
+            raise HTTPException(status_code=422, detail=f"label tag must be a plain name, got {label_tag!r}")
+        if not isinstance(label_info, dict):
+            raise HTTPException(status_code=422, detail="label params must be a JSON object")
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
+            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                label_filename = self._checked(read_image(image_uri), label_filename, tmp)
+            except BadRequest as e:
+                raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
+            with self._one_save(image_id):
+                return self._store(image_id, label_filename, label_tag, label_info)
+
+    @staticmethod
+    def _checked(image, label_filename: str, tmp: str) -> str:
+        """The label file to store (a PNG for a 2D image's NRRD/NIfTI label); raises BadRequest."""
+        if extension(label_filename) == ".xml":
+            read_asap(label_filename, image.shape[:2])
+            return label_filename
+        label = read_label(label_filename, image)
+        values = np.unique(label)
+        if values.min() < 0 or len(values) > MAX_LABELS + 1:
+            raise BadRequest(f"a label holds at most {MAX_LABELS} label values (1..255), this one has "
+                             f"{len(values[values != 0])} (min {values.min()}, max {values.max()})", 422)
+        if image.is_volume or extension(label_filename) in IMAGE_2D:
+            return label_filename
+        png = os.path.join(tmp, "label.png")  # one label file per image and tag, in the image's own format
+        Image.fromarray(label.astype(np.uint16 if label.max() > 255 else np.uint8)).save(png)
+        return png
+
+    @contextmanager
+    def _one_save(self, image_id: str):
+        with self._saving_lock:
+            if image_id in self._saving:
+                raise HTTPException(status_code=409, detail=f"another save of '{image_id}' is in progress; "
+                                                            "reload the label and save again")
+            self._saving.add(image_id)
+        try:
+            yield
+        finally:
+            with self._saving_lock:
+                self._saving.discard(image_id)
+
+    def _store(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+        _, ext = self._to_id(os.path.basename(label_filename))
+        folder = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, ext)
+        with FileLock(self._lock_file):
+            os.makedirs(folder, exist_ok=True)
+            old = obj.labels.get(label_tag)
+            old_path = os.path.join(folder, self._filename(image_id, old.ext)) if old else None
+            if label_tag == FINAL and old_path and os.path.exists(old_path):
+                self._keep(image_id, old_path, old.info)
+            _atomic_copy(label_filename, os.path.join(folder, name))
+            if old_path and os.path.basename(old_path) != name and os.path.exists(old_path):
+                os.unlink(old_path)  # the same label in another format: one file per image and tag
+            info = dict(label_info)
+            info.update(ts=int(time.time()), name=name, user=current_user.get())
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def _keep(self, image_id: str, path: str, info: dict) -> None:
+        """Copy the final label about to be replaced into its history, with who saved it and when."""
+        folder = os.path.join(self._datastore.label_path(FINAL), ".history", image_id)
+        os.makedirs(folder, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(info.get("ts", os.path.getmtime(path))))
+        base = os.path.join(folder, f"{stamp}_{len(os.listdir(folder)) // 2:04d}")
+        _atomic_copy(path, base + extension(path))
+        record = {"saved_by": info.get("user", "unknown"), "saved_at": info.get("ts"),
+                  "replaced_by": current_user.get(), "replaced_at": int(time.time()), "info": info}
+        _atomic_write(base + ".json", json.dumps(record, indent=1, default=str))
+
+    def label_history(self, image_id: str) -> list[dict]:
+        """Earlier final labels of an image, oldest first: ``{"file", "saved_by", "saved_at", ...}``."""
+        folder = os.path.join(self._datastore.label_path(FINAL), ".history", image_id)
+        if not os.path.isdir(folder):
+            return []
+        out = []
+        for meta in sorted(f for f in os.listdir(folder) if f.endswith(".json")):
+            record = json.loads(open(os.path.join(folder, meta)).read())
+            stem = meta[: -len(".json")]
+            record["file"] = next(os.path.join(folder, f) for f in os.listdir(folder)
+                                  if f.startswith(stem) and not f.endswith(".json"))
+            out.append(record)
+        return out
+
+    def _update_datastore_file(self, lock=True):
+        """``datastore_v2.json`` written whole, then renamed over the old one."""
+        def write():
+            self._ignore_event_config = True
+            _atomic_write(self._datastore_config_path,
+                          json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+
+def _atomic_copy(source: str, dest: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(dest))
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write(dest: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(dest))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,239 @@
+"""A server a hospital can expose: nothing saved is lost, no file outside the datastore is read or written,
+malformed requests get a 4xx with a message, MONAI Label's own endpoints included (issue of hardening)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .app_helpers import app_client, hc18_ids, hc18_pair, make_studies, png_bytes
+
+IDS = hc18_ids(4, start=20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hardening")
+    studies = make_studies(root / "studies", IDS)
+    (root / "outside.png").write_bytes(png_bytes(np.full((32, 32), 200, np.uint8)))
+    with app_client(studies, {"labels": "head,skull", "max_pixels": 4_000_000}) as (client, app):
+        save = put_label(client, IDS[0], hc18_pair(IDS[0])[1])
+        assert save.status_code == 200, save.text
+        yield client, app, studies
+
+
+def put_label(client, image, mask, tag="final", params="{}", name="label.png"):
+    return client.put(f"/datastore/label?image={image}&tag={tag}", data={"params": params},
+                      files={"label": (name, png_bytes(mask.astype(np.uint8)), "application/octet-stream")})
+
+
+def final_bytes(studies, image=IDS[0]) -> bytes:
+    return (studies / "labels" / "final" / f"{image}.png").read_bytes()
+
+
+def infer(client, image, params, output="json", files=None):
+    body = params if isinstance(params, str) else json.dumps(params)
+    return client.post(f"/infer/multiverseg?image={image}&output={output}", data={"params": body}, files=files)
+
+
+def tree(folder) -> set:
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files}
+
+
+# -- tags are names, final is written by a label save only ----------------------------------------------
+
+
+@pytest.mark.parametrize("tag", ["./final", "../labels/final", "final/", "..", "a/b", "x" * 65])
+def test_infer_never_writes_final_whatever_the_tag_looks_like(server, tag):
+    client, _, studies = server
+    before = final_bytes(studies)
+    _, mask = hc18_pair(IDS[0])
+    ys, xs = np.nonzero(mask)
+    r = infer(client, IDS[0], {"foreground": [[int(xs.mean()), int(ys.mean())]], "save_label": True,
+                               "label_tag": tag})
+    assert 400 <= r.status_code < 500 and "tag" in r.json()["detail"]
+    assert final_bytes(studies) == before
+
+
+@pytest.mark.parametrize("tag", ["./final", "../../escape", "final/../final", "/tmp/x"])
+def test_a_label_tag_is_a_name_never_a_path(server, tag):
+    client, _, studies = server
+    before, files = final_bytes(studies), tree(studies.parent)
+    r = put_label(client, IDS[0], np.zeros_like(hc18_pair(IDS[0])[1]), tag=tag)
+    assert r.status_code == 422 and "tag" in r.json()["detail"]
+    assert final_bytes(studies) == before and tree(studies.parent) == files
+
+
+@pytest.mark.parametrize("params", ["[1, 2]", '"abc"', "{x", "null", '{"label_info": "white"}',
+                                    '{"label_info": [{"name": "a", "idx": 999}]}'])
+def test_label_params_that_are_not_an_object_change_nothing(server, params):
+    client, _, studies = server
+    before = final_bytes(studies)
+    r = put_label(client, IDS[0], np.zeros_like(hc18_pair(IDS[0])[1]), params=params)
+    assert r.status_code in (400, 422), r.text
+    assert final_bytes(studies) == before
+
+
+@pytest.mark.parametrize("image", ["../../escape_noext", "/etc/passwd", "..", ".hidden"])
+def test_an_uploaded_image_lands_under_a_name_inside_the_datastore(server, image):
+    client, _, studies = server
+    files = tree(studies.parent)
+    r = client.put(f"/datastore/image?image={image}", data={"params": "{}"},
+                   files={"file": ("x.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert r.status_code == 422, r.text
+    assert tree(studies.parent) == files
+
+
+# -- only datastore images and this request's uploads are read -----------------------------------------
+
+
+def test_a_path_in_place_of_an_image_id_reveals_nothing(server):
+    client, _, studies = server
+    outside = str(studies.parent / "outside.png")
+    answers = [infer(client, path, {"foreground": [[5, 5]]}) for path in (outside, outside + ".missing")]
+    assert [r.status_code for r in answers] == [422, 422]
+    assert answers[0].json()["detail"].replace(outside, "") == answers[1].json()["detail"].replace(outside + ".missing", "")
+    for params in ({"image": outside}, {"label": outside}, {"label": "../../outside.png"}):
+        r = infer(client, IDS[1], {"foreground": [[5, 5]], **params})
+        assert r.status_code == 422, (params, r.text)
+
+
+# -- every malformed request is a 4xx with a message ----------------------------------------------------
+
+
+@pytest.mark.parametrize("params", ["{x", "[1,2]", '"hello"', "null"])
+def test_params_that_are_not_a_json_object(server, params):
+    client, _, _ = server
+    assert infer(client, IDS[1], params).status_code in (400, 422)
+    r = client.put(f"/datastore/image/info?image={IDS[1]}", data={"info": params})
+    assert r.status_code in (400, 422), r.text
+
+
+@pytest.mark.parametrize("params, word", [
+    ({"foreground": [[1e30, 5]]}, "foreground"),
+    ({"foreground": [[5, 5]], "result_dtype": "U5"}, "result_dtype"),
+    ({"foreground": [[5, 5]], "scribbles_fg_label": "abc"}, "scribbles_fg_label"),
+    ({"foreground": [["a", 5]]}, "foreground"),
+    ({"foreground": [[5, 5]], "slice": "x"}, "slice"),
+])
+def test_bad_values_name_the_field(server, params, word):
+    client, _, _ = server
+    r = infer(client, IDS[1], params)
+    assert r.status_code == 422 and word in r.json()["detail"], r.text
+
+
+def test_other_malformed_requests(server):
+    client, _, _ = server
+    r = client.post(f"/infer/multiverseg?image={IDS[1]}&output=dicom_seg", data={"params": "{}"})
+    assert r.status_code == 422 and "dicom_seg" in r.text
+    r = client.post("/infer/multiverseg", data={"params": "{}"})
+    assert r.status_code == 422 and "image" in r.text
+    assert client.delete("/datastore/image?id=no-such-image").status_code == 404
+    for wsi in ("not json", '{"min_poly_area": "abc"}', '{"params": [1]}'):
+        r = client.post(f"/infer/wsi_v2/multiverseg?image={IDS[1]}&output=asap", data={"wsi": wsi},
+                        files={"file": ("p.png", png_bytes(np.zeros((16, 16), np.uint8)), "image/png")})
+        assert r.status_code in (400, 422), (wsi, r.text)
+
+
+# -- limits ---------------------------------------------------------------------------------------------
+
+
+def test_a_huge_image_is_refused_before_it_is_decoded(server):
+    client, app, studies = server
+    buf = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(buf, format="PNG")  # ~100 kB on the wire, 100 M pixels
+    r = client.put("/datastore/image?image=huge", data={"params": "{}"},
+                   files={"file": ("huge.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    assert not app.datastore().get_image_uri("huge")
+
+
+def test_a_corrupt_image_never_enters_the_datastore(server):
+    client, app, _ = server
+    r = client.put("/datastore/image?image=corrupt", data={"params": "{}"},
+                   files={"file": ("corrupt.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")})
+    assert r.status_code == 422
+    assert not app.datastore().get_image_uri("corrupt")
+
+
+def test_a_label_with_too_many_values_is_refused(server):
+    client, app, studies = server
+    _, mask = hc18_pair(IDS[1])
+    ramp = (np.arange(mask.size).reshape(mask.shape) % 256).astype(np.uint8)
+    r = put_label(client, IDS[1], ramp)
+    assert r.status_code == 422 and "at most" in r.json()["detail"]
+    assert sorted(app.context.label_names()) == ["head", "skull"]  # no label_2 .. label_255
+
+
+def test_a_0_255_mask_is_the_configured_label(server):
+    client, app, _ = server
+    _, mask = hc18_pair(IDS[2])
+    before = app.context.sizes().get("head", 0)
+    assert put_label(client, IDS[2], mask.astype(np.uint8) * 255).status_code == 200
+    assert app.context.sizes()["head"] == before + 1 and "label_255" not in app.context.label_names()
+
+
+# -- nothing saved is ever lost -------------------------------------------------------------------------
+
+
+def test_a_replaced_final_label_keeps_its_earlier_version(server):
+    client, app, studies = server
+    first = final_bytes(studies)
+    _, mask = hc18_pair(IDS[0])
+    assert put_label(client, IDS[0], np.roll(mask, 3, axis=1)).status_code == 200
+    history = app.datastore().label_history(IDS[0])
+    assert history and open(history[-1]["file"], "rb").read() == first
+    assert {"saved_by", "saved_at", "replaced_by", "replaced_at"} <= set(history[-1])
+    assert put_label(client, IDS[0], mask).status_code == 200  # back to the ground truth for the others
+
+
+def test_a_save_while_another_save_of_the_image_runs_is_refused(server):
+    client, app, studies = server
+    before = final_bytes(studies)
+    with app.datastore()._one_save(IDS[0]):  # an annotator's save in progress
+        r = put_label(client, IDS[0], np.zeros_like(hc18_pair(IDS[0])[1]))
+    assert r.status_code == 409 and "in progress" in r.json()["detail"]
+    assert final_bytes(studies) == before
+
+
+def test_two_annotators_saving_at_once_lose_nothing(server):
+    client, app, studies = server
+    _, mask = hc18_pair(IDS[3])
+    versions = [mask, np.roll(mask, 5, axis=0)]
+    answers = [None, None]
+
+    def save(k):
+        answers[k] = put_label(client, IDS[3], versions[k]).status_code
+
+    threads = [threading.Thread(target=save, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(answers) in ([200, 200], [200, 409])
+    kept = [np.asarray(Image.open(h["file"])) for h in app.datastore().label_history(IDS[3])]
+    kept.append(np.asarray(Image.open(studies / "labels" / "final" / f"{IDS[3]}.png")))
+    saved = [k for k, code in enumerate(answers) if code == 200]
+    assert all(any(np.array_equal(v, versions[k].astype(np.uint8)) for v in kept) for k in saved)
+
+
+def test_requests_without_client_id_do_not_share_a_state(server):
+    """Two clients without client_id: one's clicks never refine the other's mask."""
+    client, _, _ = server
+    from fastapi.testclient import TestClient
+    from monailabel.app import app as asgi
+
+    other = TestClient(asgi, client=("10.0.0.2", 50000))
+    _, mask = hc18_pair(IDS[1])
+    ys, xs = np.nonzero(mask)
+    first = {"foreground": [[int(xs.mean()), int(ys.mean())]]}
+    assert infer(client, IDS[1], first).json()["refined"] is False
+    r = other.post(f"/infer/multiverseg?image={IDS[1]}&output=json",
+                   data={"params": json.dumps({**first, "background": [[2, 2]]})})
+    assert r.json()["refined"] is False  # another client: no previous mask of its own
