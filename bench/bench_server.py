@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,13 +41,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(studies: Path, port: int, log: Path, conf: dict, timeout: float = 180) -> subprocess.Popen:
-    """``monailabel start_server`` on loopback in its own process; returns once ``/info/`` answers."""
+def start_server(studies: Path, port: int, log: Path, conf: dict, timeout: float = 180,
+                 env: dict | None = None) -> subprocess.Popen:
+    """``monailabel start_server`` on loopback in its own process (``env``: extra environment, e.g. MONAI
+    Label's settings); returns once ``/info/`` answers."""
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf.items():
         cmd += ["--conf", key, str(value)]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -53,6 +58,8 @@ def start_server(studies: Path, port: int, log: Path, conf: dict, timeout: float
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=2):
                 return proc
+        except urllib.error.HTTPError:  # it answers (401 when authentication is on)
+            return proc
         except OSError:
             time.sleep(0.5)
     proc.kill()

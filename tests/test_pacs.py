@@ -66,10 +66,10 @@ class Site:
     def start_server(self) -> float:
         """A fresh server with an empty cache (as on a new machine); returns the seconds it took."""
         self.restarts += 1
-        os.environ["MONAI_LABEL_DATASTORE_CACHE_PATH"] = str(self.root / f"cache{self.restarts}")
         t0 = time.perf_counter()
         self.server = start_server(self.dicomweb, self.port, self.root / f"server{self.restarts}.log",
-                                   {"labels": ",".join(NAMES)})
+                                   {"labels": ",".join(NAMES)},
+                                   env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(self.root / f"cache{self.restarts}")})
         return time.perf_counter() - t0
 
     def stop_server(self) -> None:
@@ -83,7 +83,6 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("pacs")
     site = Site(root)
     orthanc = start_orthanc(root / "orthanc", site.orthanc_port)
-    saved_cache = os.environ.get("MONAI_LABEL_DATASTORE_CACHE_PATH")
     try:
         make_dicom = _make_dicom()
         site.series = []
@@ -96,10 +95,6 @@ def site(tmp_path_factory):
     finally:
         site.stop_server()
         stop_process(orthanc)
-        if saved_cache is None:
-            os.environ.pop("MONAI_LABEL_DATASTORE_CACHE_PATH", None)
-        else:
-            os.environ["MONAI_LABEL_DATASTORE_CACHE_PATH"] = saved_cache
 
 
 def _series_uid(path: Path) -> str:

@@ -99,6 +99,7 @@ class MultiverSegApp(MONAILabelApp):
             tokens = TokenCache(verifier)
         from monailabel.app import app as server
 
+        guard.restrict_cors(server, [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS])
         guard.install(server.router, lambda inner: guard.Guard(
             inner, tokens, self._check_upload, self._image_exists, max_body, dicom_seg=self._on_pacs(studies)))
         super().__init__(

@@ -35,9 +35,9 @@ ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES
 POLICY: list[tuple[set, re.Pattern, int]] = [
     (spec[0], re.compile(spec[1]), spec[2])
     for spec in [
-        ({"GET", "HEAD"}, r"^/(favicon\.ico)?$|^/(docs|redoc|openapi\.json)$|^/ohif(/.*)?$|^/static/", PUBLIC),
+        ({"GET", "HEAD"}, r"^/(favicon\.ico)?$|^/(docs|redoc|openapi\.json)$|^/static/", PUBLIC),
         ({"GET", "POST"}, r"^/auth(/.*)?$", PUBLIC),  # MONAI Label's login: how clients get a token
-        ({"GET", "HEAD"}, r"^/info/?$|^/(train|scoring|batch/infer)/?$", USER),
+        ({"GET", "HEAD"}, r"^/info/?$|^/(train|scoring|batch/infer)/?$|^/ohif(/.*)?$", USER),
         ({"POST"}, r"^/infer/|^/activelearning/", ANNOTATOR),
         ({"PUT"}, r"^/datastore/label$|^/datastore/image/info$", ANNOTATOR),
         ({"GET", "HEAD"}, r"^/datastore/?$|^/datastore/image(/info)?$", ANNOTATOR),
@@ -144,7 +144,9 @@ def install_monailabel_user(verifier: TokenVerifier) -> None:
 
     def from_token(token: str):
         identity = verifier.identity(token)
-        return auth.User(username=identity.username, roles=identity.roles)
+        # MONAI Label checks one role name per route; the roles here include those below them
+        implied = [name for level, name in verifier.role_names.items() if level <= identity.level]
+        return auth.User(username=identity.username, roles=sorted(set(identity.roles) | set(implied)))
 
     auth.from_token = from_token
 

@@ -333,3 +333,23 @@ def install(app_router, guard_factory: Callable[[Any], Guard]) -> Guard:
     guard = guard_factory(inner)
     app_router.middleware_stack = guard
     return guard
+
+
+def restrict_cors(app, origins: list[str]) -> None:
+    """Cross-origin access only for the configured origins (``MONAI_LABEL_CORS_ORIGINS``), none otherwise.
+
+    MONAI Label answers any origin, with credentials and every method, when none is configured; the bundled
+    OHIF is served by the server itself and needs no cross-origin access. Its CORS middleware is already
+    built when the app starts, so the one in the chain is replaced.
+    """
+    from starlette.middleware.cors import CORSMiddleware
+
+    parent = app.middleware_stack
+    while parent is not None and not isinstance(getattr(parent, "app", None), CORSMiddleware):
+        parent = getattr(parent, "app", None)
+    if parent is None:
+        return
+    parent.app = CORSMiddleware(
+        parent.app.app, allow_origins=[o for o in origins if o != "*"], allow_credentials=True,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"], allow_headers=["authorization", "content-type"],
+    )

@@ -1,0 +1,126 @@
+"""Authentication and roles on the real server: ``monailabel start_server`` with MONAI Label's auth settings
+pointing at an OpenID provider on loopback (tests/oidc.py), and tokens per role, expired, forged, for
+another client, and none."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from bench.bench_server import free_port, start_server, stop
+
+from .app_helpers import hc18_ids, hc18_pair, make_studies, png_bytes, save_tiny_weights
+from .oidc import Provider
+
+pytestmark = pytest.mark.slow
+
+IDS = hc18_ids(3, start=30)
+ROLES = {"user": "monailabel-user", "annotator": "monailabel-annotator", "reviewer": "monailabel-reviewer",
+         "admin": "monailabel-admin"}
+ORDER = list(ROLES)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auth")
+    studies = make_studies(root / "studies", IDS)
+    save_tiny_weights(root / "tiny.pt")
+    with Provider() as provider:
+        port = free_port()
+        env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": provider.issuer,
+               "MONAI_LABEL_AUTH_CLIENT_ID": "monailabel-app"}
+        proc = start_server(studies, port, root / "server.log", {"weights": root / "tiny.pt", "labels": "head"},
+                            env=env)
+        try:
+            yield f"http://127.0.0.1:{port}", provider
+        finally:
+            stop(proc)
+
+
+def call(url: str, method: str, path: str, token: str | None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    ys, xs = np.nonzero(hc18_pair(IDS[0])[1])
+    click = {"params": json.dumps({"foreground": [[int(xs.mean()), int(ys.mean())]], "client_id": "t"})}
+    label = {"label": ("l.png", png_bytes(hc18_pair(IDS[1])[1].astype(np.uint8)), "image/png")}
+    requests_by_route = {
+        "GET /info/": lambda: requests.get(url + "/info/", headers=headers, timeout=30),
+        "POST /infer": lambda: requests.post(f"{url}/infer/multiverseg?image={IDS[0]}&output=json", data=click,
+                                             headers=headers, timeout=60),
+        "POST /activelearning": lambda: requests.post(url + "/activelearning/first", json={}, headers=headers,
+                                                      timeout=30),
+        "PUT /datastore/label": lambda: requests.put(f"{url}/datastore/label?image={IDS[1]}&tag=final",
+                                                     data={"params": "{}"}, files=label, headers=headers, timeout=60),
+        "GET /datastore/label": lambda: requests.get(f"{url}/datastore/label?label={IDS[1]}&tag=final",
+                                                     headers=headers, timeout=30),
+        "PUT /datastore/image": lambda: requests.put(
+            f"{url}/datastore/image?image=new_{abs(hash(token)) % 10**6}", data={"params": "{}"},
+            files={"file": ("n.png", png_bytes(np.zeros((16, 16), np.uint8)), "image/png")}, headers=headers,
+            timeout=30),
+        "DELETE /datastore/image": lambda: requests.delete(url + "/datastore/image?id=no-such-image",
+                                                           headers=headers, timeout=30),
+        "POST /scoring": lambda: requests.post(url + "/scoring/", headers=headers, timeout=30),
+        "POST /train": lambda: requests.post(url + "/train/", headers=headers, timeout=30),
+        "POST /reload": lambda: requests.post(url + "/reload", headers=headers, timeout=30),
+    }
+    return requests_by_route[f"{method} {path}"]()
+
+
+# (route, least role); admin-only routes that would change the server are tried below admin only
+MATRIX = [
+    ("GET /info/", "user"),
+    ("POST /infer", "annotator"),
+    ("POST /activelearning", "annotator"),
+    ("PUT /datastore/label", "annotator"),
+    ("GET /datastore/label", "reviewer"),
+    ("PUT /datastore/image", "admin"),
+    ("DELETE /datastore/image", "admin"),
+    ("POST /scoring", "admin"),
+    ("POST /train", "admin"),
+    ("POST /reload", "admin"),
+]
+SKIP_ADMIN = {"POST /scoring", "POST /train", "POST /reload"}
+
+
+@pytest.mark.parametrize("route, least", MATRIX)
+def test_each_role_may_do_what_its_role_allows(site, route, least):
+    url, provider = site
+    method, path = route.split(" ", 1)
+    for role in ORDER:
+        if role == "admin" and route in SKIP_ADMIN:
+            continue
+        r = call(url, method, path, provider.token([ROLES[role]], user=role))
+        allowed = ORDER.index(role) >= ORDER.index(least)
+        if allowed:
+            assert r.status_code not in (401, 403), (route, role, r.status_code, r.text)
+        else:
+            assert r.status_code == 403, (route, role, r.status_code, r.text)
+    assert call(url, method, path, None).status_code == 401
+
+
+@pytest.mark.parametrize("kind", ["expired", "forged", "other audience", "garbage"])
+def test_invalid_tokens_are_401(site, kind):
+    url, provider = site
+    token = {
+        "expired": lambda: provider.token([ROLES["admin"]], lifetime=-60),
+        "forged": lambda: provider.token([ROLES["admin"]], stranger=True),
+        "other audience": lambda: provider.token([ROLES["admin"]], audience="another-app"),
+        "garbage": lambda: "not.a.token",
+    }[kind]()
+    for route in ("GET /info/", "POST /infer", "POST /reload"):
+        method, path = route.split(" ", 1)
+        r = call(url, method, path, token)
+        assert r.status_code == 401, (kind, route, r.status_code, r.text)
+
+
+def test_the_viewer_needs_a_user_and_cors_is_closed(site):
+    url, provider = site
+    assert requests.get(url + "/ohif/", timeout=30).status_code == 401
+    r = requests.get(url + "/ohif/", headers={"Authorization": f"Bearer {provider.token([ROLES['user']])}"},
+                     timeout=30)
+    assert r.status_code == 200
+    r = requests.options(url + "/info/", headers={"Origin": "https://evil.example",
+                                                  "Access-Control-Request-Method": "DELETE"}, timeout=30)
+    assert r.headers.get("access-control-allow-origin") not in ("*", "https://evil.example")
