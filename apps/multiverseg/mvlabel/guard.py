@@ -150,11 +150,16 @@ class Guard:
         spool = None
         try:
             identity = self._authenticate(scope, method, path)
-            self._check_query(method, path, parse_qs(scope.get("query_string", b"").decode("latin-1")))
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            self._check_query(method, path, query)
+            uploads = False
             if method in ("POST", "PUT", "PATCH"):
                 spool = await self._read_body(receive)
-                await self._check_body(scope, path, spool)
+                uploads = await self._check_body(scope, path, spool)
                 receive = _replay(spool, receive)
+            named = (query.get("image") or [""])[0] or (query.get("session_id") or [""])[0]
+            if method == "POST" and path.startswith("/infer/") and not (named or uploads):
+                raise Refusal(422, "name an image (?image=ID) or upload one ('file')")
         except Refusal as e:
             if spool is not None:
                 spool.close()
@@ -162,11 +167,23 @@ class Guard:
         user = identity.username if identity else "anonymous"
         token = current_user.set(user)
         client = current_client.set(f"{user}@{(scope.get('client') or ('?',))[0]}")
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
             if OFF_LOOP.search(path):
-                await _in_worker_thread(self.inner, scope, receive, send)
+                await _in_worker_thread(self.inner, scope, receive, tracked)
             else:
-                await self.inner(scope, receive, send)
+                await self.inner(scope, receive, tracked)
+        except Exception as e:  # MONAI Label's "not found" and "invalid input" are the caller's mistakes
+            status = _status_of(e)
+            if status is None or started:
+                raise
+            await _respond(send, status, str(getattr(e, "msg", e)) or type(e).__name__)
         finally:
             current_user.reset(token)
             current_client.reset(client)
@@ -198,10 +215,12 @@ class Guard:
     def _check_query(self, method: str, path: str, query: dict[str, list[str]]) -> None:
         for key in ("image", "id", "label", "session_id"):
             for value in query.get(key, []):
-                if value:
+                if value or not path.startswith("/infer"):  # infer may take an upload instead
                     check_name(value, key)
         for value in query.get("tag", []):
             check_tag(value)
+        if path.startswith("/session") and any(v.lower() in ("true", "1") for v in query.get("uncompress", [])):
+            raise Refusal(422, "archives are not unpacked on this server (uncompress): upload the image files")
         if "dicom_seg" in query.get("output", []) and not self.dicom_seg:
             raise Refusal(422, "output=dicom_seg needs a DICOMweb datastore; ask for image, json or all")
         if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
@@ -227,7 +246,8 @@ class Guard:
         spool.seek(0)
         return spool
 
-    async def _check_body(self, scope, path: str, spool) -> None:
+    async def _check_body(self, scope, path: str, spool) -> bool:
+        """Check a request body's JSON fields and uploaded image; True when it uploads a file."""
         from starlette.requests import Request
 
         ctype = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").lower()
@@ -242,9 +262,9 @@ class Guard:
                     check_params(data["params"], path)
                 if path.startswith("/infer/wsi/"):
                     check_wsi(data)
-            return
+            return False
         if not (ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded")):
-            return
+            return False
         try:
             form = await Request(scope, _replay(spool, None)).form(max_files=8, max_fields=64)
         except Exception as e:
@@ -261,13 +281,11 @@ class Guard:
             upload = form.get("file")
             if upload is not None and hasattr(upload, "read") and path.startswith(("/datastore", "/infer/")):
                 await self._check_upload(upload)
-            if path.startswith("/infer/") and not hasattr(upload, "read"):
-                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                if not (query.get("image") or [""])[0] and not (query.get("session_id") or [""])[0]:
-                    raise Refusal(422, "name an image (?image=ID) or upload one ('file')")
+                return True
         finally:
             await form.close()
             spool.seek(0)
+        return False
 
     async def _check_upload(self, upload) -> None:
         suffix = "".join(os.path.splitext(upload.filename or "")[1:]) or ".bin"
@@ -285,6 +303,20 @@ class Guard:
                 raise Refusal(e.status, f"upload refused: {e}") from None
         finally:
             os.unlink(tmp)
+
+
+def _status_of(error: Exception) -> Optional[int]:
+    from monailabel.interfaces.exception import (
+        ImageNotFoundException, LabelNotFoundException, MONAILabelError, MONAILabelException,
+    )
+
+    if isinstance(error, (ImageNotFoundException, LabelNotFoundException)):
+        return 404
+    if isinstance(error, MONAILabelException) and error.error == MONAILabelError.INVALID_INPUT:
+        return 422
+    if isinstance(error, BadRequest):
+        return error.status
+    return None
 
 
 def _replay(spool, receive):
