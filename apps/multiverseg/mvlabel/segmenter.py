@@ -286,8 +286,9 @@ class Segmenter:
         sizes, versions = {}, {}
         for value, name in enumerate(names, start=1):
             context = self.context.get(name).copy()
-            with self.predictor.background():  # a click waits for one batch of slices at most
-                predictions = self.predictor.predict_many(planes, context, batch_size=4)
+            # background, one slice per forward: a click waits for at most one slice's forward
+            with self.predictor.background():
+                predictions = self.predictor.predict_many(planes, context, batch_size=1)
             prob = np.stack([p.probability for p in predictions])
             win = (prob >= 0.5) & (prob > best)
             labelmap[win] = value
