@@ -51,7 +51,7 @@ from mvseg import Predictor
 log = logging.getLogger(__name__)
 serve_ohif_assets()  # MONAI Label 0.8.5 answers every nested /ohif/ asset with index.html
 
-STRATEGIES = ("nearest", "confident", "coverage", "hybrid", "uncertainty", "random", "first")
+STRATEGIES = ("nearest", "confident", "coverage", "hybrid", "uncertainty", "review", "random", "first")
 # The smallest worst case over the two measured pools: at most 4.0% more clicks than random order; every
 # other strategy costs 4.9% or more extra on at least one (README, "Next sample").
 DEFAULT_STRATEGY = "nearest"
@@ -161,7 +161,10 @@ class MultiverSegApp(MONAILabelApp):
         if default not in STRATEGIES:
             raise ValueError(f"--conf strategy must be one of {', '.join(STRATEGIES)}, got '{default}'")
         names = [default] + [n for n in STRATEGIES if n != default]  # clients offer the first one by default
-        return {name: NextSample(name, self.scoreboard, leases) for name in names}
+        review_tag = self.conf.get("review_tag", "original")  # where batch pre-segmentations are saved
+        if not guard.TAG.match(review_tag) or review_tag == "final":
+            raise ValueError(f"--conf review_tag must be a tag name other than final, got '{review_tag}'")
+        return {name: NextSample(name, self.scoreboard, leases, review_tag) for name in names}
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -61,12 +61,14 @@ def entropy_scores(
     predictor, images: Sequence[np.ndarray], context: ContextSet, k: int = SCORING_CONTEXT
 ) -> np.ndarray:
     """Mean binary entropy (bits) of each image's zero-click in-context prediction, on the model grid."""
-    out = []
     predictions = predictor.predict_many(images, context.copy(max_size=k), batch_size=SCORING_BATCH, refine=False)
-    for prediction in predictions:
-        p = torch.sigmoid(prediction.logits).clamp(1e-6, 1 - 1e-6)
-        out.append(float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean()))
-    return np.asarray(out)
+    return np.asarray([mean_entropy(prediction.logits) for prediction in predictions])
+
+
+def mean_entropy(logits: torch.Tensor) -> float:
+    """Mean binary entropy (bits) of a prediction's model-grid logits (``... S S``): 0 certain, 1 a coin toss."""
+    p = torch.sigmoid(logits.float()).clamp(1e-6, 1 - 1e-6)
+    return float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean())
 
 
 def ranks(x: np.ndarray) -> np.ndarray:

@@ -59,6 +59,16 @@ class ContextSet:
         self._entries: "OrderedDict[Hashable, ContextEntry]" = OrderedDict()
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # picklable (sent to batch workers): the lock stays behind
+        with self._lock:
+            state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # -- building -----------------------------------------------------------------------------------
 
     def prepare(self, image: Optional[np.ndarray], mask: Optional[np.ndarray]) -> ContextEntry:

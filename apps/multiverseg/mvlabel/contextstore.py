@@ -13,6 +13,8 @@ the configured axis: the slice of largest area plus evenly spaced slices where t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -193,6 +195,19 @@ class DatastoreContext:
             return
         for k in pick_slices(mask, self.axis, self.slices_per_volume):
             yield (image_id, k), volume_slice(image.array, self.axis, k), volume_slice(mask, self.axis, k)
+
+    def labelled_for(self, name: str) -> set[str]:
+        """Images whose final label gives the context set of ``name`` its entries."""
+        with self._lock:
+            return {image_id for image_id, seen in self._seen.items() if any(n == name for n, _ in seen.keys)}
+
+    def fingerprint(self, name: str) -> str:
+        """Names the context set of ``name`` across processes and restarts: a hash of which labels feed it and
+        their versions (save time, else file time, and size), not of where a cache put them."""
+        with self._lock:
+            parts = sorted((i, self._seen[i].stamp[3] or self._seen[i].stamp[1], self._seen[i].stamp[2])
+                           for i in self.labelled_for(name))
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
     def sizes(self) -> dict[str, int]:
         return {name: len(s) for name, s in self.sets.items()}

@@ -39,6 +39,7 @@ DESCRIPTIONS = {
     "nearest": "Context-aware: the image most like something labelled, the cheapest to segment next",
     "uncertainty": "Context-aware: the image whose zero-click prediction is least certain",
     "confident": "Context-aware: the image whose zero-click prediction is most certain, the fewest clicks now",
+    "review": "Pre-segmented: the image whose batch pre-segmentation is least certain, to correct first",
     "random": "Random unlabelled image",
     "first": "First unlabelled image by name",
 }
@@ -200,11 +201,26 @@ class ScoreBoard:
 class NextSample(Strategy):
     """A MONAI Label strategy over :class:`ScoreBoard` scores (or random/first), with leases."""
 
-    def __init__(self, name: str, board: ScoreBoard, leases: Leases):
+    def __init__(self, name: str, board: ScoreBoard, leases: Leases, review_tag: str = "original"):
         super().__init__(DESCRIPTIONS[name])
         self.name = name
         self.board = board
         self.leases = leases
+        self.review_tag = review_tag  # where batch pre-segmentations are (mvlabel.batch)
+
+    def presegmented(self, datastore, candidates: list[str], label: str) -> dict[str, float]:
+        """Uncertainty of each candidate's batch pre-segmentation for ``label`` (only those that have one)."""
+        from .batch import PROVENANCE
+
+        out = {}
+        for image_id in candidates:
+            try:
+                made = (datastore.get_label_info(image_id, self.review_tag) or {}).get(PROVENANCE) or {}
+            except Exception:  # no label of that tag
+                continue
+            if made.get("label") == label and isinstance(made.get("uncertainty"), (int, float)):
+                out[image_id] = float(made["uncertainty"])
+        return out
 
     def __call__(self, request, datastore):
         client = str(request.get("client_id") or "default")
@@ -218,11 +234,16 @@ class NextSample(Strategy):
             pick, score, why = random.choice(candidates), None, "random"
         elif self.name == "first":
             pick, score, why = candidates[0], None, "first by name"
+        elif self.name == "review" and (unsure := self.presegmented(datastore, candidates, label)):
+            pick = max(unsure, key=unsure.get)
+            score = unsure[pick]
+            why = (f"least certain batch pre-segmentation ('{self.review_tag}' tag) among {len(unsure)} "
+                   f"pre-segmented images for '{label}'")
         else:
             scores = self.board.get(label, self.name)
             missing = [i for i in candidates if i not in scores]
             if missing:  # not scored yet (new images, or the first pass still running): likeness now
-                likeness = self.name if self.name in ("coverage", "nearest") else "coverage"
+                likeness = self.name if self.name in ("coverage", "nearest") else "coverage"  # review: none yet
                 scores.update(self.board.likeness(likeness, missing, sorted(datastore.get_labeled_images())))
             pick = max(candidates, key=lambda i: scores.get(i, float("-inf")))
             score = scores.get(pick)

@@ -1,0 +1,114 @@
+"""Pre-segmenting a datastore on Ray (embedded, 2 workers): the same masks as the serial predictor, no final
+label touched, a killed worker's images retried, a second run writes nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+
+SAMPLE_2D = ROOT / "sample-datasets" / "brain-2d"
+VOLUME = ROOT / "sample-datasets" / "brain-3d" / "mni152_t1_2mm.nii.gz"
+SEEDS = ["mni152_axial_077", "mni152_coronal_112", "mni152_axial_126"]
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch") / "studies"
+    folder.mkdir()
+    for image in SAMPLE_2D.glob("*.png"):
+        shutil.copy(image, folder / image.name)
+    shutil.copy(VOLUME, folder / VOLUME.name)
+    (folder / "labels" / "final").mkdir(parents=True)
+    for key in SEEDS:  # 0/255 ground truth, as annotators' saves would hold it: 0/1
+        mask = np.asarray(Image.open(SAMPLE_2D / "ground-truth" / f"{key}.png")) > 0
+        Image.fromarray(mask.astype(np.uint8)).save(folder / "labels" / "final" / f"{key}.png")
+    return folder
+
+
+def finals(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((folder / "labels" / "final").glob("*.*"))}
+
+
+def test_ray_run_matches_the_serial_predictor_survives_a_killed_worker_and_resumes(studies):
+    from mvlabel import batch
+    from mvlabel.imageio import read_image
+    from mvseg import Predictor
+
+    names = ["white_matter"]
+    datastore = batch.open_datastore(str(studies), names)
+    predictor = Predictor(device="cpu")
+    weights = batch.weights_digest(None)
+    plan = batch.plan(datastore, predictor, weights, "white_matter", names)
+    assert len(plan.context) == len(SEEDS) and len(plan.todo) == 18  # 17 PNGs + the volume
+    before = finals(studies)
+    killed = []
+
+    def kill_one_soon(actors):
+        import ray
+
+        pid = ray.get(actors[0].pid.remote())
+        timer = threading.Timer(1.0, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid)))
+        timer.start()
+
+    summary = batch.run_ray(datastore, plan, None, None, workers=2, on_workers=kill_one_soon, progress=False)
+    assert killed, "the worker was not killed during the run"
+    assert not summary.failed and sorted(summary.written) == sorted(plan.todo), summary
+    assert finals(studies) == before  # no final label changed
+
+    for image_id in plan.todo:  # every result equals what the predictor gives in this process
+        loaded = read_image(datastore.get_image_uri(image_id))
+        expected, uncertainty = batch.presegment(predictor, loaded, plan.context)
+        got = read_image(datastore.get_label_uri(image_id, "original")).array
+        got = got[..., 0] if got.ndim == 3 and not loaded.is_volume else got
+        assert got.shape == expected.shape
+        assert np.mean(got == expected) > 0.999, image_id
+        made = datastore.get_label_info(image_id, "original")["mvseg_batch"]
+        assert made["context_version"] == plan.version and made["weights_sha256"] == weights[1]
+        assert made["uncertainty"] == pytest.approx(uncertainty, abs=1e-3)
+
+    stamps = {p: p.stat().st_mtime_ns for p in (studies / "labels" / "original").iterdir()}
+    again = batch.plan(datastore, predictor, weights, "white_matter", names)
+    assert again.todo == [] and len(again.current) == 18
+    assert batch.run_ray(datastore, again, None, None, workers=2, progress=False).written == []
+    assert {p: p.stat().st_mtime_ns for p in (studies / "labels" / "original").iterdir()} == stamps
+
+
+def test_batch_never_writes_final_and_needs_a_context(studies):
+    from mvlabel import batch
+    from mvseg import Predictor
+
+    datastore = batch.open_datastore(str(studies), ["grey_matter"])
+    predictor = Predictor(device="cpu")
+    with pytest.raises(ValueError, match="final"):
+        batch.plan(datastore, predictor, batch.weights_digest(None), "grey_matter", ["grey_matter"], tag="final")
+    with pytest.raises(ValueError, match="no saved final labels for 'skull'"):
+        batch.plan(datastore, predictor, batch.weights_digest(None), "skull", ["grey_matter"])
+
+
+def test_next_sample_review_offers_the_least_certain_pre_segmentation_first(studies):
+    """After a batch run, the server's 'review' strategy ranks the pre-segmented images by uncertainty."""
+    from mvlabel import batch
+
+    from .app_helpers import app_client
+
+    datastore = batch.open_datastore(str(studies), ["white_matter"])
+    info = {i: (datastore.get_label_info(i, "original") or {}).get("mvseg_batch", {}).get("uncertainty")
+            for i in datastore.get_unlabeled_images()}
+    info = {i: u for i, u in info.items() if u is not None}
+    assert info, "runs after the batch test"
+    with app_client(studies, {"labels": "white_matter"}) as (client, _):
+        r = client.post("/activelearning/review", json={"client_id": "reviewer"}).json()
+    assert r["id"] == max(info, key=info.get) and r["score"] == pytest.approx(info[r["id"]])
+    assert "pre-segmentation" in r["reason"]
