@@ -74,7 +74,9 @@ def test_ray_run_matches_the_serial_predictor_survives_a_killed_worker_and_resum
         got = got[..., 0] if got.ndim == 3 and not loaded.is_volume else got
         assert got.shape == expected.shape
         assert np.mean(got == expected) > 0.999, image_id
-        made = datastore.get_label_info(image_id, "original")["mvseg_batch"]
+        info = datastore.get_label_info(image_id, "original")
+        assert info["params"]["label_names"] == {"white_matter": 1}  # what Slicer reads to name the segment
+        made = info["mvseg_batch"]
         assert made["context_version"] == plan.version and made["weights_sha256"] == weights[1]
         assert made["uncertainty"] == pytest.approx(uncertainty, abs=1e-3)
 

@@ -128,6 +128,19 @@ def test_bad_values_name_the_field(server, params, word):
     assert r.status_code == 422 and word in r.json()["detail"], r.text
 
 
+@pytest.mark.parametrize("body, status", [
+    ({"label_tag": "./final", "save_label": True}, 422),
+    ({"label_tag": "final", "save_label": True}, 409),
+    ({"label_tag": "../labels/final"}, 422),
+])
+def test_batch_inference_never_writes_final(server, body, status):
+    client, _, studies = server
+    before = final_bytes(studies)
+    r = client.post("/batch/infer/multiverseg_auto", json=body)
+    assert r.status_code == status, r.text
+    assert final_bytes(studies) == before
+
+
 def test_other_malformed_requests(server):
     client, _, _ = server
     r = client.post(f"/infer/multiverseg?image={IDS[1]}&output=dicom_seg", data={"params": "{}"})

@@ -109,6 +109,7 @@ def _has(datastore, image_id: str, tag: str) -> bool:
 def provenance(p: Plan, uncertainty: float, seconds: float) -> dict:
     return {
         "label_info": [{"name": p.label, "idx": 1}],
+        "params": {"label_names": {p.label: 1}},  # Slicer names the segment of an 'original' label from this
         PROVENANCE: {
             "label": p.label, "weights": p.weights[0], "weights_sha256": p.weights[1],
             "context_version": p.version, "context_size": len(p.context),

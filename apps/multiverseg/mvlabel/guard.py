@@ -256,6 +256,8 @@ class Guard:
             spool.seek(0)
             if body.strip():
                 data = _json_object(body.decode("utf-8", "replace"), "body")
+                if path.startswith("/batch/"):  # the body is the batch job's params
+                    check_params(data, path)
                 if "params" in data:
                     if not isinstance(data["params"], dict):
                         raise Refusal(422, "'params' must be a JSON object")

@@ -65,6 +65,7 @@ class Segmenter:
         interactions: InteractionStore,
         axis: int = 2,
         neighbour_slices: int = 2,
+        cache_bytes: int = 1 << 30,
     ):
         self.predictor = predictor
         self.context = context
@@ -72,12 +73,14 @@ class Segmenter:
         self.axis = axis
         self.neighbour_slices = neighbour_slices
         self._images: "OrderedDict[str, tuple[tuple, Loaded]]" = OrderedDict()
+        self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
 
     # -- inputs -------------------------------------------------------------------------------------
 
     def load(self, path: str) -> Loaded:
-        """Read an image, reusing the last few reads of unchanged files (a volume is clicked many times)."""
+        """Read an image, reusing recent reads of unchanged files (a volume is clicked many times), up to
+        ``cache_bytes`` of them."""
         if not path or not os.path.isfile(path):
             raise BadRequest(f"image not found: {os.path.basename(str(path)) or '(none given)'}", 404)
         key = stat_key(path)
@@ -89,7 +92,8 @@ class Segmenter:
         loaded = read_image(path)
         with self._lock:
             self._images[path] = (key, loaded)
-            while len(self._images) > 4:
+            # bounded in bytes (a few volumes), never fewer than the image just read
+            while len(self._images) > 1 and sum(v.array.nbytes for _, v in self._images.values()) > self.cache_bytes:
                 self._images.popitem(last=False)
         return loaded
 
