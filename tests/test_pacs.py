@@ -228,6 +228,7 @@ def test_saving_a_final_label_stores_a_seg_and_grows_the_context(site):
     for strategy in ("first", "nearest"):  # the labelled series is no longer offered
         r = requests.post(f"{site.url}/activelearning/{strategy}", json={"client_id": "x"}, timeout=30)
         assert r.json()["id"] == b
+        assert r.json()["SeriesInstanceUID"] == b and r.json()["StudyInstanceUID"]  # what OHIF opens
     assert requests.get(f"{site.url}/datastore/?output=stats", timeout=30).json()["completed"] == 1
 
 
@@ -312,6 +313,12 @@ def test_ohif_point_prompt_shows_an_overlay_on_the_clicked_slice(site, tmp_path)
                     break
                 time.sleep(0.5)
             page.screenshot(path=str(shots / "viewer.png"))
+            page.get_by_text("Active Learning").click()  # next sample: the unlabelled series, by its UIDs
+            page.get_by_role("button", name="Next Sample").click()
+            page.get_by_text("Active Learning - Next Sample").wait_for()
+            offered = page.get_by_text(site.series[1])
+            offered.wait_for()
+            page.screenshot(path=str(shots / "next_sample.png"))
         finally:
             browser.close()
     params = json.loads(requests_seen[-1].split("\r\n\r\n", 1)[1].split("\r\n", 1)[0])

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FINAL = "final"
 NON_IMAGE = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC", "FID", "PLAN"}
+DICOM_INFO = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "StudyDate", "StudyTime")
 SEG_WRITER = "itkimage2segimage"  # dcmqi's tool, which MONAI Label's SEG writer runs
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -112,7 +113,7 @@ class PacsDatastore(DICOMWebDatastore):
         self._filter = search_filter
         self._guard = threading.Lock()
         self._series_locks: dict[str, threading.RLock] = defaultdict(threading.RLock)
-        self._listed: tuple[float, list[str], dict] = (0.0, [], {})  # when, image series, {uid: study}
+        self._listed: tuple[float, list[str], dict] = (0.0, [], {})  # when, image series, {uid: DICOM_INFO}
         self._segs: dict[str, SegRecord] = {}  # every SEG seen, by its series UID
         self._segs_listed = 0.0
         self._labels: dict[str, tuple[tuple, str, dict]] = {}  # image -> (SEG uids, label file, label info)
@@ -136,7 +137,7 @@ class PacsDatastore(DICOMWebDatastore):
                 continue
             uid = _value(meta, "SeriesInstanceUID")
             series.append(uid)
-            studies[uid] = _value(meta, "StudyInstanceUID")
+            studies[uid] = {k: _value(meta, k) for k in DICOM_INFO}
         with self._guard:
             self._listed = (time.monotonic(), series, studies)
         return series, studies
@@ -198,7 +199,7 @@ class PacsDatastore(DICOMWebDatastore):
             series, studies = self._list()
         if image_id not in studies:
             raise BadRequest(f"series '{image_id}' is not in the PACS (or not listed by the search filter)", 404)
-        return studies[image_id]
+        return studies[image_id]["StudyInstanceUID"]
 
     # -- images -------------------------------------------------------------------------------------
 
@@ -233,10 +234,12 @@ class PacsDatastore(DICOMWebDatastore):
         return folder
 
     def get_image_info(self, image_id: str) -> dict:
-        info = {}
+        """The series' DICOM identity (what OHIF's next sample shows and opens) and the app's own info."""
+        self._check_id(image_id)
+        info = dict(self._list()[1][image_id])
         try:
-            info = LocalDatastore.get_image_info(self, image_id) or {}
-        except Exception:
+            info.update(LocalDatastore.get_image_info(self, image_id) or {})
+        except Exception:  # nothing stored locally for it yet
             pass
         return info
 

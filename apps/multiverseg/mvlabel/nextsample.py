@@ -28,6 +28,7 @@ from mvseg.context import describe
 from mvseg.geometry import prepare_image
 
 from .contextstore import DatastoreContext, volume_slice
+from .dicomweb import DICOM_INFO
 from .errors import BadRequest
 from .imageio import stat_key
 
@@ -250,6 +251,11 @@ class NextSample(Strategy):
             why = f"highest {self.name} score among {len(candidates)} unlabelled images for '{label}'"
         self.leases.give(pick, client)
         out = {"id": pick, "strategy": self.name, "score": score, "reason": why, "label": label}
+        try:  # a PACS series: its DICOM identity, which OHIF shows and opens
+            info = datastore.get_image_info(pick) or {}
+        except Exception:
+            info = {}
+        out.update({k: info[k] for k in DICOM_INFO if k in info})
         if request.get("patch_size") is not None:  # QuPath asks for a region: the whole 2D image
             plane = self.board.plane(pick)
             if plane is not None:
