@@ -141,7 +141,8 @@ def segs_in_pacs(site: Site) -> list[dict]:
         meta = Dataset.from_json(item)
         full = Dataset.from_json(client.retrieve_series_metadata(meta.StudyInstanceUID, meta.SeriesInstanceUID)[0])
         out.append({"uid": meta.SeriesInstanceUID, "image": full.ReferencedSeriesSequence[0].SeriesInstanceUID,
-                    "labels": sorted(s.SegmentLabel for s in full.SegmentSequence)})
+                    "labels": sorted(s.SegmentLabel for s in full.SegmentSequence),
+                    "description": str(full.get("SeriesDescription", ""))})
     return out
 
 
@@ -219,7 +220,7 @@ def test_saving_a_final_label_stores_a_seg_and_grows_the_context(site):
     r = save_label(site, a, np.asarray(TRUTH.dataobj))
     assert r.status_code == 200, r.text
     segs = segs_in_pacs(site)
-    assert [(s["image"], s["labels"]) for s in segs] == [(a, sorted(NAMES))]
+    assert [(s["image"], s["labels"], s["description"]) for s in segs] == [(a, sorted(NAMES), "MultiverSeg")]
     after = multipart(click(site, b, white_matter_point()))[0]
     assert after["context_size"] > before
     r = requests.post(f"{site.url}/infer/multiverseg_auto?image={b}&output=json", data={"params": "{}"}, timeout=300)
@@ -253,6 +254,39 @@ def test_the_newest_seg_per_label_counts_on_the_image_grid(site):
     data = np.asarray(back.dataobj)
     np.testing.assert_array_equal(data == value["white_matter"], partial == 1)
     np.testing.assert_array_equal(data == value["grey_matter"], truth == 2)
+
+
+def test_batch_results_go_to_the_pacs_as_proposals_never_as_final(site, tmp_path):
+    """Pre-segmenting the PACS (serially here; tests/test_batch.py runs Ray): a SEG named as a proposal
+    joins the unlabelled series, and the server still counts it as unlabelled."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from monailabel.config import settings
+
+    from mvlabel import batch
+    from mvlabel.dicomweb import PROPOSAL, connect
+    from mvseg import Predictor
+
+    settings.MONAI_LABEL_DATASTORE_CACHE_PATH = str(tmp_path)
+    try:
+        store = connect(site.dicomweb, NAMES)
+    finally:
+        settings.MONAI_LABEL_DATASTORE_CACHE_PATH = ""
+    a, b = site.series
+    predictor = Predictor(device="cpu")
+    plan = batch.plan(store, predictor, batch.weights_digest(None), "white_matter", NAMES)
+    assert plan.todo == [b]
+    summary = batch.run_serial(store, plan, predictor, progress=False)
+    assert summary.written == [b], summary
+    proposals = [s for s in segs_in_pacs(site) if s["image"] == b]
+    assert [s["labels"] for s in proposals] == [["white_matter"]]
+    assert proposals[0]["description"] == PROPOSAL + "original"
+    assert requests.get(f"{site.url}/datastore/?output=stats", timeout=30).json()["completed"] == 1
+    r = requests.post(f"{site.url}/activelearning/first", json={"client_id": "x"}, timeout=30)
+    assert r.json()["id"] == b  # a proposal is not a final label
+    again = batch.plan(store, predictor, batch.weights_digest(None), "white_matter", NAMES)
+    assert again.todo == [] and again.current == [b]
 
 
 def test_a_restarted_server_rebuilds_the_context_from_the_pacs(site):

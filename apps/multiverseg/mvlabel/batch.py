@@ -31,7 +31,7 @@ from mvseg import ContextSet, Predictor
 from mvseg.activelearning import mean_entropy
 
 from .contextstore import DatastoreContext, volume_slice
-from .guard import current_user
+from .guard import TAG, current_user
 from .imageio import Loaded, read_image, write_label
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def plan(datastore, predictor: Predictor, weights: tuple[str, str], label: str, 
          axis: int = 2, slices_per_volume: int = 4) -> Plan:
     if tag == FINAL:
         raise ValueError("batch results never go to the 'final' tag: that is the annotators' own")
+    if not TAG.match(tag):
+        raise ValueError(f"--tag must be a plain tag name (letters, digits, '_', '-'), got {tag!r}")
     context = DatastoreContext(datastore, predictor.new_context, names, axis=axis, slices_per_volume=slices_per_volume)
     context.refresh()
     if label not in context.label_names() or not len(context.get(label)):

@@ -17,6 +17,9 @@ what an annotation server needs done differently:
   non-image modalities (SEG, SR, PR, ...) are left out, instead of MONAI Label's default of CT only.
 * **Ids are series UIDs and nothing else**: a name that is not a listed series is refused before any
   path is built from it.
+* **A model's proposals** (labels saved under a tag other than ``final``, e.g. batch pre-segmentations) go to
+  the PACS as SEGs whose series description is ``MultiverSeg proposal: <tag>``, never read as final labels;
+  their provenance stays in the local cache, where the series is linked in as an image.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import pydicom
 import SimpleITK as sitk
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from pydicom.dataset import Dataset
@@ -52,7 +55,10 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 NON_IMAGE = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC", "FID", "PLAN"}
 DICOM_INFO = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "StudyDate", "StudyTime")
-SEG_WRITER = "itkimage2segimage"  # dcmqi's tool, which MONAI Label's SEG writer runs
+SEG_WRITER = "itkimage2segimage"
+# series description of a SEG that is a model's proposal under a tag (batch pre-segmentation), not a final
+# label: "MultiverSeg proposal: original". Any other SEG that references an image is a final label.
+PROPOSAL = "MultiverSeg proposal: "  # dcmqi's tool, which MONAI Label's SEG writer runs
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -66,6 +72,7 @@ class SegRecord:
     when: str  # sortable creation time: newest wins
     segments: tuple  # ((segment number, segment label), ...)
     order: int = 0  # when it was first seen here: breaks ties of SEGs stored within one second
+    tag: str = "final"  # a model's proposal (mvlabel.batch) names its tag in the series description
 
 
 def _value(meta: Dataset, keyword: str, default: str = "") -> str:
@@ -86,7 +93,9 @@ def _seg_record(uid: str, study: str, meta: Dataset) -> Optional[SegRecord]:
         (int(s.SegmentNumber), str(getattr(s, "SegmentLabel", f"segment_{int(s.SegmentNumber)}")))
         for s in meta.get("SegmentSequence", [])
     )
-    return SegRecord(uid, study, str(refs[0].SeriesInstanceUID), when, segments)
+    description = _value(meta, "SeriesDescription")
+    tag = description[len(PROPOSAL):] if description.startswith(PROPOSAL) else FINAL
+    return SegRecord(uid, study, str(refs[0].SeriesInstanceUID), when, segments, tag=tag)
 
 
 class PacsDatastore(DICOMWebDatastore):
@@ -107,7 +116,7 @@ class PacsDatastore(DICOMWebDatastore):
         # beside MONAI Label's cache folder, not in it: its file watcher need not see these writes
         root = os.path.realpath(self._datastore_path) + "-mvseg"
         self.series_dir = os.path.join(root, "series")
-        self.labels_dir = os.path.join(root, "final")
+        self.labels_dir = os.path.join(root, "labels")  # one folder per tag
         for folder in (self.series_dir, self.labels_dir):
             os.makedirs(folder, exist_ok=True)
         self._filter = search_filter
@@ -116,7 +125,7 @@ class PacsDatastore(DICOMWebDatastore):
         self._listed: tuple[float, list[str], dict] = (0.0, [], {})  # when, image series, {uid: DICOM_INFO}
         self._segs: dict[str, SegRecord] = {}  # every SEG seen, by its series UID
         self._segs_listed = 0.0
-        self._labels: dict[str, tuple[tuple, str, dict]] = {}  # image -> (SEG uids, label file, label info)
+        self._labels: dict[tuple, tuple[tuple, str, dict]] = {}  # (image, tag) -> (SEG uids, file, label info)
 
     def _lock(self, key: str) -> threading.RLock:
         with self._guard:
@@ -170,11 +179,11 @@ class PacsDatastore(DICOMWebDatastore):
             with self._guard:
                 self._segs[uid] = replace(record, order=len(self._segs))
 
-    def _current_segs(self, image_id: str) -> dict[str, SegRecord]:
-        """``{segment label: newest SEG holding it}`` for one image."""
+    def _current_segs(self, image_id: str, tag: str = FINAL) -> dict[str, SegRecord]:
+        """``{segment label: newest SEG holding it}`` for one image and tag."""
         newest: dict[str, SegRecord] = {}
         for record in sorted(self._seg_index().values(), key=lambda r: (r.when, r.order)):
-            if record.image == image_id:
+            if record.image == image_id and record.tag == tag:
                 for _, name in record.segments:
                     newest[name] = record
         return newest
@@ -183,7 +192,7 @@ class PacsDatastore(DICOMWebDatastore):
         if label_tag not in (None, FINAL):
             return LocalDatastore.get_labeled_images(self, label_tag, labels)
         images = set(self.list_images())
-        return sorted({r.image for r in self._seg_index().values() if r.image in images})
+        return sorted({r.image for r in self._seg_index().values() if r.image in images and r.tag == FINAL})
 
     def get_unlabeled_images(self, label_tag: Optional[str] = None, labels: Optional[list] = None) -> list[str]:
         labelled = set(self.get_labeled_images(label_tag, labels))
@@ -218,7 +227,21 @@ class PacsDatastore(DICOMWebDatastore):
                 _write_atomic(image, target)
                 log.info("series %s: downloaded in %.2f s, converted in %.2f s", image_id, t1 - t0,
                          time.perf_counter() - t1)
+            self._register_local(image_id, target)
         return target
+
+    def _register_local(self, image_id: str, path: str) -> None:
+        """Make the series an image of MONAI Label's local cache datastore too (a hard link, no copy), so
+        its info (scores) and the labels of other tags (a model's proposals) have an image to belong to."""
+        local = os.path.join(os.path.realpath(self._datastore_path), f"{image_id}.nii.gz")
+        if not os.path.exists(local):
+            try:
+                os.link(path, local)
+            except OSError:  # another filesystem: a copy, renamed into place
+                shutil.copyfile(path, local + ".tmp")
+                os.replace(local + ".tmp", local)
+        if image_id not in self._datastore.objects:
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info={}, ext=".nii.gz"))
 
     def _download(self, study: str, series: str) -> str:
         """The series' DICOM files in ``series_dir/<uid>/`` (complete, or not there at all)."""
@@ -246,29 +269,34 @@ class PacsDatastore(DICOMWebDatastore):
     # -- labels -------------------------------------------------------------------------------------
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        """``final``: the image's label built from its newest SEG per segment label ("" when it has none).
-        ``label_id`` is the image series (as the local datastore names labels) or a SEG series."""
-        if label_tag != FINAL:
+        """The image's label built from its newest SEG per segment label ("" when it has none); a proposal
+        saved by this server is read from the local cache first. ``label_id`` is the image series (as the
+        local datastore names labels) or a SEG series."""
+        if label_tag != FINAL and self._cached(label_id, label_tag):
             return LocalDatastore.get_label_uri(self, label_id, label_tag)
         record = self._segs.get(label_id)
         image_id = record.image if record is not None else (image_id or label_id)
-        built = self._build_label(image_id)
+        built = self._build_label(image_id, label_tag)
         return built[1] if built else ""
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict:
-        if label_tag != FINAL:
+        if label_tag != FINAL and self._cached(label_id, label_tag):
             return LocalDatastore.get_label_info(self, label_id, label_tag)
-        built = self._build_label(label_id)
+        built = self._build_label(label_id, label_tag)
         return dict(built[2]) if built else {}
 
-    def _build_label(self, image_id: str) -> Optional[tuple[tuple, str, dict]]:
-        """(SEG uids, NIfTI path, label info) of an image's current final label, rebuilt when its SEGs change."""
-        current = self._current_segs(image_id)
+    def _cached(self, image_id: str, tag: str) -> bool:
+        obj = self._datastore.objects.get(image_id)
+        return obj is not None and tag in obj.labels
+
+    def _build_label(self, image_id: str, tag: str = FINAL) -> Optional[tuple[tuple, str, dict]]:
+        """(SEG uids, NIfTI path, label info) of an image's current label of ``tag``, rebuilt when its SEGs change."""
+        current = self._current_segs(image_id, tag)
         if not current:
             return None
         names = sorted(current, key=lambda n: (self.names.index(n) if n in self.names else len(self.names), n))
         key = tuple(current[n].uid for n in names)
-        hit = self._labels.get(image_id)
+        hit = self._labels.get((image_id, tag))
         if hit and hit[0] == key and os.path.exists(hit[1]):
             return hit
         with self._lock(image_id):
@@ -284,15 +312,16 @@ class PacsDatastore(DICOMWebDatastore):
                 labelmap[mask > 0] = idx
             out = sitk.GetImageFromArray(labelmap)
             out.CopyInformation(image)
-            path = os.path.join(self.labels_dir, f"{image_id}.nii.gz")
+            os.makedirs(os.path.join(self.labels_dir, tag), exist_ok=True)
+            path = os.path.join(self.labels_dir, tag, f"{image_id}.nii.gz")
             _write_atomic(out, path)
             info = {
                 "label_info": [{"name": n, "idx": i} for i, n in enumerate(names, start=1)],
                 "segs": list(key),
                 "ts": max(current[n].when for n in names),
             }
-            self._labels[image_id] = (key, path, info)
-            return self._labels[image_id]
+            self._labels[(image_id, tag)] = (key, path, info)
+            return self._labels[(image_id, tag)]
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
                    label_id: str = "") -> str:
@@ -313,7 +342,9 @@ class PacsDatastore(DICOMWebDatastore):
             label = label.reshape(image.shape, order="F").astype(np.int32)
         else:
             label = read_label(label_filename, image)
-        if label_tag != FINAL:
+        if label_tag != FINAL:  # a model's proposal: in the PACS to view, its provenance in the local cache
+            if label.any():
+                self._store_seg(image_id, image, label, label_info, PROPOSAL + label_tag)
             fd, path = tempfile.mkstemp(suffix=".nii.gz")
             os.close(fd)
             try:
@@ -321,6 +352,10 @@ class PacsDatastore(DICOMWebDatastore):
                 return LocalDatastore.save_label(self, image_id, path, label_tag, label_info)
             finally:
                 os.unlink(path)
+        return self._store_seg(image_id, image, label, label_info, "MultiverSeg")
+
+    def _store_seg(self, image_id: str, image, label: np.ndarray, label_info: dict, description: str) -> str:
+        """Write ``label`` as a new DICOM SEG of the image's study and store it in the PACS; its series UID."""
         if not shutil.which(SEG_WRITER):
             raise BadRequest(f"{SEG_WRITER} is not installed on the server (pip install dcmqi)", 503)
         segments = self._segments(label, label_info)
@@ -334,7 +369,7 @@ class PacsDatastore(DICOMWebDatastore):
             path = os.path.join(tmp, "label.nii.gz")
             nib.save(nib.Nifti1Image(labelmap, image.affine), path)
             described = [{"name": n, "idx": v} for v, (n, _) in enumerate(segments, start=1)]
-            described[0]["model_name"] = "MultiverSeg"  # the SEG's series description
+            described[0]["model_name"] = description  # becomes the SEG's series description
             seg_file = nifti_to_dicom_seg(os.path.join(self.series_dir, image_id), path, described)
             if not seg_file:
                 raise BadRequest("the label could not be written as DICOM SEG", 422)
