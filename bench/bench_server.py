@@ -51,19 +51,25 @@ def start_server(studies: Path, port: int, log: Path, conf: dict, timeout: float
         cmd += ["--conf", key, str(value)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, **(env or {})})
+    return wait_until_answering(proc, f"http://127.0.0.1:{port}/info/", log, timeout)
+
+
+def wait_until_answering(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> subprocess.Popen:
+    """Poll ``url`` until the server ``proc`` answers it (any HTTP status); kill it after ``timeout`` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=2):
+            with urllib.request.urlopen(url, timeout=2):
                 return proc
         except urllib.error.HTTPError:  # it answers (401 when authentication is on)
             return proc
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.3)
     proc.kill()
-    raise RuntimeError(f"server did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    proc.wait(timeout=30)
+    raise RuntimeError(f"{url}: no answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -12,9 +12,9 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from bench.bench_server import wait_until_answering
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -39,19 +39,9 @@ def start_orthanc(folder: Path, port: int, timeout: float = 60) -> subprocess.Po
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
-    log = (folder / "orthanc.log").open("w")
-    proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{(folder / 'orthanc.log').read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/dicom-web/studies", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    stop_process(proc)
-    raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s")
+    log = folder / "orthanc.log"
+    proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return wait_until_answering(proc, f"http://127.0.0.1:{port}/dicom-web/studies", log, timeout)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from .conftest import ROOT
 from .pacs import orthanc_available, start_orthanc, stop_process, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.pacs]
+sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))  # the app's modules (mvlabel), for the in-process tests
 if not orthanc_available() and not os.environ.get("CI"):
     pytest.skip("Orthanc is not installed (tests/system-deps.sh installs it)", allow_module_level=True)
 
@@ -183,18 +185,9 @@ def test_click_on_a_slice_answers_the_whole_volume_with_only_that_slice(site):
 
 def test_one_series_is_downloaded_once_whoever_asks(site, tmp_path):
     """A click and the background scorer asking for the same series at once: one complete download."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
-    from monailabel.config import settings
-
     from mvlabel.dicomweb import connect
 
-    settings.MONAI_LABEL_DATASTORE_CACHE_PATH = str(tmp_path)
-    try:
-        store = connect(site.dicomweb, NAMES)
-    finally:
-        settings.MONAI_LABEL_DATASTORE_CACHE_PATH = ""
+    store = connect(site.dicomweb, NAMES, cache=str(tmp_path))  # a datastore of its own, as a second server's
     paths, errors = [], []
 
     def fetch():
@@ -259,20 +252,11 @@ def test_the_newest_seg_per_label_counts_on_the_image_grid(site):
 def test_batch_results_go_to_the_pacs_as_proposals_never_as_final(site, tmp_path):
     """Pre-segmenting the PACS (serially here; tests/test_batch.py runs Ray): a SEG named as a proposal
     joins the unlabelled series, and the server still counts it as unlabelled."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
-    from monailabel.config import settings
-
     from mvlabel import batch
     from mvlabel.dicomweb import PROPOSAL, connect
     from mvseg import Predictor
 
-    settings.MONAI_LABEL_DATASTORE_CACHE_PATH = str(tmp_path)
-    try:
-        store = connect(site.dicomweb, NAMES)
-    finally:
-        settings.MONAI_LABEL_DATASTORE_CACHE_PATH = ""
+    store = connect(site.dicomweb, NAMES, cache=str(tmp_path))
     a, b = site.series
     predictor = Predictor(device="cpu")
     plan = batch.plan(store, predictor, batch.weights_digest(None), "white_matter", NAMES)

@@ -445,9 +445,10 @@ def _write_atomic(image: sitk.Image, path: str) -> None:
             os.unlink(tmp)
 
 
-def connect(url: str, names: list[str]) -> PacsDatastore:
+def connect(url: str, names: list[str], cache: Optional[str] = None) -> PacsDatastore:
     """A :class:`PacsDatastore` on ``url`` with MONAI Label's DICOMweb settings (credentials, URL prefixes,
-    cache path, search filter), as ``monailabel start_server --studies URL`` would make its own."""
+    cache path unless ``cache`` is given, search filter), as ``monailabel start_server --studies URL``
+    would make its own."""
     from dicomweb_client.session_utils import create_session_from_user_pass
     from monailabel.config import settings
     from monailabel.datastore.dicom import DICOMwebClientX
@@ -462,7 +463,7 @@ def connect(url: str, names: list[str]) -> PacsDatastore:
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
-    cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+    cache = cache or (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     # MONAI Label's default filter lists CT only; unless one is set, every imaging modality is listed
     chosen = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" in settings.model_fields_set
     # dcmqi's itkimage2segimage (pip install dcmqi) beside this Python, when its folder is not on PATH
