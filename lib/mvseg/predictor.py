@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import hub
 from .checkpoint import MULTIVERSEG, SCRIBBLEPROMPT, load_checkpoint
 from .context import ContextSet
 from .geometry import (
@@ -60,8 +61,8 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
 def _as_model(model: Union[nn.Module, PathLike, None], kind: str) -> Optional[nn.Module]:
     if model is None or isinstance(model, nn.Module):
         net = model
-    else:
-        net = load_checkpoint(model)
+    else:  # a path, or the name of an official release (downloaded once into the cache: mvseg.hub)
+        net = load_checkpoint(hub.resolve(str(model)) if str(model) in hub.RELEASES else model)
     expected = MultiverSegNet if kind == MULTIVERSEG else ScribblePromptUNet
     if net is not None and not isinstance(net, expected):
         raise ValueError(f"expected a {expected.__name__} for the {kind} slot, got {type(net).__name__}")
@@ -91,7 +92,9 @@ class Predictor:
     """MultiverSeg inference on one device, one forward at a time.
 
     Args:
-        model: a :class:`MultiverSegNet` or a checkpoint path; ``None`` loads the bundled default weights.
+        model: a :class:`MultiverSegNet`, a checkpoint path, or an official release name
+            (``"multiverseg-v1"``, fetched once into the cache: :mod:`mvseg.hub`); ``None`` loads the bundled
+            default weights. ``fallback`` likewise (``"scribbleprompt-v1"``).
         fallback: optional ScribblePrompt-UNet (module or path), used when the context set is empty (what
             the official release does); without it MultiverSeg runs with its dummy context entry.
         device: ``None`` picks CUDA, then MPS, then CPU.
