@@ -41,6 +41,7 @@ class Annotator(threading.Thread):
         self.url, self.image, self.mask, self.clicks, self.think = url, image, mask, clicks, think
         self.rng = np.random.default_rng(seed)
         self.times: list[float] = []
+        self.network: list[float] = []  # the server's own time for the forward, waiting for the model included
         self.errors: list[str] = []
         self.sent = _png(mask)
 
@@ -56,6 +57,8 @@ class Annotator(threading.Thread):
                                  data={"params": json.dumps(params)}, timeout=120)
                 if r.status_code != 200:
                     self.errors.append(f"click {r.status_code}: {r.text[:120]}")
+                else:
+                    self.network.append(r.json()["latencies"]["infer"])
             except requests.RequestException as e:
                 self.errors.append(f"click: {e}")
             self.times.append(time.perf_counter() - t0)
@@ -118,10 +121,14 @@ def run(annotators: int, clicks: int, think: float, labels: int) -> dict:
         saved_ok = sum((studies / "labels" / "final" / f"{a.image}.png").read_bytes() == a.sent
                        for a in [alone] + crowd)
         crowd_times = [t for a in crowd for t in a.times]
+        crowd_network = [t for a in crowd for t in a.network]
         return {
             "annotators": annotators, "clicks": clicks, "think_s": think, "labels": labels,
             "alone_p50": np.percentile(alone.times, 50) * 1e3, "alone_p95": np.percentile(alone.times, 95) * 1e3,
             "crowd_p50": np.percentile(crowd_times, 50) * 1e3, "crowd_p95": np.percentile(crowd_times, 95) * 1e3,
+            "alone_net_p95": np.percentile(alone.network, 95) * 1e3,
+            "crowd_net_p50": np.percentile(crowd_network, 50) * 1e3,
+            "crowd_net_p95": np.percentile(crowd_network, 95) * 1e3,
             "info_p95": np.percentile(info_times, 95) * 1e3, "info_max": max(info_times) * 1e3,
             "info_n": len(info_times), "auto": auto,
             "errors": alone.errors + [e for a in crowd for e in a.errors] + info_errors,
@@ -145,6 +152,8 @@ def main(argv=None) -> None:
     print(f"click alone:      p50 {r['alone_p50']:.0f} ms, p95 {r['alone_p95']:.0f} ms")
     print(f"click under load: p50 {r['crowd_p50']:.0f} ms, p95 {r['crowd_p95']:.0f} ms "
           f"(p95 x{r['crowd_p95'] / r['alone_p95']:.2f} of alone)")
+    print(f"  of which the model (waiting for it included): alone p95 {r['alone_net_p95']:.0f} ms, under load "
+          f"p50 {r['crowd_net_p50']:.0f} ms, p95 {r['crowd_net_p95']:.0f} ms")
     print(f"/info/: p95 {r['info_p95']:.0f} ms, max {r['info_max']:.0f} ms over {r['info_n']} requests")
     print(f"errors: {len(r['errors'])} {r['errors'][:3]}; saved labels byte-identical: {r['labels_identical']}")
 
