@@ -250,3 +250,21 @@ def test_requests_without_client_id_do_not_share_a_state(server):
     r = other.post(f"/infer/multiverseg?image={IDS[1]}&output=json",
                    data={"params": json.dumps({**first, "background": [[2, 2]]})})
     assert r.json()["refined"] is False  # another client: no previous mask of its own
+
+
+def test_an_id_that_is_also_a_file_in_the_working_folder_is_the_datastore_image(server, tmp_path, monkeypatch):
+    """image=NAME and params.label=NAME are datastore names, even when a file of that name sits in the
+    server's working folder: that file is never read."""
+    client, _, studies = server
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((9, 9), 3, np.uint8)).save(tmp_path / f"{IDS[1]}", format="PNG")  # a datastore id
+    Image.fromarray(np.full((9, 9), 3, np.uint8)).save(tmp_path / "scribble.png")
+    _, mask = hc18_pair(IDS[1])
+    ys, xs = np.nonzero(mask)
+    r = infer(client, IDS[1], {"foreground": [[int(xs.mean()), int(ys.mean())]], "client_id": "cwd",
+                               "save_label": True, "label_tag": "draft"}, output="image")
+    assert r.status_code == 200, r.text
+    assert np.asarray(Image.open(io.BytesIO(r.content))).shape == mask.shape  # the datastore image's grid
+    assert (studies / "labels" / "draft" / f"{IDS[1]}.png").exists()  # and save_label still saved it
+    r = infer(client, IDS[1], {"foreground": [[5, 5]], "label": "scribble.png"})
+    assert r.status_code == 404 and "unknown label" in r.text  # a label name, not that file

@@ -18,6 +18,13 @@ Configuration (``--conf key value``):
     state_expiry      seconds an idle interaction state is kept (default: 1800)
     strategy          the next-sample strategy listed first, i.e. the default (default: nearest)
     lease_window      seconds an image handed to one annotator is kept from the others (default: 600)
+    review_tag        tag of batch pre-segmentations, which the 'review' strategy ranks (default: original)
+    max_pixels        largest image read, in pixels or voxels (default: 100000000)
+    max_upload_mb     largest request body (default: 2048)
+
+``weights`` and ``fallback`` also take the official releases by name (``multiverseg-v1``,
+``scribbleprompt-v1``: ``mvseg.hub``). Every request passes ``mvlabel.guard`` first (authentication and roles
+when MONAI Label's auth settings turn it on, names instead of paths, well-formed parameters, limits).
 """
 
 from __future__ import annotations
@@ -33,17 +40,17 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
+from mvlabel import guard, imageio
+from mvlabel.access import TokenCache, install_monailabel_user, verifier_from_settings
 from mvlabel.contextstore import DatastoreContext
 from mvlabel.dicomweb import connect
 from mvlabel.errors import BadRequest
-from mvlabel import guard, imageio
-from mvlabel.access import TokenCache, install_monailabel_user, verifier_from_settings
-from mvlabel.imageio import read_image
-from mvlabel.localstore import CheckedDatastore
-from mvlabel.ohif import serve_ohif_assets
+from mvlabel.imageio import is_upload, read_image
 from mvlabel.infer import MultiverSegAuto, MultiverSegInfer
 from mvlabel.interactions import InteractionStore
+from mvlabel.localstore import CheckedDatastore
 from mvlabel.nextsample import Leases, NextSample, ScoreBoard
+from mvlabel.ohif import serve_ohif_assets
 from mvlabel.segmenter import Segmenter
 from mvlabel.wsi import infer_region
 from mvseg import Predictor
@@ -119,7 +126,7 @@ class MultiverSegApp(MONAILabelApp):
         return studies.startswith(("http://", "https://"))
 
     @staticmethod
-    def _check_upload(path: str, filename: str) -> None:
+    def _check_upload(path: str) -> None:
         read_image(path)  # BadRequest when unreadable, of an unknown format or over max_pixels
 
     def _image_exists(self, image_id: str) -> bool:
@@ -190,14 +197,26 @@ class MultiverSegApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         self._check_model(request)
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image) and not self.datastore().get_image_uri(image):
-            raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
         if request.get("save_label") and request.get("label_tag") == DefaultLabelTag.FINAL.value:
             raise HTTPException(
                 status_code=409, detail="inference never writes 'final' labels; save them with PUT /datastore/label"
             )
+        collides = False
+        if isinstance(image, str) and not is_upload(image):
+            uri = self.datastore().get_image_uri(image)
+            if not uri:
+                raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
+            # a file of that name in the working folder: MONAI Label would read it; hand it the image instead
+            collides = os.path.exists(image)
         try:
-            return super().infer(request, datastore)
+            if not collides:
+                return super().infer(request, datastore)
+            result = super().infer({**request, "image": uri}, datastore)  # a path: MONAI Label saves nothing
+            if request.get("save_label"):
+                result["label"] = (datastore or self.datastore()).save_label(
+                    image, result["file"], request.get("label_tag", "original"),
+                    {"model": request.get("model"), "params": result["params"]})
+            return result
         except BadRequest as e:
             raise _http(e) from None
 
@@ -206,7 +225,7 @@ class MultiverSegApp(MONAILabelApp):
         if request.get("model") != "multiverseg":
             return self.infer(request, datastore)
         image = request.get("image") or ""
-        uploaded = os.path.isfile(image)
+        uploaded = is_upload(image)
         path = image if uploaded else self.datastore().get_image_uri(image)
         if not path:
             raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")

@@ -130,11 +130,11 @@ class Guard:
 
     Args:
         inner: the router's ASGI app. tokens: verified identities when authentication is on, else None.
-        check_upload: ``(path, filename) -> None``; raises :class:`BadRequest` for an unusable image upload.
+        check_upload: ``(path) -> None``; raises :class:`BadRequest` for an unusable image upload.
         image_exists: ``(image id) -> bool`` for the routes that delete. max_body: largest request body (bytes).
     """
 
-    def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str, str], None],
+    def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str], None],
                  image_exists: Callable[[str], bool], max_body: int, dicom_seg: bool = False):
         self.inner = inner
         self.dicom_seg = dicom_seg  # output=dicom_seg needs a DICOMweb datastore
@@ -300,7 +300,7 @@ class Guard:
                     f.write(chunk)
             await upload.seek(0)
             try:
-                await anyio.to_thread.run_sync(self.check_upload, tmp, upload.filename or "")
+                await anyio.to_thread.run_sync(self.check_upload, tmp)
             except BadRequest as e:
                 raise Refusal(e.status, f"upload refused: {e}") from None
         finally:

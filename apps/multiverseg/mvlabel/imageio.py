@@ -289,6 +289,14 @@ def write_asap(polygons: dict[str, list[np.ndarray]], colors: dict[str, str], pa
     return path
 
 
+def is_upload(path) -> bool:
+    """Whether ``path`` is a file this request uploaded: MONAI Label's routes write uploads to the temporary
+    folder and put their absolute path in the request. Anything else is a datastore id, never a path,
+    even when a file of that name happens to sit in the server's working folder."""
+    return (isinstance(path, str) and os.path.isabs(path) and os.path.isfile(path)
+            and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir()))
+
+
 def stat_key(path: str) -> tuple:
     """What changes when a file is rewritten (freshness checks without reading it)."""
     st = Path(path).stat()

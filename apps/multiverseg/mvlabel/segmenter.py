@@ -23,7 +23,7 @@ from mvseg import ContextSet, Predictor, Prompts
 from .contextstore import DatastoreContext, volume_slice
 from .errors import BadRequest
 from .guard import current_client
-from .imageio import Loaded, read_image, read_label, stat_key
+from .imageio import Loaded, is_upload, read_image, read_label, stat_key
 from .interactions import InteractionStore, SliceResult
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Segmenter:
         """The label a request works on: ``label_name``, or ``label`` when it is a name, else the default."""
         name = request.get("label_name")
         label = request.get("label")
-        if not name and isinstance(label, str) and label and not os.path.isfile(label):
+        if not name and isinstance(label, str) and label and not is_upload(label):
             name = label
         name = str(name) if name else self.context.names[0]
         known = self.context.label_names()
@@ -186,7 +186,7 @@ class Segmenter:
     def _scribbles(self, request: dict, loaded: Loaded, index: Optional[int], prompts: Prompts) -> None:
         """An uploaded scribble labelmap (values 3 = foreground, 2 = background, as MONAI Label's)."""
         path = request.get("label")
-        if not (isinstance(path, str) and os.path.isfile(path)):
+        if not is_upload(path):
             return
         label = read_label(path, loaded)
         if index is not None:
