@@ -268,3 +268,16 @@ def test_an_id_that_is_also_a_file_in_the_working_folder_is_the_datastore_image(
     assert (studies / "labels" / "draft" / f"{IDS[1]}.png").exists()  # and save_label still saved it
     r = infer(client, IDS[1], {"foreground": [[5, 5]], "label": "scribble.png"})
     assert r.status_code == 404 and "unknown label" in r.text  # a label name, not that file
+
+
+def test_an_image_uploaded_into_a_session_is_segmented(server):
+    """Slicer uploads a volume that is not in the datastore into a session, then infers by session id."""
+    client, _, _ = server
+    image, mask = hc18_pair(IDS[2])
+    r = client.put("/session/", files={"files": ("upload.png", png_bytes(image), "image/png")})
+    assert r.status_code == 200, r.text
+    ys, xs = np.nonzero(mask)
+    r = client.post(f"/infer/multiverseg?session_id={r.json()['session_id']}&output=image",
+                    data={"params": json.dumps({"foreground": [[int(xs.mean()), int(ys.mean())]]})})
+    assert r.status_code == 200, r.text
+    assert np.asarray(Image.open(io.BytesIO(r.content))).shape == mask.shape

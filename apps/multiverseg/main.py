@@ -129,6 +129,13 @@ class MultiverSegApp(MONAILabelApp):
     def _check_upload(path: str) -> None:
         read_image(path)  # BadRequest when unreadable, of an unknown format or over max_pixels
 
+    def _in_session(self, path) -> bool:
+        """An image a client uploaded into a session (``PUT /session/``), which MONAI Label keeps in its
+        session store and hands over by path."""
+        root = getattr(self.sessions(), "store_path", None)
+        return bool(root) and isinstance(path, str) and os.path.isfile(path) and \
+            os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+
     def _image_exists(self, image_id: str) -> bool:
         try:
             return bool(self.datastore().get_image_uri(image_id))
@@ -202,7 +209,7 @@ class MultiverSegApp(MONAILabelApp):
                 status_code=409, detail="inference never writes 'final' labels; save them with PUT /datastore/label"
             )
         collides = False
-        if isinstance(image, str) and not is_upload(image):
+        if isinstance(image, str) and not (is_upload(image) or self._in_session(image)):
             uri = self.datastore().get_image_uri(image)
             if not uri:
                 raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
@@ -225,7 +232,7 @@ class MultiverSegApp(MONAILabelApp):
         if request.get("model") != "multiverseg":
             return self.infer(request, datastore)
         image = request.get("image") or ""
-        uploaded = is_upload(image)
+        uploaded = is_upload(image) or self._in_session(image)
         path = image if uploaded else self.datastore().get_image_uri(image)
         if not path:
             raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
