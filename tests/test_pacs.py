@@ -249,6 +249,24 @@ def test_the_newest_seg_per_label_counts_on_the_image_grid(site):
     np.testing.assert_array_equal(data == value["grey_matter"], truth == 2)
 
 
+def test_ohif_saves_a_raw_voxel_buffer(site):
+    """OHIF's save: ``label.bin``, the labelmap's bytes in the volume's voxel order (first axis fastest)."""
+    a = site.series[0]
+    grey = (np.asarray(TRUTH.dataobj) == 2).astype(np.uint8)
+    r = requests.put(f"{site.url}/datastore/label?image={a}&tag=final",
+                     data={"params": json.dumps({"label_info": [{"name": "grey_matter", "idx": 1}]})},
+                     files={"label": ("label.bin", grey.tobytes(order="F"))}, timeout=120)
+    assert r.status_code == 200, r.text
+    r = requests.put(f"{site.url}/datastore/label?image={a}&tag=final", data={"params": "{}"},
+                     files={"label": ("label.bin", b"\x01" * 1000)}, timeout=60)
+    assert r.status_code == 422 and "voxels" in r.text  # a buffer of the wrong size
+    back = site.root / "bin_back.nii.gz"
+    back.write_bytes(requests.get(f"{site.url}/datastore/label?label={a}&tag=final", timeout=60).content)
+    info = requests.get(f"{site.url}/datastore/label/info?label={a}&tag=final", timeout=30).json()
+    value = {item["name"]: item["idx"] for item in info["label_info"]}
+    np.testing.assert_array_equal(np.asarray(nib.load(str(back)).dataobj) == value["grey_matter"], grey == 1)
+
+
 def test_batch_results_go_to_the_pacs_as_proposals_never_as_final(site, tmp_path):
     """Pre-segmenting the PACS (serially here; tests/test_batch.py runs Ray): a SEG named as a proposal
     joins the unlabelled series, and the server still counts it as unlabelled."""
