@@ -281,3 +281,28 @@ def test_an_image_uploaded_into_a_session_is_segmented(server):
                     data={"params": json.dumps({"foreground": [[int(xs.mean()), int(ys.mean())]]})})
     assert r.status_code == 200, r.text
     assert np.asarray(Image.open(io.BytesIO(r.content))).shape == mask.shape
+
+
+def test_a_save_killed_midway_leaves_a_datastore_that_starts(tmp_path):
+    """What a kill during a save can leave behind (a partial label or datastore_v2.json under their temporary
+    names) neither breaks the next start nor shows up as a label."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from monailabel.config import settings
+
+    from mvlabel.localstore import CheckedDatastore
+
+    studies = make_studies(tmp_path / "studies", IDS[:2])
+    store = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    label = tmp_path / "l.png"
+    label.write_bytes(png_bytes(hc18_pair(IDS[0])[1].astype(np.uint8)))
+    store.save_label(IDS[0], str(label), "final", {})
+    saved = (studies / "labels" / "final" / f"{IDS[0]}.png").read_bytes()
+    (studies / "labels" / "final" / f".{IDS[1]}.png.half.tmp").write_bytes(b"\x89PNG\r\n")  # killed mid-copy
+    (studies / ".datastore_v2.json.half.tmp").write_text('{"name": "tru')  # killed mid-write
+    again = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    assert again.get_labeled_images() == [IDS[0]]
+    assert open(again.get_label_uri(IDS[0], "final"), "rb").read() == saved
