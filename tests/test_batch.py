@@ -56,9 +56,11 @@ def test_ray_run_matches_the_serial_predictor_survives_a_killed_worker_and_resum
     killed = []
 
     def kill_one_soon(actors):
+        """SIGKILL, 1 s in, the worker that is handed the volume (the last item, several seconds of work)."""
         import ray
 
-        pid = ray.get(actors[0].pid.remote())
+        assert plan.todo[-1] == VOLUME.name.replace(".nii.gz", "")
+        pid = ray.get(actors[(len(plan.todo) - 1) % len(actors)].pid.remote())
         timer = threading.Timer(1.0, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid)))
         timer.start()
 

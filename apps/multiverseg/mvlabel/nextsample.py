@@ -13,6 +13,7 @@ The strategies themselves live in :mod:`mvseg.activelearning`; here they meet th
 
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import threading
@@ -130,15 +131,20 @@ class ScoreBoard:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mvseg-scoring", daemon=True)
             self._thread.start()
+            # at exit, let a forward in progress finish: a daemon thread stopped inside torch aborts the process
+            atexit.register(self.stop, 30.0)
         self._wake.set()
 
     def poke(self) -> None:
         """Something changed (a label was saved): rescore soon."""
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """End the background pass after the forward in progress (waiting up to ``wait`` seconds for it)."""
         self._stop = True
         self._wake.set()
+        if wait and self._thread is not None:
+            self._thread.join(wait)
 
     def _run(self) -> None:
         with self.segmenter.predictor.background():  # scoring forwards yield to clicks
