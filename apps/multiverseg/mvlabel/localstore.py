@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -29,12 +28,11 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
 from .errors import BadRequest
-from .guard import current_user
+from .guard import TAG, current_user
 from .imageio import IMAGE_2D, extension, read_asap, read_image, read_label
 
 FINAL = "final"
 MAX_LABELS = 16  # distinct label values one labelmap may hold
-TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class CheckedDatastore(LocalDatastore):
