@@ -30,7 +30,7 @@ import numpy as np
 from mvseg import ContextSet, Predictor
 from mvseg.activelearning import mean_entropy
 
-from .contextstore import DatastoreContext, volume_slice
+from .contextstore import DatastoreContext, from_planes, planes_of
 from .guard import TAG, current_user
 from .imageio import Loaded, read_image, write_label
 
@@ -41,17 +41,12 @@ PROVENANCE = "mvseg_batch"  # the label-info key of a batch result
 
 
 def presegment(predictor: Predictor, loaded: Loaded, context: ContextSet, axis: int = 2) -> tuple[np.ndarray, float]:
-    """Zero-click mask of a 2D image or every slice of a volume (``loaded.shape``, uint8 {0, 1}) and its
-    uncertainty (mean binary entropy of the model-grid predictions, bits), as the server's
-    ``multiverseg_auto`` computes them for one label."""
-    if loaded.is_volume:
-        planes = [volume_slice(loaded.array, axis, k) for k in range(loaded.shape[axis])]
-    else:
-        planes = [loaded.array]
-    predictions = predictor.predict_many(planes, context, batch_size=1)
+    """Zero-click mask of a 2D image or every slice of a volume (``loaded.shape``, uint8 {0, 1}: the
+    predictor's masks, boundaries refined) and its uncertainty (mean binary entropy of the model-grid
+    predictions, bits), for one label."""
+    predictions = predictor.predict_many(planes_of(loaded, axis), context, batch_size=1)
     masks = np.stack([p.mask for p in predictions]).astype(np.uint8)
-    mask = np.moveaxis(masks, 0, axis) if loaded.is_volume else masks[0]
-    return mask, float(np.mean([mean_entropy(p.logits) for p in predictions]))
+    return from_planes(masks, loaded, axis), float(np.mean([mean_entropy(p.logits) for p in predictions]))
 
 
 def weights_digest(path: Optional[str]) -> tuple[str, str]:

@@ -39,6 +39,18 @@ def volume_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
     return array[(slice(None),) * axis + (index,)]
 
 
+def planes_of(image: Loaded, axis: int) -> list[np.ndarray]:
+    """The 2D planes a zero-click pass segments: every slice of a volume along ``axis``, or the 2D image."""
+    if not image.is_volume:
+        return [image.array]
+    return [volume_slice(image.array, axis, k) for k in range(image.shape[axis])]
+
+
+def from_planes(stack: np.ndarray, image: Loaded, axis: int) -> np.ndarray:
+    """Per-plane results ``N H W`` back on ``image``'s grid (the inverse of :func:`planes_of`)."""
+    return np.moveaxis(stack, 0, axis) if image.is_volume else stack[0]
+
+
 def pick_slices(mask: np.ndarray, axis: int, cap: int) -> list[int]:
     """Slices of a 3D mask to use as context: the largest, plus evenly spaced others where it is present."""
     areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))

@@ -47,6 +47,7 @@ from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from pydicom.dataset import Dataset
 
+from .contextstore import label_masks
 from .errors import BadRequest
 from .imageio import read_image, read_label
 
@@ -358,7 +359,7 @@ class PacsDatastore(DICOMWebDatastore):
         """Write ``label`` as a new DICOM SEG of the image's study and store it in the PACS; its series UID."""
         if not shutil.which(SEG_WRITER):
             raise BadRequest(f"{SEG_WRITER} is not installed on the server (pip install dcmqi)", 503)
-        segments = self._segments(label, label_info)
+        segments = list(label_masks(label, label_info, self.names).items())
         if not segments:
             raise BadRequest("the label is empty: nothing to store", 422)
         t0 = time.perf_counter()
@@ -385,21 +386,6 @@ class PacsDatastore(DICOMWebDatastore):
         log.info("label of %s stored as SEG %s (%s): written in %.2f s, stored in %.2f s", image_id, seg_uid,
                  ", ".join(n for n, _ in segments), t1 - t0, time.perf_counter() - t1)
         return seg_uid
-
-    def _segments(self, label: np.ndarray, label_info: dict) -> list[tuple[str, np.ndarray]]:
-        """``[(label name, mask)]`` of a labelmap, named by its ``label_info`` or the app's label names."""
-        described = label_info.get("label_info") if isinstance(label_info, dict) else None
-        out = []
-        if isinstance(described, list) and described:
-            for item in described:
-                if isinstance(item, dict) and "name" in item:
-                    mask = label == int(item.get("idx", item.get("id", 1)))
-                    if mask.any():
-                        out.append((str(item["name"]), mask))
-            return out
-        for v in (int(v) for v in np.unique(label) if v != 0):
-            out.append((self.names[v - 1] if 0 < v <= len(self.names) else f"label_{v}", label == v))
-        return out
 
     def json(self) -> dict:
         """The listing ``GET /datastore/`` answers: every image series and, where it has SEGs, its final label."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from mvseg import ContextSet, Predictor, Prompts
 
-from .contextstore import DatastoreContext, volume_slice
+from .contextstore import DatastoreContext, from_planes, planes_of, volume_slice
 from .errors import BadRequest
 from .guard import current_client
 from .imageio import Loaded, is_upload, read_image, read_label, stat_key
@@ -280,10 +280,7 @@ class Segmenter:
             raise BadRequest(
                 "no saved ('final') labels to learn from yet: segment and save one image interactively first", 409
             )
-        if loaded.is_volume:
-            planes = [volume_slice(loaded.array, self.axis, k) for k in range(loaded.shape[self.axis])]
-        else:
-            planes = [loaded.array]
+        planes = planes_of(loaded, self.axis)
         t1 = time.perf_counter()
         best = np.zeros((len(planes),) + planes[0].shape[:2], np.float32)
         labelmap = np.zeros(best.shape, np.uint8)
@@ -300,7 +297,7 @@ class Segmenter:
             sizes[name] = len(predictions[0].context_ids)
             versions[name] = predictions[0].context_version
         t2 = time.perf_counter()
-        out = np.moveaxis(labelmap, 0, self.axis) if loaded.is_volume else labelmap[0]
+        out = from_planes(labelmap, loaded, self.axis)
         info = {
             "label_names": {name: i for i, name in enumerate(names, start=1)},
             "context_size": sizes,
