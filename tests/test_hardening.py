@@ -43,7 +43,10 @@ def infer(client, image, params, output="json", files=None):
 
 
 def tree(folder) -> set:
-    return {os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files}
+    """Every file below ``folder``, but the datastore's own atomic writes in flight (``.*.tmp``: the background
+    scorer may be renaming datastore_v2.json into place at that moment)."""
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files
+            if not (f.startswith(".") and f.endswith(".tmp"))}
 
 
 # -- tags are names, final is written by a label save only ----------------------------------------------
