@@ -24,9 +24,9 @@ def vectors(name):
     return torch.load(REFERENCE / name, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(params=[True, False], ids=["winograd", "direct"])
+@pytest.fixture(params=["auto", "winograd", "direct"])
 def conv_path(request, monkeypatch):
-    monkeypatch.setattr(network, "WINOGRAD", request.param)
+    monkeypatch.setattr(network, "CONV_PATH", request.param)
     return request.param
 
 

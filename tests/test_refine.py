@@ -112,3 +112,36 @@ def test_predictor_keeps_the_raw_mask_when_refinement_overrules_a_click(tiny_mod
         expected = before if before[y, x] == wanted else 1 - before
         assert np.array_equal(predictor.predict(image, prompts).mask, expected)
     assert np.array_equal(predictor.predict(image).mask, 1 - raw.predict(image).mask)  # no clicks: refined
+
+
+def test_distances_on_the_grown_bounding_box_equal_those_on_the_whole_image():
+    """The refiner measures distances on the mask's bounding box grown by its reach; the answer is the
+    one the whole image gives, for objects anywhere (touching the border included)."""
+
+    def whole_image(refiner, gray, mask, cell):
+        depth = np.where(mask, ndimage.distance_transform_edt(mask), ndimage.distance_transform_edt(~mask))
+        band = depth <= refiner.band * cell
+        ring = ~band & (depth <= refiner.reach * cell)
+        rule = refiner.threshold(gray[ring & mask], gray[ring & ~mask])
+        if rule is None:
+            return mask
+        out = mask.copy()
+        out[band] = (gray[band] >= rule[0]) if rule[1] else (gray[band] < rule[0])
+        return out
+
+    rng = np.random.default_rng(0)
+    refiner = BoundaryRefiner()
+    yy, xx = np.mgrid[:120, :160]
+    changed = 0
+    for _ in range(20):
+        cx, cy, r = rng.integers(0, 160), rng.integers(0, 120), rng.integers(4, 60)
+        truth = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+        gray = np.clip(0.6 * truth + 0.2 + rng.normal(0, 0.1, truth.shape), 0, 1)
+        mask = (xx - cx - rng.integers(-4, 5)) ** 2 + (yy - cy) ** 2 < (r + rng.integers(-3, 4)) ** 2
+        if not mask.any():
+            continue
+        cell = rng.uniform(1.5, 4)
+        out = refiner(gray, mask, cell)
+        np.testing.assert_array_equal(out, whole_image(refiner, gray, mask, cell))
+        changed += int((out != mask).any())
+    assert changed > 5

@@ -1,13 +1,16 @@
 """Latency, memory and FLOP rate of one MultiverSeg prediction versus context size.
 
-    python -m mvseg.bench                       # nf256 and nf64, context 0 1 4 16 64, CPU (+ CUDA if present)
-    python -m mvseg.bench --widths 256 --contexts 1 16 --repeats 5
+    python -m mvseg.bench                       # widths 24 64 256, context 0 1 4 16 64, CPU (+ CUDA if present)
+    python -m mvseg.bench --widths 24 64 256 --contexts 1 16 64 --vs-direct
 
 Each configuration runs in a fresh process so that its peak memory is its own: peak RSS on CPU, peak
 allocated memory on CUDA. Latency is the median over ``--repeats`` forwards after one warm-up forward,
 through ``Predictor.forward`` (inference mode, one 128x128 target with its 5 channels). FLOPs count
 convolution multiply-adds (2 per MAC): "executed" is what this implementation runs; "official" is what the
 official implementation runs for the same forward (it also computes the last decoder's unused context branch).
+The CPU convolution path is picked per layer shape as served (``--conv auto``); ``--vs-direct`` also times
+every configuration on the direct path alone and prints the ratio. "% peak" is the FLOP rate against the
+direct 3x3 convolution's rate measured at the start (256 channels, 128x128, NHWC).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -30,12 +34,12 @@ def _rss_mb() -> float:
 
 
 def measure(
-    width: int, context: int, device: str, repeats: int, dtype: str, size: int = 128, direct: bool = False
+    width: int, context: int, device: str, repeats: int, dtype: str, size: int = 128, conv: str = "auto"
 ) -> dict:
     from . import network
     from .predictor import Predictor
 
-    network.WINOGRAD = not direct
+    network.CONV_PATH = conv
     torch.manual_seed(0)
     config = MultiverSegConfig(encoder_widths=[width] * 4)
     predictor = Predictor(MultiverSegNet(config), device=device, dtype=getattr(torch, dtype), size=size)
@@ -65,7 +69,8 @@ def measure(
         "gflop_official": flops["official"] / 1e9,
         "gflops_per_s": flops["executed"] / seconds / 1e9,
         "threads": torch.get_num_threads(),
-        "conv": "direct" if direct or device != "cpu" else "winograd",
+        "conv": conv if device == "cpu" else "cuda",
+        "conv_paths": sorted(set(network._faster_path.values())) if conv == "auto" else [conv],
     }
     if device == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -75,70 +80,94 @@ def measure(
     return result
 
 
-def conv_rate(direct: bool, repeats: int = 3) -> float:
-    """GFLOP/s of one 256->256 3x3 convolution on a 128x128 map on the CPU: this machine's ceiling."""
+def conv_rate(path: str, repeats: int = 3) -> float:
+    """GFLOP/s of one 256->256 3x3 convolution on a 128x128 map on the CPU (``path`` "direct" on NHWC or
+    "winograd" on NCHW, nominal FLOPs): this machine's ceiling."""
     from . import network
 
-    network.WINOGRAD = not direct
     x, w = torch.rand(1, 256, 128, 128), torch.rand(256, 256, 3, 3)
+    conv = network._direct if path == "direct" else network._winograd
+    if path == "direct":
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        network.conv3x3(x, w, None)
+        conv(x, w, None)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            network.conv3x3(x, w, None)
+            conv(x, w, None)
             times.append(time.perf_counter() - start)
-    network.WINOGRAD = True
     return 2 * 256 * 256 * 9 * 128 * 128 / min(times) / 1e9
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--widths", type=int, nargs="+", default=[256, 64])
+    parser.add_argument("--widths", type=int, nargs="+", default=[24, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[0, 1, 4, 16, 64])
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--direct", action="store_true", help="CPU: PyTorch's direct convolution, not Winograd")
+    parser.add_argument(
+        "--conv", default="auto", choices=["auto", "direct", "winograd"],
+        help="CPU convolution path: the faster per layer shape (auto, as served), or one forced",
+    )
+    parser.add_argument("--direct", action="store_true", help="same as --conv direct")
+    parser.add_argument("--vs-direct", action="store_true", help="also time the direct path alone; print the ratio")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=3, metavar=("WIDTH", "CONTEXT", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.direct:
+        args.conv = "direct"
     if args.one:
         width, context, device = int(args.one[0]), int(args.one[1]), args.one[2]
-        print(json.dumps(measure(width, context, device, args.repeats, args.dtype, direct=args.direct)))
+        print(json.dumps(measure(width, context, device, args.repeats, args.dtype, conv=args.conv)))
         return
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    conv = "direct" if args.direct else "winograd (CPU)"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {conv}, repeats {args.repeats}")
     print(
-        f"one 256->256 3x3 conv at 128x128 on CPU: direct {conv_rate(True):.0f} GFLOP/s, "
-        f"Winograd {conv_rate(False):.0f} GFLOP/s (nominal FLOPs)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, CPU conv {args.conv}, "
+        f"repeats {args.repeats}"
+    )
+    peak = conv_rate("direct")
+    print(
+        f"one 256->256 3x3 conv at 128x128 on CPU: direct {peak:.0f} GFLOP/s, "
+        f"Winograd {conv_rate('winograd'):.0f} GFLOP/s (nominal FLOPs)"
     )
     header = (
-        f"{'device':6} {'width':>5} {'ctx':>4} {'median ms':>10} {'GFLOP':>8} {'GFLOP/s':>8} "
-        f"{'official GFLOP':>14} {'peak MB':>8}"
+        f"{'device':6} {'width':>5} {'ctx':>4} {'median ms':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'% peak':>6} "
+        f"{'official GFLOP':>14} {'peak MB':>8} {'paths':>16}" + (f" {'direct ms':>10} {'x direct':>8}" if args.vs_direct else "")
     )
     print(header)
     print("-" * len(header))
+
+    def run_one(width: int, context: int, device: str, conv: str) -> Optional[dict]:
+        cmd = [sys.executable, "-m", "mvseg.bench", "--one", str(width), str(context), device]
+        cmd += ["--repeats", str(args.repeats), "--dtype", args.dtype, "--conv", conv]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{device:6} {width:5d} {context:4d}  failed: {done.stderr.strip().splitlines()[-1:]}")
+            return None
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     results = []
     for device in devices:
         for width in args.widths:
             for context in args.contexts:
-                cmd = [sys.executable, "-m", "mvseg.bench", "--one", str(width), str(context), device]
-                cmd += ["--repeats", str(args.repeats), "--dtype", args.dtype] + (["--direct"] if args.direct else [])
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(f"{device:6} {width:5d} {context:4d}  failed: {done.stderr.strip().splitlines()[-1:]}")
+                r = run_one(width, context, device, args.conv)
+                if r is None:
                     continue
-                r = json.loads(done.stdout.strip().splitlines()[-1])
-                results.append(r)
-                print(
+                line = (
                     f"{device:6} {width:5d} {context:4d} {r['median_ms']:10.1f} {r['gflop']:8.1f} "
-                    f"{r['gflops_per_s']:8.1f} {r['gflop_official']:14.1f} {r['peak_mb']:8.0f}",
-                    flush=True,
+                    f"{r['gflops_per_s']:8.1f} {100 * r['gflops_per_s'] / peak if device == 'cpu' else 0:6.0f} "
+                    f"{r['gflop_official']:14.1f} {r['peak_mb']:8.0f} {'+'.join(r['conv_paths']):>16}"
                 )
+                if args.vs_direct and device == "cpu":
+                    d = run_one(width, context, device, "direct")
+                    if d is not None:
+                        r["direct_ms"] = d["median_ms"]
+                        line += f" {d['median_ms']:10.1f} {d['median_ms'] / r['median_ms']:8.2f}"
+                results.append(r)
+                print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -12,12 +12,16 @@ key checking (see ``mvseg.checkpoint``). The MultiverSeg forward is organised fo
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Target channels: image, box, positive clicks+scribbles, negative clicks+scribbles, previous logits.
 TARGET_CHANNELS = 5
@@ -33,17 +37,23 @@ CHUNK_ELEMENTS = 32 * 1024 * 1024
 # Convolution
 # ---------------------------------------------------------------------------------------------------
 
-# Inference on CPU runs 3x3 convolutions through NNPACK's Winograd kernels, one image at a time: on CPUs
-# without AVX-512 this is about three times faster than the direct convolution PyTorch picks (NNPACK's
-# batched entry point is the slow training one, hence the loop). Results differ from the direct
-# convolution by float32 rounding only (~1e-5 relative). Set to False for bit-for-bit direct convolution.
-WINOGRAD = True
+# Two paths run a 3x3 convolution on CPU, and which is faster depends on the layer's shape:
+# * direct: oneDNN on channels-last (NHWC) tensors. Best for narrow layers (the bundled width-24 network:
+#   ~150 GFLOP/s, 2.6x the same convolution on NCHW tensors, 8x for the 2-channel context input);
+# * winograd: NNPACK's Winograd kernels, one image at a time on NCHW tensors (NNPACK's batched entry point
+#   is the slow training one). Best for wide layers (width 256: about 3x the direct path's FLOP rate).
+# CONV_PATH "auto" times both once per layer shape (cin, cout, H, W) on the first call and keeps the faster;
+# "direct" or "winograd" forces one (training always runs direct: NNPACK has no backward here). The paths
+# differ by float32 rounding only (~1e-5 relative).
+CONV_PATH = "auto"
 _WINOGRAD_MIN_CHANNELS = 16  # NNPACK fails on, or gains nothing for, very thin inputs
+_WINOGRAD_MARGIN = 1.25
+_faster_path: dict[tuple[int, int, int, int], str] = {}
 
 
-def _winograd_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _winograd_possible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        WINOGRAD
+        CONV_PATH != "direct"
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -54,13 +64,60 @@ def _winograd_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """3x3 convolution, stride 1, zero padding 1. ``N Cin H W -> N Cout H W``."""
-    if not _winograd_ok(x, weight):
-        return F.conv2d(x, weight, bias, padding=1)
+def _direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if not torch._nnpack_available():  # also initialises NNPACK, which fails every call until then
+        raise RuntimeError("NNPACK is not available in this PyTorch build")
     weight = weight.contiguous()
     outs = [torch._nnpack_spatial_convolution(x[i : i + 1].contiguous(), weight, bias, [1, 1]) for i in range(len(x))]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _time(conv: Callable, *args) -> float:
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        conv(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _measured_path(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The faster path for this layer shape, timed once on up to 4 random NHWC images (a few ms at width
+    24, ~0.2 s at width 256). Winograd must win by a margin: its input and output change layout, and a
+    narrow layer's timing is noisy."""
+    key = (weight.shape[1], weight.shape[0]) + tuple(x.shape[-2:])
+    if key not in _faster_path:
+        probe = torch.rand((min(len(x), 4),) + tuple(x.shape[1:])).contiguous(memory_format=torch.channels_last)
+        w = weight.detach().contiguous()
+        direct, winograd = _time(_direct, probe, w, None), _time(_winograd, probe, w, None)
+        _faster_path[key] = "winograd" if winograd * _WINOGRAD_MARGIN < direct else "direct"
+        logger.debug("conv %s: direct %.2f ms, winograd %.2f ms", key, direct * 1e3, winograd * 1e3)
+    return _faster_path[key]
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """3x3 convolution, stride 1, zero padding 1. ``N Cin H W -> N Cout H W`` (NHWC on the direct path)."""
+    if _winograd_possible(x, weight) and (CONV_PATH == "winograd" or _measured_path(x, weight) == "winograd"):
+        return _winograd(x, weight, bias)
+    return _direct(x, weight, bias)
+
+
+def conv3x3_concat(parts: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`conv3x3` of the channel concatenation of ``parts`` without building it: the sum of each part's
+    convolution with its slice of ``weight`` (10% faster than concatenating 2 x 24 NHWC channels first)."""
+    out, lo = None, 0
+    for part in parts:
+        hi = lo + part.shape[1]
+        y = conv3x3(part, weight[:, lo:hi], bias if out is None else None)
+        out = y if out is None else out.add_(y)
+        lo = hi
+    return out
 
 
 def max_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +155,7 @@ class ConvNormAct(nn.Module):
         self.norml = nn.GroupNorm(1, out_channels, eps=1e-5, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norml(F.leaky_relu(self.conv(x), LEAKY_SLOPE))
+        return self.norml(F.leaky_relu_(self.conv(x), LEAKY_SLOPE))
 
 
 class Vmapped(nn.Module):
@@ -131,18 +188,18 @@ class CrossConv(nn.Module):
         self.target_channels = target_channels
         self.cross_conv = nn.Conv2d(target_channels + context_channels, out_channels, 3, padding=1)
 
-    def target_term(self, q: torch.Tensor) -> torch.Tensor:
-        """``B Cq H W -> B C H W``: the target half of the convolution, bias included."""
-        return conv3x3(q, self.cross_conv.weight[:, : self.target_channels], self.cross_conv.bias)
+    def target_term(self, q: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Target features as channel parts ``[B Ci H W]`` -> ``B C H W``: the target half of the
+        convolution, bias included."""
+        return conv3x3_concat(q, self.cross_conv.weight[:, : self.target_channels], self.cross_conv.bias)
 
     def context_weight(self) -> torch.Tensor:
-        return self.cross_conv.weight[:, self.target_channels :].contiguous()
+        return self.cross_conv.weight[:, self.target_channels :]
 
-    def interact(self, target_term: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``(B C H W, B n Cv H W, context_weight()) -> B n C H W``."""
-        b, n = v.shape[:2]
-        zv = conv3x3(v.flatten(0, 1), weight, None).unflatten(0, (b, n))
-        return F.leaky_relu(zv.add_(target_term.unsqueeze(1)), LEAKY_SLOPE)
+    def interact(self, target_term: torch.Tensor, v: Sequence[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        """``(B C H W, channel parts [B*n Ci H W] of n entries, context_weight()) -> B n C H W``."""
+        zv = conv3x3_concat(v, weight, None).unflatten(0, (len(target_term), -1))
+        return F.leaky_relu_(zv.add_(target_term.unsqueeze(1)), LEAKY_SLOPE)
 
 
 class CrossBlock(nn.Module):
@@ -156,16 +213,16 @@ class CrossBlock(nn.Module):
 
     def forward(
         self,
-        q: torch.Tensor,
-        context: Callable[[int, int], torch.Tensor],
+        q: Sequence[torch.Tensor],
+        context: Callable[[int, int], list[torch.Tensor]],
         size: int,
         keep_context: bool = True,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Run the block with the context streamed in chunks.
 
         Args:
-            q: target features ``B Cq H W``.
-            context: ``context(lo, hi)`` returns context entries ``lo:hi`` as ``B n Cv H W``.
+            q: target features ``B Cq H W``, as channel parts (decoder: upsampled features and skip).
+            context: ``context(lo, hi)`` returns context entries ``lo:hi`` as channel parts ``B*n Ci H W``.
             size: number of context entries S (>= 1).
             keep_context: compute and return the new context features.
         Returns:
@@ -175,16 +232,20 @@ class CrossBlock(nn.Module):
         weight = self.cross.context_weight()
         b, c, h, w = t.shape
         chunk = max(1, CHUNK_ELEMENTS // max(1, b * c * h * w))
+        if size <= chunk:  # the usual case: no buffer to fill
+            z = self.cross.interact(t, context(0, size), weight)
+            v = self.support(z.flatten(0, 1)).unflatten(0, (b, size)) if keep_context else None
+            return self.target(_entry_sum(z).div_(size)), v
         z_sum = torch.zeros_like(t)
         out = None
         for lo in range(0, size, chunk):
             hi = min(size, lo + chunk)
             z = self.cross.interact(t, context(lo, hi), weight)
-            z_sum += z.sum(dim=1)
+            z_sum += _entry_sum(z)
             if keep_context:
                 v = self.support(z.flatten(0, 1)).unflatten(0, (b, hi - lo))
                 if out is None:
-                    out = v.new_empty((b, size) + v.shape[2:])
+                    out = _empty_entries_like(v, size)
                 out[:, lo:hi] = v
             del z
         return self.target(z_sum / size), out
@@ -252,29 +313,31 @@ class MultiverSegNet(nn.Module):
             context = target.new_full((b, 1, 2, h, w), 0.5)
         else:
             context = torch.cat([context_images, context_labels], dim=2).to(target.dtype)
+        if target.device.type == "cpu":  # the direct convolution's layout, kept from here on
+            target = target.contiguous(memory_format=torch.channels_last)
+            context = _nhwc_entries(context)
         size = context.shape[1]
 
         def entries(source: torch.Tensor, op=None):
-            def get(lo: int, hi: int) -> torch.Tensor:
-                x = source[:, lo:hi]
-                return x if op is None else op(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+            def get(lo: int, hi: int) -> list[torch.Tensor]:
+                x = source[:, lo:hi].flatten(0, 1)
+                return [x if op is None else op(x)]
 
             return get
 
         q, get_context = target, entries(context)
         skips: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, block in enumerate(self.enc_blocks):
-            q, v = block(q, get_context, size)
+            q, v = block([q], get_context, size)
             if i < self.depth - 1:
                 skips.append((q, v))
                 q = max_pool2(q)
                 get_context = entries(v, max_pool2)
         for j, block in enumerate(self.dec_blocks):
             q_skip, v_skip = skips.pop()
-            q = torch.cat([_upsample(q), q_skip], dim=1)
-            get_context = _concat_entries(v, v_skip)
+            get_context = _decoder_entries(v, v_skip)
             last = j == len(self.dec_blocks) - 1
-            q, v = block(q, get_context, size, keep_context=not last)
+            q, v = block([_upsample(q), q_skip], get_context, size, keep_context=not last)
             del v_skip
         return self.out_conv(q)
 
@@ -283,15 +346,32 @@ def _upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
 
 
-def _concat_entries(low: torch.Tensor, skip: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
-    """Context input of a decoder block, built per chunk: ``[upsample(low), skip]`` along channels."""
+def _decoder_entries(low: torch.Tensor, skip: torch.Tensor) -> Callable[[int, int], list[torch.Tensor]]:
+    """Context input of a decoder block, per chunk: the channel parts ``[upsample(low), skip]``."""
 
-    def get(lo: int, hi: int) -> torch.Tensor:
-        x = low[:, lo:hi]
-        up = _upsample(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        return torch.cat([up, skip[:, lo:hi]], dim=2)
+    def get(lo: int, hi: int) -> list[torch.Tensor]:
+        return [_upsample(low[:, lo:hi].flatten(0, 1)), skip[:, lo:hi].flatten(0, 1)]
 
     return get
+
+
+def _entry_sum(z: torch.Tensor) -> torch.Tensor:
+    """``B n C H W -> B C H W``, summed over the entries as channels-last planes (``z.sum(1)`` reduces
+    NHWC entries 30x slower)."""
+    return z.permute(0, 1, 3, 4, 2).sum(dim=1).permute(0, 3, 1, 2)
+
+
+def _nhwc_entries(x: torch.Tensor) -> torch.Tensor:
+    """``B S C H W`` with every entry stored channels-last, so ``flatten(0, 1)`` is an NHWC view."""
+    return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def _empty_entries_like(v: torch.Tensor, size: int) -> torch.Tensor:
+    """An empty ``B size C H W`` buffer whose entries have the memory layout of ``v``'s."""
+    b, _, c, h, w = v.shape
+    if v.flatten(0, 1).is_contiguous(memory_format=torch.channels_last):
+        return v.new_empty((b, size, h, w, c)).permute(0, 1, 4, 2, 3)
+    return v.new_empty((b, size, c, h, w))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,18 +50,26 @@ class BoundaryRefiner:
         mask = np.asarray(mask) > 0
         if cell <= 1 or not mask.any() or mask.all():
             return mask
-        inside = ndimage.distance_transform_edt(mask)
-        outside = ndimage.distance_transform_edt(~mask)
-        depth = np.where(mask, inside, outside)  # distance to the boundary, from either side
         width, reach = self.band * cell, self.reach * cell
+        # Only pixels within `reach` of the boundary matter, and their nearest pixel across it lies within
+        # `reach` too: the distances are exact on the mask's bounding box grown by that much (the whole
+        # image costs 2 x 8 ms at 512 x 512).
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        margin = int(np.ceil(reach)) + 1
+        box = (
+            slice(max(0, rows[0] - margin), rows[-1] + margin + 1),
+            slice(max(0, cols[0] - margin), cols[-1] + margin + 1),
+        )
+        m, g = mask[box], gray[box]
+        depth = np.where(m, ndimage.distance_transform_edt(m), ndimage.distance_transform_edt(~m))
         band = depth <= width
         ring = ~band & (depth <= reach)
-        rule = self.threshold(gray[ring & mask], gray[ring & ~mask])
+        rule = self.threshold(g[ring & m], g[ring & ~m])
         if rule is None:
             return mask
         level, brighter = rule
         out = mask.copy()
-        out[band] = (gray[band] >= level) if brighter else (gray[band] < level)
+        out[box][band] = (g[band] >= level) if brighter else (g[band] < level)
         return out
 
     def threshold(self, fg: np.ndarray, bg: np.ndarray):

@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ from .checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from .geometry import Geometry, binarize_resampled
 from .interaction import RandomPrompts
 from .network import MultiverSegConfig, MultiverSegNet, count_parameters
-from .predictor import pick_device
+from .memory import retain_freed_memory
+from .predictor import RETAIN_MEMORY_MAX_WIDTH, pick_device
 from .prompts import Prompts, encode_for_model
 from .tasks import Source, TaskBank
 
@@ -150,7 +151,7 @@ def half_resolution(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def interactive_loss(
-    model: MultiverSegNet,
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     labels: torch.Tensor,
     context_images: torch.Tensor,
@@ -256,6 +257,39 @@ class BatchStream(torch.utils.data.IterableDataset):
             yield draw_batch(self.bank, self.cfg, step)
 
 
+class CompiledNetwork:
+    """The network's forward under ``torch.compile`` for training, eager where compiling fails (no C compiler).
+
+    The context size is marked dynamic, so every ``n >= 2`` shares one graph per image size instead of one
+    graph each; image sizes stay static (two sizes, and dynamic sizes do not compile). About six graphs of
+    ~1 min each on 2 CPU cores; ``graphs`` counts them so that benchmarks can leave compiling steps out.
+    """
+
+    def __init__(self, model: MultiverSegNet):
+        import torch._dynamo
+
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        self.model, self.compiled, self.failed = model, torch.compile(model), False
+
+    @staticmethod
+    def graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def __call__(self, target: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            if images.shape[1] > 1:
+                torch._dynamo.mark_dynamic(images, 1)
+                torch._dynamo.mark_dynamic(labels, 1)
+            try:
+                return self.compiled(target, images, labels)
+            except Exception as error:  # a missing compiler surfaces at the first call
+                log.warning("torch.compile failed, training eagerly: %s", str(error).splitlines()[0][:200])
+                self.failed = True
+        return self.model(target, images, labels)
+
+
 def _as_is(batch: Batch) -> Batch:
     return batch
 
@@ -291,16 +325,20 @@ def train(
     init: Optional[Path] = None,
     workers: int = 0,
     bf16: bool = False,
+    compile: bool = False,
 ) -> Path:
     """Run (or resume) training; returns the path of the saved weights.
 
     ``init``: start a fresh run (new optimizer, full learning-rate schedule) from these weights instead of
     a random initialisation; their architecture must match the config. A resumed run keeps the ``init``
     it started from. ``workers``: background processes drawing batches. ``bf16``: run the network under
-    bfloat16 autocast (GPUs); the loss stays in float32.
+    bfloat16 autocast (GPUs); the loss stays in float32. ``compile``: the network under ``torch.compile``
+    (:class:`CompiledNetwork`; pays on runs longer than a few hundred steps).
     """
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    if dev.type == "cpu" and max(cfg.encoder_widths) <= RETAIN_MEMORY_MAX_WIDTH:
+        retain_freed_memory()
     torch.manual_seed(cfg.seed)
     sources = [Source(**s) for s in cfg.sources]
     bank = TaskBank(sources, Path(cfg.data_root), cfg.size, cfg.heldout, cfg.seed)
@@ -336,6 +374,7 @@ def train(
         save_checkpoint(model, out / "model.pt", meta=meta)
 
     model.train()
+    network = CompiledNetwork(model) if compile else model
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     with (out / "log.jsonl").open("a") as logf, tqdm(total=cfg.steps, initial=start, desc="training") as bar:
         t0 = time.perf_counter()
@@ -346,7 +385,7 @@ def train(
             user = RandomPrompts(step_random(cfg.seed, step, PROMPT_STREAM), p_far_negative=cfg.p_far_negative)
             with autocast:
                 loss, per_step = interactive_loss(
-                    model, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma, batch.context_only
+                    network, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma, batch.context_only
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -387,6 +426,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     parser.add_argument("--workers", type=int, default=0, help="background processes drawing batches (GPU runs)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (GPU runs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (~6 min of compiling first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.load(args.config)
@@ -395,7 +435,7 @@ def main(argv=None) -> None:
     cfg.override(args.set)
     if args.data_root:
         cfg.data_root = str(Path(args.data_root).resolve())
-    path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16)
+    path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16, args.compile)
     print(f"weights: {path}")
 
 
