@@ -146,6 +146,8 @@ class Predictor:
         if self.size <= 0 or self.size % step:
             raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
         self._lock = PriorityLock()  # one forward at a time; clicks before background work
+        for block in (*self.model.enc_blocks, *self.model.dec_blocks):  # background forwards step aside here
+            block.register_forward_pre_hook(lambda *_: self._lock.yield_to_foreground())
 
     def background(self):
         """``with predictor.background():`` this thread's forwards wait while a click waits (zero-click
