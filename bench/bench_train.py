@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "lib" / "mvseg" / "weights" / "multiverseg_default.json"
 
 
-def measure(steps: int, warmup: int = 2, compile: bool = False) -> dict:
+def measure(steps: int, warmup: int = 2, compile: bool = False, bf16: bool = False) -> dict:
     """Run in the child process, with the checkout under test first on ``sys.path``."""
     import torch
 
@@ -55,9 +55,10 @@ def measure(steps: int, warmup: int = 2, compile: bool = False) -> dict:
         batch = T.draw_batch(bank, cfg, step)
         t1 = time.perf_counter()
         user = T.RandomPrompts(T.step_random(cfg.seed, step, T.PROMPT_STREAM), p_far_negative=cfg.p_far_negative)
-        loss, _ = T.interactive_loss(
-            network, *batch[:4], user, cfg.interaction_steps, cfg.focal_gamma, batch.context_only
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = T.interactive_loss(
+                network, *batch[:4], user, cfg.interaction_steps, cfg.focal_gamma, batch.context_only
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -90,10 +91,10 @@ def measure(steps: int, warmup: int = 2, compile: bool = False) -> dict:
     }
 
 
-def run(checkout: Path, steps: int, compile: bool = False) -> dict:
+def run(checkout: Path, steps: int, compile: bool = False, bf16: bool = False) -> dict:
     code = (
         f"import sys, json; sys.path.insert(0, {str(checkout / 'lib')!r}); sys.path.insert(1, {str(ROOT)!r}); "
-        f"from bench.bench_train import measure; print(json.dumps(measure({steps}, compile={compile})))"
+        f"from bench.bench_train import measure; print(json.dumps(measure({steps}, compile={compile}, bf16={bf16})))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=checkout)
     if done.returncode != 0:
@@ -106,25 +107,27 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=24, help="timed steps, after 2 warm-up steps")
     parser.add_argument("--baseline", type=Path, help="another checkout to run the same steps with")
     parser.add_argument("--compile", action="store_true", help="also time this checkout with --compile")
+    parser.add_argument("--bf16", action="store_true", help="also time this checkout with --bf16 (autocast)")
     args = parser.parse_args(argv)
-    runs = [("this checkout", ROOT, False)]
-    runs += [("  --compile", ROOT, True)] if args.compile else []
-    runs += [("baseline", args.baseline.resolve(), False)] if args.baseline else []
+    runs = [("this checkout", ROOT, False, False)]
+    runs += [("  --bf16", ROOT, False, True)] if args.bf16 else []
+    runs += [("  --compile", ROOT, True, False)] if args.compile else []
+    runs += [("baseline", args.baseline.resolve(), False, False)] if args.baseline else []
     results = {}
     print(f"default config ({CONFIG.name}), steps 2..{args.steps + 1} of the run")
     print(
         f"{'':14} {'examples/s':>10} {'s/step':>7} {'drawing':>8} {'net GFLOP/s':>11} {'conv peak':>9} "
         f"{'compiling s':>11}"
     )
-    for name, checkout, compile in runs:
-        r = results[name] = run(checkout, args.steps, compile)
+    for name, checkout, compile, bf16 in runs:
+        r = results[name] = run(checkout, args.steps, compile, bf16)
         print(
             f"{name:14} {r['examples_per_s']:10.2f} {r['seconds_per_step']:7.2f} {100 * r['draw_share']:7.0f}% "
             f"{r['network_gflops_per_s']:11.1f} {r['conv_peak_gflops_per_s']:9.0f} {r['compile_seconds']:11.0f}",
             flush=True,
         )
     if args.baseline:
-        for name in [name for name, _, _ in runs[:-1]]:
+        for name in [run[0] for run in runs[:-1]]:
             ratio = results[name]["examples_per_s"] / results["baseline"]["examples_per_s"]
             print(f"{name.strip()} against the baseline: x{ratio:.2f}")
 
