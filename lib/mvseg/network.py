@@ -8,6 +8,8 @@ key checking (see ``mvseg.checkpoint``). The MultiverSeg forward is organised fo
 * The context set is streamed through every block in chunks, so the only context features held at once
   are the ones the decoder needs later (the skips); temporaries stay one chunk large.
 * The context branch of the last decoder block feeds nothing, so it is not computed.
+* On CPU, features are kept channels-last and each convolution layer shape takes the faster of two
+  kernels (see ``CONV_PATH``); a decoder's concatenated input is convolved part by part, never built.
 """
 
 from __future__ import annotations
