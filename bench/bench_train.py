@@ -1,6 +1,6 @@
 """Training throughput on the default config: examples per second and GFLOP/s, this checkout against another.
 
-    python -m bench.bench_train [--steps 24] [--baseline /path/to/other/checkout] [--compile]
+    python -m bench.bench_train [--steps 24] [--baseline /path/to/other/checkout] [--bf16] [--compile]
 
 Times the training steps of ``lib/mvseg/weights/multiverseg_default.json`` as ``python -m mvseg.train`` runs
 them (the same batches, drawn from (seed, step), the same three simulated interaction rounds, Adam), after
@@ -10,7 +10,8 @@ Reported: examples/s (one example = one target image with its context and its ro
 spent drawing batches, and the network's GFLOP/s (forward + backward ~ 3x the forward's convolution FLOPs)
 against the direct 3x3 convolution rate measured in the same process. ``--compile`` also times this checkout
 with ``--compile`` (``mvseg.train.CompiledNetwork``): steps that compiled a graph are left out of its rate
-and their seconds reported as compile time.
+and their seconds reported as compile time. ``--bf16`` also times this checkout under CPU bfloat16 autocast
+(``python -m mvseg.train --bf16``).
 """
 
 from __future__ import annotations
