@@ -34,13 +34,13 @@ def measure(steps: int, warmup: int = 2, compile: bool = False, bf16: bool = Fal
     from mvseg import train as T
     from mvseg.network import MultiverSegConfig, MultiverSegNet, multiverseg_flops
 
-    try:  # checkouts before the allocator setting have no such module
-        from mvseg.memory import retain_freed_memory
+    cfg = T.TrainConfig.load(CONFIG)
+    try:  # as train() does; checkouts before the allocator setting have no such function
+        from mvseg.memory import retain_for_network
 
-        retain_freed_memory()
+        retain_for_network("cpu", cfg.encoder_widths)
     except ImportError:
         pass
-    cfg = T.TrainConfig.load(CONFIG)
     torch.manual_seed(cfg.seed)
     bank = T.TaskBank([T.Source(**s) for s in cfg.sources], Path(cfg.data_root), cfg.size, cfg.heldout, cfg.seed)
     config = MultiverSegConfig(encoder_widths=list(cfg.encoder_widths))
@@ -72,6 +72,7 @@ def measure(steps: int, warmup: int = 2, compile: bool = False, bf16: bool = Fal
             flops += 3 * cfg.interaction_steps * multiverseg_flops(config, n, size, b)["executed"]
             examples += b
             timed += 1
+    # the peak is measured here, not with mvseg.bench.conv_rate: a baseline checkout's mvseg.bench differs
     x, w = torch.rand(1, 256, 128, 128).contiguous(memory_format=torch.channels_last), torch.rand(256, 256, 3, 3)
     with torch.inference_mode():
         torch.nn.functional.conv2d(x, w, padding=1)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import mvseg.network as network
 from mvseg import MultiverSegNet
-from mvseg.memory import retain_freed_memory
+from mvseg.memory import retain_for_network, retain_freed_memory
 from mvseg.network import MultiverSegConfig, conv3x3, conv3x3_concat
 from mvseg.train import CompiledNetwork
 
@@ -60,6 +60,12 @@ def test_freed_memory_is_kept_once_for_the_process():
     first = retain_freed_memory()
     assert retain_freed_memory() == first
     assert isinstance(first, bool)
+
+
+def test_freed_memory_is_kept_only_for_narrow_networks_on_the_cpu():
+    assert retain_for_network("cpu", [24, 24, 24, 24]) == retain_freed_memory()
+    assert not retain_for_network("cpu", [256, 256, 256, 256])
+    assert not retain_for_network("cuda", [24, 24, 24, 24])
 
 
 def test_training_falls_back_to_eager_where_compiling_fails(monkeypatch, caplog):

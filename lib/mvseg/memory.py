@@ -13,8 +13,13 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
+
+# Narrow networks spend a third of a CPU forward page-faulting freshly allocated memory; wide ones gain less
+# and fragment more: width 256 at context 64 peaked at 3.9 GB with the memory kept against 2.7 GB without.
+RETAIN_MAX_WIDTH = 64
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
@@ -37,3 +42,8 @@ def retain_freed_memory() -> bool:
     _retained = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     logger.debug("freed memory kept in the process: %s", _retained)
     return _retained
+
+
+def retain_for_network(device_type: str, widths: Sequence[int]) -> bool:
+    """:func:`retain_freed_memory` where it pays: a network on the CPU no wider than ``RETAIN_MAX_WIDTH``."""
+    return device_type == "cpu" and max(widths) <= RETAIN_MAX_WIDTH and retain_freed_memory()

@@ -24,7 +24,7 @@ from .geometry import (
     prepare_image,
     prepare_image_and_gray,
 )
-from .memory import retain_freed_memory
+from .memory import retain_for_network
 from .network import MultiverSegNet, ScribblePromptUNet
 from .prompts import Prompts, encode_for_model
 from .refine import BoundaryRefiner
@@ -89,12 +89,6 @@ def overrules(prompts: Optional[Prompts], before: np.ndarray, after: np.ndarray)
     return False
 
 
-# Narrow networks spend a third of a CPU forward page-faulting freshly allocated memory, so the predictor
-# keeps freed memory in the process for them (mvseg.memory). Wide ones gain less and fragment more: width
-# 256 at context 64 peaked at 3.9 GB with it against 2.7 GB without.
-RETAIN_MEMORY_MAX_WIDTH = 64
-
-
 class Predictor:
     """MultiverSeg inference on one device, one forward at a time.
 
@@ -136,8 +130,7 @@ class Predictor:
         self.percentiles = percentiles
         self.refiner = BoundaryRefiner() if refine is True else (refine or None)
         self.model = _as_model(model, MULTIVERSEG).to(self.device).eval()
-        if self.device.type == "cpu" and max(self.model.config.encoder_widths) <= RETAIN_MEMORY_MAX_WIDTH:
-            retain_freed_memory()
+        retain_for_network(self.device.type, self.model.config.encoder_widths)
         self.size = size or int(getattr(self.model, "meta", {}).get("size", DEFAULT_SIZE))
         self.fallback = _as_model(fallback, SCRIBBLEPROMPT)
         if self.fallback is not None:

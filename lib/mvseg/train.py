@@ -42,8 +42,8 @@ from .checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from .geometry import Geometry, binarize_resampled
 from .interaction import RandomPrompts
 from .network import MultiverSegConfig, MultiverSegNet, count_parameters
-from .memory import retain_freed_memory
-from .predictor import RETAIN_MEMORY_MAX_WIDTH, pick_device
+from .memory import retain_for_network
+from .predictor import pick_device
 from .prompts import Prompts, encode_for_model
 from .tasks import Source, TaskBank
 
@@ -261,8 +261,9 @@ class CompiledNetwork:
     """The network's forward under ``torch.compile`` for training, eager where compiling fails (no C compiler).
 
     The context size is marked dynamic, so every ``n >= 2`` shares one graph per image size instead of one
-    graph each; image sizes stay static (two sizes, and dynamic sizes do not compile). About six graphs of
-    ~1 min each on 2 CPU cores; ``graphs`` counts them so that benchmarks can leave compiling steps out.
+    graph each; image sizes stay static (two sizes, and dynamic sizes do not compile), which turns off
+    dynamo's automatic dynamic shapes for the process. About six graphs of ~1 min each on 2 CPU cores;
+    ``graphs`` counts them so that benchmarks can leave compiling steps out.
     """
 
     def __init__(self, model: MultiverSegNet):
@@ -332,13 +333,12 @@ def train(
     ``init``: start a fresh run (new optimizer, full learning-rate schedule) from these weights instead of
     a random initialisation; their architecture must match the config. A resumed run keeps the ``init``
     it started from. ``workers``: background processes drawing batches. ``bf16``: run the network under
-    bfloat16 autocast (GPUs); the loss stays in float32. ``compile``: the network under ``torch.compile``
+    bfloat16 autocast (GPUs, and CPUs with AVX512-BF16); the loss stays in float32. ``compile``: the network under ``torch.compile``
     (:class:`CompiledNetwork`; pays on runs longer than a few hundred steps).
     """
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    if dev.type == "cpu" and max(cfg.encoder_widths) <= RETAIN_MEMORY_MAX_WIDTH:
-        retain_freed_memory()
+    retain_for_network(dev.type, cfg.encoder_widths)
     torch.manual_seed(cfg.seed)
     sources = [Source(**s) for s in cfg.sources]
     bank = TaskBank(sources, Path(cfg.data_root), cfg.size, cfg.heldout, cfg.seed)
@@ -425,7 +425,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", help="override where relative source paths start")
     parser.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     parser.add_argument("--workers", type=int, default=0, help="background processes drawing batches (GPU runs)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (GPU runs)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast for the network (GPUs; CPUs with AVX512-BF16)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (~6 min of compiling first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
