@@ -110,12 +110,20 @@ def test_a_path_in_place_of_an_image_id_reveals_nothing(server):
 # -- every malformed request is a 4xx with a message ----------------------------------------------------
 
 
-@pytest.mark.parametrize("params", ["{x", "[1,2]", '"hello"', "null"])
+# "\x1c" and "\x0b" are whitespace to Python's str.strip, not to JSON (the fuzzer's 500 on image info)
+@pytest.mark.parametrize("params", ["{x", "[1,2]", '"hello"', "null", "\x1c", "  ", "\x0b"])
 def test_params_that_are_not_a_json_object(server, params):
     client, _, _ = server
     assert infer(client, IDS[1], params).status_code in (400, 422)
     r = client.put(f"/datastore/image/info?image={IDS[1]}", data={"info": params})
     assert r.status_code in (400, 422), r.text
+
+
+def test_empty_image_info_is_refused(server):
+    """MONAI Label parses 'info' as it is, so an empty one is no JSON (only an empty 'params' means {})."""
+    client, _, _ = server
+    r = client.put(f"/datastore/image/info?image={IDS[1]}", data={"info": ""})
+    assert r.status_code == 400 and "info" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize("params, word", [
@@ -151,7 +159,7 @@ def test_other_malformed_requests(server):
     r = client.post("/infer/multiverseg", data={"params": "{}"})
     assert r.status_code == 422 and "image" in r.text
     assert client.delete("/datastore/image?id=no-such-image").status_code == 404
-    for wsi in ("not json", '{"min_poly_area": "abc"}', '{"params": [1]}'):
+    for wsi in ("not json", '{"min_poly_area": "abc"}', '{"params": [1]}', ""):
         r = client.post(f"/infer/wsi_v2/multiverseg?image={IDS[1]}&output=asap", data={"wsi": wsi},
                         files={"file": ("p.png", png_bytes(np.zeros((16, 16), np.uint8)), "image/png")})
         assert r.status_code in (400, 422), (wsi, r.text)

@@ -64,8 +64,10 @@ def check_tag(value: str, what: str = "tag") -> None:
 
 
 def _json_object(text: str, field: str) -> dict:
+    if text == "" and field == "params":  # MONAI Label reads an empty 'params' as {}; every other text it parses
+        return {}
     try:
-        value = json.loads(text) if text.strip() else {}
+        value = json.loads(text)
     except ValueError as e:
         raise Refusal(400, f"'{field}' is not valid JSON: {e}") from None
     if not isinstance(value, dict):
