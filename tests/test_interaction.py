@@ -17,6 +17,7 @@ from mvseg.interaction import (
     correction_click,
     correction_scribble,
 )
+from mvseg.prompts import Prompts
 
 from .conftest import DATASETS
 
@@ -116,6 +117,20 @@ def test_far_negative_clicks_leave_the_band_only_when_asked():
             negatives += RandomPrompts(np.random.default_rng(seed), p_far_negative=p_far).first(truth).negative
         assert negatives and not any(truth[y, x] for x, y in negatives)
         assert any(not band[y, x] for x, y in negatives) == expect_far
+
+
+def test_corrections_after_a_zero_click_start_are_scribbles_when_asked():
+    truth = rect((64, 64), 10, 10, 50, 40)
+    prediction = rect((64, 64), 10, 10, 30, 40)  # a context prediction that misses the right half
+    for p_scribble, expect_scribbles in ((0.0, False), (1.0, True)):
+        for seed in range(10):
+            q = RandomPrompts(np.random.default_rng(seed), p_scribble_corrections=p_scribble).correct(
+                truth, prediction, Prompts()
+            )
+            assert (q.positive_scribbles is not None) == expect_scribbles
+            assert bool(q.positive) != expect_scribbles
+            if expect_scribbles:
+                assert truth[q.positive_scribbles].all() and not prediction[q.positive_scribbles].any()
 
 
 def _medscribble():

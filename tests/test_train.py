@@ -265,6 +265,20 @@ def test_batches_depend_on_the_step_alone(task_root):
     assert any(not torch.equal(a.context_labels, b.context_labels) for a, b in zip(serial, noisy))
 
 
+def test_no_context_steps_only_when_asked(task_root):
+    """p_no_context empties the context of some steps on top of n ~ U[0, max_context]; at 0 it draws
+    nothing, so older configs keep their batches."""
+    cfg = small_config(task_root, 12)
+    cfg.max_context = 4
+    bank = TaskBank([Source(**s) for s in cfg.sources], task_root, 32, 0.0, 0)
+    plain = [b.context_images.shape[1] for b in batches(bank, cfg, 0)]
+    assert sum(n == 0 for n in plain) < len(plain)
+    cfg.p_no_context = 1.0
+    assert all(b.context_images.shape[1] == 0 for b in batches(bank, cfg, 0))
+    cfg.p_no_context = 0.0
+    assert [b.context_images.shape[1] for b in batches(bank, cfg, 0)] == plain
+
+
 def test_gpu_options_train_on_the_cpu_too(task_root, tmp_path):
     """The GPU recipe (bfloat16 autocast, a batch-drawing worker) runs on the CPU too, with finite losses."""
     train(small_config(task_root, 3), tmp_path / "bf16", bf16=True, workers=1)

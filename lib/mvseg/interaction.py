@@ -267,6 +267,10 @@ class RandomPrompts:
     # Chance that the first negative clicks come from anywhere in the background rather than from the
     # band around the object: users also click away a false region far from the target.
     p_far_negative: float = 0.0
+    # Chance that the corrections after a start without prompts (a zero-click in-context prediction) are
+    # scribbles rather than clicks: otherwise a scribbling user's first stroke over a context prediction
+    # is never seen in training.
+    p_scribble_corrections: float = 0.0
 
     def negative_click_region(self, truth: np.ndarray) -> np.ndarray:
         """Where the first negative clicks go: the band around the object, or (with chance
@@ -302,6 +306,8 @@ class RandomPrompts:
         missed, false_alarm = error_regions(truth, prediction)
         n = int(self.rng.integers(self.min_corrections, self.max_corrections + 1))
         scribble = prompts.positive_scribbles is not None or prompts.negative_scribbles is not None
+        if not prompts and self.p_scribble_corrections > 0:  # no draw at 0: older runs repeat
+            scribble = bool(self.rng.random() < self.p_scribble_corrections)
         errors = [(r, True) for r in components(missed)] + [(r, False) for r in components(false_alarm)]
         errors.sort(key=lambda e: -int(e[0].sum()))
         for region, positive in errors[:n]:

@@ -74,6 +74,12 @@ class TrainConfig:
     # Chance that the first negative clicks come from the whole background instead of the band around
     # the object (interaction.RandomPrompts.p_far_negative; scribbles keep the band).
     p_far_negative: float = 0.0
+    # Chance that corrections after a zero-click start are scribbles, not clicks
+    # (interaction.RandomPrompts.p_scribble_corrections).
+    p_scribble_corrections: float = 0.0
+    # Chance that a step has no context at all (beyond n = 0 of n ~ U[0, max_context]): the first image of
+    # every new task is segmented that way, by clicks alone.
+    p_no_context: float = 0.0
     focal_gamma: float = 20.0
     p_synthetic: float = 0.5
     superpixel_scale: tuple[float, float] = (1.0, 500.0)
@@ -220,11 +226,13 @@ BATCH_STREAM, PROMPT_STREAM = 0, 1
 
 
 def draw_batch(bank: TaskBank, cfg: TrainConfig, step: int) -> Batch:
-    """Step ``step``'s examples: ``n ~ U[0, max_context]`` context entries each, perturbed context labels
-    (``p_noisy_context``), half resolution (``p_low_res``) and zero-click starts (``p_context_only``)."""
+    """Step ``step``'s examples: ``n ~ U[0, max_context]`` context entries each (none at all with chance
+    ``p_no_context``), perturbed context labels (``p_noisy_context``), half resolution (``p_low_res``) and zero-click starts (``p_context_only``)."""
     rng = step_random(cfg.seed, step, BATCH_STREAM)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     n = int(rng.integers(0, cfg.max_context + 1))
+    if cfg.p_no_context > 0 and rng.random() < cfg.p_no_context:  # no draw at 0: older runs repeat
+        n = 0
     x, y, cx, cy, synthetic = bank.batch(
         cfg.batch_size,
         n,
@@ -382,7 +390,11 @@ def train(
             x, y, cx, cy = (t.to(dev, non_blocking=True) for t in batch[:4])
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / cfg.steps))
-            user = RandomPrompts(step_random(cfg.seed, step, PROMPT_STREAM), p_far_negative=cfg.p_far_negative)
+            user = RandomPrompts(
+                step_random(cfg.seed, step, PROMPT_STREAM),
+                p_far_negative=cfg.p_far_negative,
+                p_scribble_corrections=cfg.p_scribble_corrections,
+            )
             with autocast:
                 loss, per_step = interactive_loss(
                     network, x, y, cx, cy, user, cfg.interaction_steps, cfg.focal_gamma, batch.context_only
