@@ -402,6 +402,7 @@ def start_app(tmp_path, conf: dict):
         ({"size": "big"}, "--conf size must be a whole number of pixels, got 'big'"),
         ({"size": "100"}, "size 100 must be a positive multiple of 8"),
         ({"refine": "maybe"}, "--conf refine must be true or false, got 'maybe'"),
+        ({"dtype": "half"}, "--conf dtype must be auto, float32 or bfloat16, got 'half'"),
     ],
 )
 def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
@@ -419,6 +420,14 @@ def test_conf_size_sets_the_model_grid(tmp_path):
 def test_conf_refine_switches_boundary_refinement(tmp_path):
     assert start_app(tmp_path / "on", {}).predictor.refiner is not None
     assert start_app(tmp_path / "off", {"refine": "False"}).predictor.refiner is None
+
+
+def test_conf_dtype_sets_the_network_precision(tmp_path):
+    import torch
+
+    assert start_app(tmp_path / "f", {"dtype": "float32"}).predictor.dtype == torch.float32
+    assert start_app(tmp_path / "b", {"dtype": "BFloat16"}).predictor.dtype == torch.bfloat16
+    assert start_app(tmp_path / "a", {}).predictor.dtype in (torch.float32, torch.bfloat16)
 
 
 # -- next sample ---------------------------------------------------------------------------------------

@@ -118,6 +118,31 @@ def test_bfloat16_runs(tiny_models):
     assert np.isfinite(p.probability).all()
 
 
+@pytest.mark.parametrize("native, width, expected", [(True, 8, "bfloat16"), (False, 8, "float32"), (True, 128, "float32")])
+def test_auto_dtype_takes_bfloat16_for_narrow_networks_on_cpus_that_have_it(monkeypatch, native, width, expected):
+    import mvseg.predictor
+    from mvseg import MultiverSegConfig, MultiverSegNet
+
+    monkeypatch.setattr(mvseg.predictor, "cpu_has_bfloat16", lambda: native)
+    model = MultiverSegNet(MultiverSegConfig(encoder_widths=[width] * 4))
+    pred = Predictor(model, device="cpu", dtype="auto")
+    assert pred.dtype == getattr(torch, expected)
+    assert np.isfinite(pred.predict(np.random.default_rng(6).random((32, 32)), Prompts(positive=[(3, 3)])).probability).all()
+    with pytest.raises(ValueError, match="dtype"):
+        Predictor(model, device="cpu", dtype="float16")
+
+
+def test_cpu_bfloat16_support_is_read_from_cpuinfo(tmp_path):
+    from mvseg.predictor import cpu_has_bfloat16
+
+    x86, arm, old = tmp_path / "x86", tmp_path / "arm", tmp_path / "old"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    old.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert cpu_has_bfloat16(x86) and cpu_has_bfloat16(arm)
+    assert not cpu_has_bfloat16(old) and not cpu_has_bfloat16(tmp_path / "missing")
+
+
 @pytest.mark.parametrize(
     "image, prompts, message",
     [

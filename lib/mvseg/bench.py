@@ -10,7 +10,9 @@ convolution multiply-adds (2 per MAC): "executed" is what this implementation ru
 official implementation runs for the same forward (it also computes the last decoder's unused context branch).
 The CPU convolution path is picked per layer shape as served (``--conv auto``); ``--vs-direct`` also times
 every configuration on the direct path alone and prints the ratio. "% peak" is the FLOP rate against the
-direct 3x3 convolution's rate measured at the start (256 channels, 128x128, NHWC).
+direct 3x3 convolution's rate measured at the start (256 channels, 128x128, NHWC) in the precision the
+forward ran in: ``--dtype auto`` (as served) takes bfloat16 on CPUs where it is much faster
+(``Predictor(dtype="auto")``), ``--dtype float32`` forces float32.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def measure(
     network.CONV_PATH = conv
     torch.manual_seed(0)
     config = MultiverSegConfig(encoder_widths=[width] * 4)
-    predictor = Predictor(MultiverSegNet(config), device=device, dtype=getattr(torch, dtype), size=size)
+    precision = dtype if dtype == "auto" else getattr(torch, dtype)
+    predictor = Predictor(MultiverSegNet(config), device=device, dtype=precision, size=size)
     target = torch.rand((1, 5, size, size))
     images = torch.rand((1, context, 1, size, size))
     labels = (torch.rand((1, context, 1, size, size)) > 0.5).float()
@@ -62,7 +65,7 @@ def measure(
         "width": width,
         "context": context,
         "device": device,
-        "dtype": dtype,
+        "dtype": str(predictor.dtype).removeprefix("torch."),  # what "auto" chose
         "median_ms": seconds * 1e3,
         "min_ms": min(times) * 1e3,
         "gflop": flops["executed"] / 1e9,
@@ -80,12 +83,12 @@ def measure(
     return result
 
 
-def conv_rate(path: str, repeats: int = 3) -> float:
+def conv_rate(path: str, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of one 256->256 3x3 convolution on a 128x128 map on the CPU (``path`` "direct" on NHWC or
-    "winograd" on NCHW, nominal FLOPs): this machine's ceiling."""
+    "winograd" on NCHW, nominal FLOPs; ``dtype`` bfloat16: direct only): this machine's ceiling."""
     from . import network
 
-    x, w = torch.rand(1, 256, 128, 128), torch.rand(256, 256, 3, 3)
+    x, w = torch.rand(1, 256, 128, 128, dtype=dtype), torch.rand(256, 256, 3, 3, dtype=dtype)
     conv = network._direct if path == "direct" else network._winograd
     if path == "direct":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -104,7 +107,10 @@ def main(argv=None) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[24, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[0, 1, 4, 16, 64])
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+        help="network precision: as served (auto: bfloat16 where this CPU runs it much faster), or one forced",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--conv", default="auto", choices=["auto", "direct", "winograd"],
@@ -128,41 +134,47 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, CPU conv {args.conv}, "
         f"repeats {args.repeats}"
     )
-    peak = conv_rate("direct")
+    peak = {"float32": conv_rate("direct")}
+    if args.dtype != "float32":
+        peak["bfloat16"] = conv_rate("direct", dtype=torch.bfloat16)
     print(
-        f"one 256->256 3x3 conv at 128x128 on CPU: direct {peak:.0f} GFLOP/s, "
+        f"one 256->256 3x3 conv at 128x128 on CPU: direct {peak['float32']:.0f} GFLOP/s, "
         f"Winograd {conv_rate('winograd'):.0f} GFLOP/s (nominal FLOPs)"
+        + (f", direct bfloat16 {peak['bfloat16']:.0f} GFLOP/s" if "bfloat16" in peak else "")
     )
     header = (
         f"{'device':6} {'width':>5} {'ctx':>4} {'median ms':>10} {'GFLOP':>8} {'GFLOP/s':>8} {'% peak':>6} "
-        f"{'official GFLOP':>14} {'peak MB':>8} {'paths':>16}" + (f" {'direct ms':>10} {'x direct':>8}" if args.vs_direct else "")
+        f"{'official GFLOP':>14} {'peak MB':>8} {'dtype':>8} {'paths':>16}" + (f" {'direct ms':>10} {'x direct':>8}" if args.vs_direct else "")
     )
     print(header)
     print("-" * len(header))
 
-    def run_one(width: int, context: int, device: str, conv: str) -> Optional[dict]:
+    def run_one(width: int, context: int, device: str, conv: str, dtype: str) -> Optional[dict]:
         cmd = [sys.executable, "-m", "mvseg.bench", "--one", str(width), str(context), device]
-        cmd += ["--repeats", str(args.repeats), "--dtype", args.dtype, "--conv", conv]
+        cmd += ["--repeats", str(args.repeats), "--dtype", dtype, "--conv", conv]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{device:6} {width:5d} {context:4d}  failed: {done.stderr.strip().splitlines()[-1:]}")
             return None
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    def paths(r: dict) -> str:  # bfloat16 convolutions all go to oneDNN's direct kernels
+        return "direct (bf16)" if r["dtype"] == "bfloat16" and r["device"] == "cpu" else "+".join(r["conv_paths"])
+
     results = []
     for device in devices:
         for width in args.widths:
             for context in args.contexts:
-                r = run_one(width, context, device, args.conv)
+                r = run_one(width, context, device, args.conv, args.dtype)
                 if r is None:
                     continue
                 line = (
                     f"{device:6} {width:5d} {context:4d} {r['median_ms']:10.1f} {r['gflop']:8.1f} "
-                    f"{r['gflops_per_s']:8.1f} {100 * r['gflops_per_s'] / peak if device == 'cpu' else 0:6.0f} "
-                    f"{r['gflop_official']:14.1f} {r['peak_mb']:8.0f} {'+'.join(r['conv_paths']):>16}"
+                    f"{r['gflops_per_s']:8.1f} {100 * r['gflops_per_s'] / peak[r['dtype']] if device == 'cpu' else 0:6.0f} "
+                    f"{r['gflop_official']:14.1f} {r['peak_mb']:8.0f} {r['dtype']:>8} {paths(r):>16}"
                 )
                 if args.vs_direct and device == "cpu":
-                    d = run_one(width, context, device, "direct")
+                    d = run_one(width, context, device, "direct", r["dtype"])  # the same precision
                     if d is not None:
                         r["direct_ms"] = d["median_ms"]
                         line += f" {d['median_ms']:10.1f} {d['median_ms'] / r['median_ms']:8.2f}"
