@@ -50,7 +50,7 @@ def main(argv=None) -> None:
         try:
             build(work / "studies", args.images, args.seeds)
             datastore = batch.open_datastore(str(work / "studies"), ["head"])
-            predictor = Predictor(device="cpu")
+            predictor = Predictor(device="cpu", dtype="auto")
             plan = batch.plan(datastore, predictor, batch.weights_digest(None), "head", ["head"])
             if mode == "serial":
                 summary = batch.run_serial(datastore, plan, predictor, progress=False)

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
             mask = np.asarray(Image.open(HC18 / "masks" / f"{key}.png")) > 0
             Image.fromarray(mask.astype(np.uint8)).save(work / "labels" / "final" / f"{key}.png")
         datastore = LocalDatastore(str(work), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
-        predictor = Predictor(args.weights, device="cpu", size=args.size)
+        predictor = Predictor(args.weights, device="cpu", dtype="auto", size=args.size)
         predictor.warmup()
         context = DatastoreContext(datastore, predictor.new_context, ["head"])
         segmenter = Segmenter(predictor, context, InteractionStore())

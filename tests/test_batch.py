@@ -48,7 +48,7 @@ def test_ray_run_matches_the_serial_predictor_survives_a_killed_worker_and_resum
 
     names = ["white_matter"]
     datastore = batch.open_datastore(str(studies), names)
-    predictor = Predictor(device="cpu")
+    predictor = Predictor(device="cpu", dtype="auto")  # as the workers run it
     weights = batch.weights_digest(None)
     plan = batch.plan(datastore, predictor, weights, "white_matter", names)
     assert len(plan.context) == len(SEEDS) and len(plan.todo) == 18  # 17 PNGs + the volume

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     names = [n.strip() for n in (args.labels or args.label).split(",") if n.strip()]
     try:
         datastore = batch.open_datastore(args.studies, names)
-        predictor = Predictor(args.weights, device="cpu", size=args.size, refine=not args.no_refine)
+        predictor = Predictor(args.weights, device="cpu", dtype="auto", size=args.size, refine=not args.no_refine)
         plan = batch.plan(datastore, predictor, batch.weights_digest(args.weights), args.label, names, args.tag,
                           args.axis)
     except (ValueError, FileNotFoundError) as e:

@@ -136,7 +136,7 @@ class Worker:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.predictor = Predictor(weights, device="cpu", size=size, refine=refine)
+        self.predictor = Predictor(weights, device="cpu", dtype="auto", size=size, refine=refine)  # as served
         self.axis = axis
 
     def pid(self) -> int:
