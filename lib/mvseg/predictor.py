@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 # dtype "auto" takes bfloat16 on CPUs with bfloat16 instructions for networks no wider than this. Measured on
-# a 2-core AVX512-BF16 VM: width 24 runs x1.46-1.57 faster in bfloat16 (context 4-64), width 64 likewise;
-# width 256 runs its wide layers faster on float32 Winograd kernels (603 ms against more at context 1).
+# a 2-core AVX512-BF16 VM: width 24 runs x1.46-1.57 faster in bfloat16 (context 4-64) and width 64 at 80% of
+# the bfloat16 convolution peak; width 256 is faster in float32, whose wide layers take Winograd kernels.
 BF16_MAX_WIDTH = 64
 
 
