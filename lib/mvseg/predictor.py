@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 # dtype "auto" takes bfloat16 on CPUs with bfloat16 instructions for networks no wider than this. Measured on
-# a 2-core AVX512-BF16 VM: width 24 runs x1.46-1.57 faster in bfloat16 (context 4-64) and width 64 at 80% of
-# the bfloat16 convolution peak; width 256 is faster in float32, whose wide layers take Winograd kernels.
+# a 2-core AVX512-BF16 VM: width 24 runs x1.46-1.57 faster in bfloat16 (context 4-64), width 64 at 80% of the
+# bfloat16 convolution peak. Wider networks (the official width 256) stay in the float32 they were released
+# and checked in; their wide layers take float32 Winograd kernels, and bfloat16 gained only at context 64.
 BF16_MAX_WIDTH = 64
 
 
