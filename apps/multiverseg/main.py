@@ -15,8 +15,8 @@ Configuration (``--conf key value``):
                       them (default: true; see ``mvseg.refine``)
     slices_per_volume most slices one 3D label adds to the context (default: 4)
     device            cpu, cuda, mps (default: best available)
-    dtype             auto, float32, bfloat16: network precision (default: auto, bfloat16 on a CPU where a
-                      forward measured at start-up runs much faster in it, float32 elsewhere)
+    dtype             auto, float32, bfloat16: network precision (default: auto, bfloat16 for a narrow
+                      network on a CPU with bfloat16 instructions, float32 elsewhere; ``mvseg.Predictor``)
     state_expiry      seconds an idle interaction state is kept (default: 1800)
     strategy          the next-sample strategy listed first, i.e. the default (default: nearest)
     lease_window      seconds an image handed to one annotator is kept from the others (default: 600)
@@ -35,7 +35,6 @@ import logging
 import os
 import sys
 
-import torch
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -98,7 +97,7 @@ class MultiverSegApp(MONAILabelApp):
             conf.get("weights") or None,
             fallback=conf.get("fallback") or None,
             device=conf.get("device") or None,
-            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            dtype=dtype,
             size=None if size is None else int(size),
             max_context=int(conf.get("max_context", 64)),
             refine=refine == "true",

@@ -11,8 +11,8 @@ official implementation runs for the same forward (it also computes the last dec
 The CPU convolution path is picked per layer shape as served (``--conv auto``); ``--vs-direct`` also times
 every configuration on the direct path alone and prints the ratio. "% peak" is the FLOP rate against the
 direct 3x3 convolution's rate measured at the start (256 channels, 128x128, NHWC) in the precision the
-forward ran in: ``--dtype auto`` (as served) takes bfloat16 on CPUs where it is much faster
-(``Predictor(dtype="auto")``), ``--dtype float32`` forces float32.
+forward ran in: ``--dtype auto`` (as served) takes bfloat16 for narrow networks on CPUs with bfloat16
+instructions (``Predictor(dtype="auto")``), ``--dtype float32`` forces float32.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def measure(
     network.CONV_PATH = conv
     torch.manual_seed(0)
     config = MultiverSegConfig(encoder_widths=[width] * 4)
-    precision = dtype if dtype == "auto" else getattr(torch, dtype)
-    predictor = Predictor(MultiverSegNet(config), device=device, dtype=precision, size=size)
+    predictor = Predictor(MultiverSegNet(config), device=device, dtype=dtype, size=size)
     target = torch.rand((1, 5, size, size))
     images = torch.rand((1, context, 1, size, size))
     labels = (torch.rand((1, context, 1, size, size)) > 0.5).float()
@@ -109,7 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-        help="network precision: as served (auto: bfloat16 where this CPU runs it much faster), or one forced",
+        help="network precision: as served (auto: bfloat16 for narrow networks on CPUs with bfloat16 instructions)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(

@@ -40,6 +40,8 @@ PathLike = Union[str, os.PathLike]
 # and checked in; their wide layers take float32 Winograd kernels, and bfloat16 gained only at context 64.
 BF16_MAX_WIDTH = 64
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the precisions a forward runs in, by name
+
 
 def cpu_has_bfloat16(cpuinfo: PathLike = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); elsewhere PyTorch
@@ -116,9 +118,9 @@ class Predictor:
         fallback: optional ScribblePrompt-UNet (module or path), used when the context set is empty (what
             the official release does); without it MultiverSeg runs with its dummy context entry.
         device: ``None`` picks CUDA, then MPS, then CPU.
-        dtype: ``torch.float32``, ``torch.bfloat16`` (autocast) or ``"auto"``: bfloat16 for a network no
-            wider than ``BF16_MAX_WIDTH`` on a CPU with bfloat16 instructions (AVX512-BF16, AMX, Arm BF16),
-            float32 elsewhere.
+        dtype: ``torch.float32``, ``torch.bfloat16`` (autocast), their names, or ``"auto"``: bfloat16 for a
+            network no wider than ``BF16_MAX_WIDTH`` on a CPU with bfloat16 instructions (AVX512-BF16, AMX,
+            Arm BF16), float32 elsewhere.
         size: model resolution (default: the one the checkpoint was trained at, else 128).
         max_context: most context entries per forward (see ``ContextSet.select``).
         refine: snap boundaries to the image's own intensity edges where the grid blurred them
@@ -141,6 +143,7 @@ class Predictor:
             from .weights import default_weights
 
             model = default_weights()
+        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # a name, as --conf and CLIs give it
         if dtype not in (torch.float32, torch.bfloat16, "auto"):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or 'auto', got {dtype}")
         self.device = pick_device(device)

@@ -227,7 +227,8 @@ BATCH_STREAM, PROMPT_STREAM = 0, 1
 
 def draw_batch(bank: TaskBank, cfg: TrainConfig, step: int) -> Batch:
     """Step ``step``'s examples: ``n ~ U[0, max_context]`` context entries each (none at all with chance
-    ``p_no_context``), perturbed context labels (``p_noisy_context``), half resolution (``p_low_res``) and zero-click starts (``p_context_only``)."""
+    ``p_no_context``), perturbed context labels (``p_noisy_context``), half resolution (``p_low_res``) and
+    zero-click starts (``p_context_only``)."""
     rng = step_random(cfg.seed, step, BATCH_STREAM)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     n = int(rng.integers(0, cfg.max_context + 1))
