@@ -4,10 +4,11 @@
 
 For each datastore size (final labels already saved), starts the server on loopback with the bundled
 weights and replays clicks the way the clients send them: on a 512 x 512 PNG (2D) and on slices of a
-256 x 256 x 64 NRRD volume (Slicer's 2D-model request: ``slice``, NRRD uint8, whole volume back). Prints
+256 x 256 x 95 NRRD volume (Slicer's 2D-model request: ``slice``, NRRD uint8, whole volume back). Prints
 p50/p95 of the round trip, of the network forward (as the server reports it) and of the difference (the
-server's overhead: HTTP, reading, context, writing), then the first click after a ``PUT /datastore/label``
-and how many label files that save and click read. Data: ``../shared/datasets/hc18_fetal_head``.
+server's overhead: HTTP, reading, context, writing); with saved labels, the zero-click segmentation of the
+whole volume (``multiverseg_auto``, every slice); then the first click after a ``PUT /datastore/label`` and
+how many label files that save and click read. Data: ``../shared/datasets/hc18_fetal_head``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+SLICES = 95  # the volume's depth
 APP_DIR = ROOT / "apps" / "multiverseg"
 HC18 = ROOT.parent / "shared" / "datasets" / "hc18_fetal_head"
 
@@ -96,17 +98,18 @@ def build_studies(folder: Path, n_labels: int) -> dict:
         Image.fromarray(mask.astype(np.uint8)).save(folder / "labels" / "final" / f"{key}.png")
     image2d, mask2d = _resized(keys[-1], 512)
     Image.fromarray(image2d).save(folder / "target2d.png")
-    slices = [_resized(k, 256) for k in keys[-65:-1]]
+    slices = [_resized(k, 256) for k in keys[-SLICES - 1 : -1]]
     volume = np.stack([s[0] for s in slices], axis=2)
     nrrd.write(str(folder / "target3d.nrrd"), volume, {"space": "left-posterior-superior"}, index_order="F")
-    shutil.copy(HC18 / "images" / f"{keys[-66]}.png", folder / "spare.png")
-    spare_mask = np.asarray(Image.open(HC18 / "masks" / f"{keys[-66]}.png")) > 0
+    spare = keys[-SLICES - 2]
+    shutil.copy(HC18 / "images" / f"{spare}.png", folder / "spare.png")
+    spare_mask = np.asarray(Image.open(HC18 / "masks" / f"{spare}.png")) > 0
     return {"mask2d": mask2d, "masks3d": np.stack([s[1] for s in slices], axis=2), "spare_mask": spare_mask}
 
 
-def infer(url: str, image: str, params: dict) -> tuple[float, dict]:
+def infer(url: str, image: str, params: dict, model: str = "multiverseg") -> tuple[float, dict]:
     t0 = time.perf_counter()
-    r = requests.post(f"{url}/infer/multiverseg?image={image}&output=all", data={"params": json.dumps(params)})
+    r = requests.post(f"{url}/infer/{model}?image={image}&output=all", data={"params": json.dumps(params)})
     elapsed = time.perf_counter() - t0
     r.raise_for_status()
     body = r.content
@@ -147,7 +150,12 @@ def run(n_labels: int, clicks: int, conf: dict) -> list[dict]:
             params = {"foreground": [[int(ii[j]), int(jj[j]), k]], "slice": k, "result_extension": ".nrrd",
                       "result_dtype": "uint8", "client_id": "bench3d"}
             times.append(infer(url, "target3d", params))
-        rows.append(summary("3D slice of 256x256x64", n_labels, times))
+        rows.append(summary(f"3D slice of 256x256x{SLICES}", n_labels, times))
+        if n_labels:  # zero-click needs saved labels to learn from
+            elapsed, info = infer(url, "target3d", {"label_name": "head", "result_extension": ".nrrd"},
+                                  "multiverseg_auto")
+            rows.append({"case": f"zero-click volume, {SLICES} slices", "labels": n_labels, "rtt_s": elapsed,
+                         "infer_s": info["latencies"]["infer"], "context": info["context_size"]})
         # a save, then the first click
         Image.fromarray(data["spare_mask"].astype(np.uint8)).save(work / "spare_label.png")
         t0 = time.perf_counter()
@@ -198,6 +206,10 @@ def main(argv=None) -> None:
             print(f"| {r['case']} | {r['labels']} | {r['context']} | {r['rtt_p50']:.0f} / {r['rtt_p95']:.0f} ms | "
                   f"{r['net_p50']:.0f} / {r['net_p95']:.0f} ms | {r['over_p50']:.1f} / {r['over_p95']:.1f} ms |")
     print()
+    for r in rows:
+        if "rtt_s" in r:
+            print(f"labels={r['labels']}: {r['case']}: {r['rtt_s']:.1f} s round trip, network {r['infer_s']:.1f} s "
+                  f"({1e3 * r['infer_s'] / SLICES:.0f} ms per slice, context {r['context']})")
     for r in rows:
         if "save_ms" in r:
             print(f"labels={r['labels']}: server start {r['startup_s']:.1f} s; PUT label {r['save_ms']:.0f} ms; "
