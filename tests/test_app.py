@@ -402,6 +402,7 @@ def start_app(tmp_path, conf: dict):
         ({"size": "big"}, "--conf size must be a whole number of pixels, got 'big'"),
         ({"size": "100"}, "size 100 must be a positive multiple of 8"),
         ({"refine": "maybe"}, "--conf refine must be true or false, got 'maybe'"),
+        ({"zoom": "2"}, "--conf zoom must be true or false, got '2'"),
         ({"dtype": "half"}, "--conf dtype must be auto, float32 or bfloat16, got 'half'"),
     ],
 )
@@ -420,6 +421,11 @@ def test_conf_size_sets_the_model_grid(tmp_path):
 def test_conf_refine_switches_boundary_refinement(tmp_path):
     assert start_app(tmp_path / "on", {}).predictor.refiner is not None
     assert start_app(tmp_path / "off", {"refine": "False"}).predictor.refiner is None
+
+
+def test_conf_zoom_switches_the_second_look(tmp_path):
+    assert start_app(tmp_path / "on", {}).predictor.zoom is not None
+    assert start_app(tmp_path / "off", {"zoom": "false"}).predictor.zoom is None
 
 
 def test_conf_dtype_sets_the_network_precision(tmp_path):

@@ -106,8 +106,12 @@ def test_model_size_sets_the_network_grid(tmp_path, tiny_task, tiny_models, monk
     assert "size 30 must be a positive multiple of" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, refined", [((), True), (("--no-refine",), False)])
-def test_refinement_is_on_unless_switched_off(tmp_path, tiny_task, tiny_models, monkeypatch, flag, refined):
+@pytest.mark.parametrize(
+    "flag, served", [((), (True, True)), (("--no-refine",), (False, True)), (("--no-zoom",), (True, False))]
+)
+def test_refinement_and_zoom_are_on_as_served_unless_switched_off(
+    tmp_path, tiny_task, tiny_models, monkeypatch, flag, served
+):
     from mvseg.predictor import Predictor
 
     seen = []
@@ -115,11 +119,11 @@ def test_refinement_is_on_unless_switched_off(tmp_path, tiny_task, tiny_models, 
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        seen.append(self.refiner is not None)
+        seen.append((self.refiner is not None, self.zoom is not None))
 
     monkeypatch.setattr(Predictor, "__init__", spy)
     run_cli(tmp_path, tiny_task, tiny_models, "--images", "1", "--runs", "1", "--budget", "0", *flag)
-    assert seen == [refined]
+    assert seen == [served]
 
 
 def test_seed_label_is_ninety_percent_or_ground_truth_later_labels_are_predictions():

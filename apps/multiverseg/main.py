@@ -13,6 +13,8 @@ Configuration (``--conf key value``):
                       256 costs four times the compute; with ``refine`` on, 128 did better on nuclei too
     refine            true/false: snap boundaries to the image's intensity edges where the grid blurred
                       them (default: true; see ``mvseg.refine``)
+    zoom              true/false: after a click or stroke, segment the window around the object and the
+                      prompts again on its own grid (default: true; see ``mvseg.zoom``)
     slices_per_volume most slices one 3D label adds to the context (default: 4)
     device            cpu, cuda, mps (default: best available)
     dtype             auto, float32, bfloat16: network precision (default: auto, bfloat16 for a narrow
@@ -73,6 +75,13 @@ def _positive_int(conf: dict, key: str, default: int) -> int:
     return int(value)
 
 
+def _flag(conf: dict, key: str, default: bool) -> bool:
+    value = str(conf.get(key, default)).strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"--conf {key} must be true or false, got '{value}'")
+    return value == "true"
+
+
 def _http(error: BadRequest) -> HTTPException:
     return HTTPException(status_code=error.status, detail=str(error))
 
@@ -87,9 +96,6 @@ class MultiverSegApp(MONAILabelApp):
         size = conf.get("size") or None
         if size is not None and not str(size).isdigit():
             raise ValueError(f"--conf size must be a whole number of pixels, got '{size}'")
-        refine = str(conf.get("refine", "true")).strip().lower()
-        if refine not in ("true", "false"):
-            raise ValueError(f"--conf refine must be true or false, got '{refine}'")
         dtype = str(conf.get("dtype", "auto")).strip().lower()
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--conf dtype must be auto, float32 or bfloat16, got '{dtype}'")
@@ -100,7 +106,8 @@ class MultiverSegApp(MONAILabelApp):
             dtype=dtype,
             size=None if size is None else int(size),
             max_context=int(conf.get("max_context", 64)),
-            refine=refine == "true",
+            refine=_flag(conf, "refine", True),
+            zoom=_flag(conf, "zoom", True),
         )
         self.interactions = InteractionStore(expiry=float(conf.get("state_expiry", 1800)))
         imageio.MAX_PIXELS = _positive_int(conf, "max_pixels", 100_000_000)

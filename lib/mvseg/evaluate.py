@@ -18,7 +18,9 @@ next-sample strategy gets below). Outputs ``runs.json`` (every image of every ru
 
 Model grid: ``--model-size 256`` runs the network on a 256 x 256 grid instead of the checkpoint's own (the
 app's ``--conf size``). Masks have their boundaries refined on the image's own pixels (``mvseg.refine``), as
-the app serves them; ``--no-refine`` measures the raw resampled masks.
+the app serves them; ``--no-refine`` measures the raw resampled masks. Without context, a prediction from
+prompts takes a second look at the window around the object (``mvseg.zoom``), as the app serves it;
+``--no-zoom`` turns that off.
 
 Grid: by default clicks and Dice are on each image's own pixels. ``--size 256`` evaluates as the paper does
 (its section 5): every image zero-padded square and resized to ``256 x 256`` first (``--size 128``: its
@@ -304,6 +306,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-refine", action="store_true", help="raw resampled masks: no boundary refinement (mvseg.refine)"
     )
+    parser.add_argument(
+        "--no-zoom", action="store_true", help="no second look at the object's window without context (mvseg.zoom)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--dtype",
@@ -325,6 +330,7 @@ def main(argv=None) -> None:
             dtype=args.dtype,
             size=args.model_size,
             refine=not args.no_refine,
+            zoom=not args.no_zoom,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -142,6 +142,12 @@ class Geometry:
         square = self.pad_square(as_mask(mask, self.shape))
         return binarize_resampled(_resize(square, self.size))[0]
 
+    def map_forward(self, values: np.ndarray) -> torch.Tensor:
+        """Real-valued ``H W`` map (e.g. a probability) -> ``1 size size``, area-averaged when shrinking;
+        zero on the padding."""
+        self._check(values.shape, "map")
+        return _resize(self.pad_square(values), self.size)[0]
+
     def scribble_forward(self, scribble: np.ndarray) -> torch.Tensor:
         """Binary ``H W`` stroke mask -> binary ``1 size size``; a model pixel is on if any source pixel
         under it is on, so thin strokes survive shrinking."""

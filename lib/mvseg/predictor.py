@@ -29,6 +29,7 @@ from .network import MultiverSegNet, ScribblePromptUNet
 from .prompts import Prompts, encode_for_model
 from .refine import BoundaryRefiner
 from .scheduling import PriorityLock
+from .zoom import Zoom
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ def _as_model(model: Union[nn.Module, PathLike, None], kind: str) -> Optional[nn
     return net
 
 
+def _logits(probability: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Probabilities -> logits, clipped to ``[logit(eps), logit(1 - eps)]`` (about +-9.2)."""
+    return torch.logit(probability.clamp(eps, 1 - eps))
+
+
 def overrules(prompts: Optional[Prompts], before: np.ndarray, after: np.ndarray) -> bool:
     """Whether ``after`` takes away from the user a pixel that ``before`` gave them: a positive click or
     stroke pixel turned background, or a negative one turned foreground (masks ``H W`` bool)."""
@@ -126,6 +132,10 @@ class Predictor:
         refine: snap boundaries to the image's own intensity edges where the grid blurred them
             (``True``: a :class:`mvseg.refine.BoundaryRefiner` with its defaults, or pass a configured
             one; ``False``: the raw resampled prediction).
+        zoom: after a prediction from strokes without context (the first images of a task), segment the
+            window around the object and the prompts again on its own grid and paste it back (``True``: a
+            :class:`mvseg.zoom.Zoom` with its defaults, or pass a configured one; ``False``: whole image
+            only). See :mod:`mvseg.zoom`.
     """
 
     def __init__(
@@ -138,6 +148,7 @@ class Predictor:
         max_context: int = 64,
         percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
         refine: Union[bool, BoundaryRefiner] = True,
+        zoom: Union[bool, Zoom] = False,
     ):
         if model is None:
             from .weights import default_weights
@@ -150,6 +161,7 @@ class Predictor:
         self.max_context = max_context
         self.percentiles = percentiles
         self.refiner = BoundaryRefiner() if refine is True else (refine or None)
+        self.zoom = Zoom() if zoom is True else (zoom or None)
         self.model = _as_model(model, MULTIVERSEG).to(self.device).eval()
         retain_for_network(self.device.type, self.model.config.encoder_widths)
         self.size = size or int(getattr(self.model, "meta", {}).get("size", DEFAULT_SIZE))
@@ -218,12 +230,41 @@ class Predictor:
 
         ``previous`` (a :class:`Prediction` of the same image, or its model-grid logits) goes into the
         previous-prediction channel so that new clicks refine it. ``exclude``: context ids not to use
-        (e.g. the image itself).
+        (e.g. the image itself). With ``zoom`` on, a prediction from strokes without context takes a
+        second look at the window the user works in (:mod:`mvseg.zoom`).
         """
+        prev = previous.logits if isinstance(previous, Prediction) else previous
+        prediction = self._predict_whole(image, prompts, context, prev, exclude)
+        zoom = self.zoom is not None and self.zoom.applies(prompts, with_context=bool(prediction.context_ids))
+        window = self.zoom.window(prediction.mask, prompts) if zoom else None
+        if window is None:
+            return prediction
+        closer = Geometry(window.bottom - window.top, window.right - window.left, self.size)
+        seen = _logits(closer.map_forward(window.crop(prediction.probability)))
+        part = self._predict_whole(window.crop(image), window.prompts(prompts), context, seen, exclude)
+        probability = window.paste(prediction.probability, part.probability)
+        whole = Geometry(probability.shape[0], probability.shape[1], self.size)
+        return Prediction(
+            probability=probability,
+            mask=window.paste(prediction.mask, part.mask),
+            logits=_logits(whole.map_forward(probability)),  # what the next click refines
+            context_ids=prediction.context_ids,
+            context_version=prediction.context_version,
+            network=prediction.network,
+        )
+
+    def _predict_whole(
+        self,
+        image: np.ndarray,
+        prompts: Optional[Prompts],
+        context: Optional[ContextSet],
+        previous: Optional[torch.Tensor],
+        exclude: Iterable[Hashable],
+    ) -> Prediction:
+        """One forward on the whole of ``image`` (``previous``: model-grid logits ``1 S S`` or None)."""
         # the grey image is kept for the boundary refinement: one normalisation per click, not two
         model_image, geometry, gray = prepare_image_and_gray(image, self.size, self.percentiles)
-        prev = previous.logits if isinstance(previous, Prediction) else previous
-        target = encode_for_model(model_image, geometry, prompts, prev)
+        target = encode_for_model(model_image, geometry, prompts, previous)
         ids, images, labels, version = self._context_for(model_image, context, exclude)
         logits, network = self.forward(target, images[None], labels[None])
         return self._finish(logits[0], geometry, ids, version, network, gray, prompts)
