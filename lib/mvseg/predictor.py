@@ -29,7 +29,7 @@ from .network import MultiverSegNet, ScribblePromptUNet
 from .prompts import Prompts, encode_for_model
 from .refine import BoundaryRefiner
 from .scheduling import PriorityLock
-from .zoom import Zoom
+from .zoom import Window, Zoom
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,14 @@ class Predictor:
         prediction = self._predict_whole(image, prompts, context, prev, exclude)
         zoom = self.zoom is not None and self.zoom.applies(prompts, with_context=bool(prediction.context_ids))
         window = self.zoom.window(prediction.mask, prompts) if zoom else None
-        if window is None:
-            return prediction
+        return prediction if window is None else self._look_closer(image, prompts, prediction, window)
+
+    def _look_closer(self, image: np.ndarray, prompts: Prompts, prediction: Prediction, window: Window) -> Prediction:
+        """``window`` of the image segmented again on its own grid (``prediction`` as the previous one,
+        without context) and pasted back into ``prediction``."""
         closer = Geometry(window.bottom - window.top, window.right - window.left, self.size)
         seen = _logits(closer.map_forward(window.crop(prediction.probability)))
-        part = self._predict_whole(window.crop(image), window.prompts(prompts), context, seen, exclude)
+        part = self._predict_whole(window.crop(image), window.prompts(prompts), None, seen, ())
         probability = window.paste(prediction.probability, part.probability)
         whole = Geometry(probability.shape[0], probability.shape[1], self.size)
         return Prediction(

@@ -114,7 +114,9 @@ class Zoom:
         there is nothing to zoom onto or the window would be too large to gain."""
         h, w = mask.shape
         region = np.asarray(mask) != 0
-        region = region | _stroke(prompts.positive_scribbles, region.shape) | _stroke(prompts.negative_scribbles, region.shape)
+        for stroke in (prompts.positive_scribbles, prompts.negative_scribbles):
+            if stroke is not None:
+                region = region | (np.asarray(stroke) != 0)
         rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
         ys = [int(y) for _, y in (*prompts.positive, *prompts.negative)] + ([rows[0], rows[-1]] if len(rows) else [])
         xs = [int(x) for x, _ in (*prompts.positive, *prompts.negative)] + ([cols[0], cols[-1]] if len(cols) else [])
@@ -127,7 +129,3 @@ class Zoom:
         top = math.floor((min(ys) + max(ys) + 1 - side) / 2)  # centred on the box
         left = math.floor((min(xs) + max(xs) + 1 - side) / 2)
         return Window(max(0, top), min(h, top + side), max(0, left), min(w, left + side))
-
-
-def _stroke(mask: Optional[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    return np.zeros(shape, bool) if mask is None else np.asarray(mask) != 0
