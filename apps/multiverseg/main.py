@@ -13,8 +13,8 @@ Configuration (``--conf key value``):
                       256 costs four times the compute; with ``refine`` on, 128 did better on nuclei too
     refine            true/false: snap boundaries to the image's intensity edges where the grid blurred
                       them (default: true; see ``mvseg.refine``)
-    zoom              true/false: after a click or stroke, segment the window around the object and the
-                      prompts again on its own grid (default: true; see ``mvseg.zoom``)
+    zoom              true/false: after a stroke on an image without context, segment the window around
+                      the object and the prompts again on its own grid (default: true; see ``mvseg.zoom``)
     slices_per_volume most slices one 3D label adds to the context (default: 4)
     device            cpu, cuda, mps (default: best available)
     dtype             auto, float32, bfloat16: network precision (default: auto, bfloat16 for a narrow

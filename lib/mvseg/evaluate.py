@@ -19,7 +19,7 @@ next-sample strategy gets below). Outputs ``runs.json`` (every image of every ru
 Model grid: ``--model-size 256`` runs the network on a 256 x 256 grid instead of the checkpoint's own (the
 app's ``--conf size``). Masks have their boundaries refined on the image's own pixels (``mvseg.refine``), as
 the app serves them; ``--no-refine`` measures the raw resampled masks. Without context, a prediction from
-prompts takes a second look at the window around the object (``mvseg.zoom``), as the app serves it;
+strokes takes a second look at the window around the object (``mvseg.zoom``), as the app serves it;
 ``--no-zoom`` turns that off.
 
 Grid: by default clicks and Dice are on each image's own pixels. ``--size 256`` evaluates as the paper does
