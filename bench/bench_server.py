@@ -1,10 +1,11 @@
-"""Server benchmark: round trips of clicks over HTTP against a real ``monailabel start_server``.
+"""Server benchmark: round trips of clicks and strokes over HTTP against a real ``monailabel start_server``.
 
     python -m bench.bench_server [--labels 0 16 64] [--clicks 20] [--weights PATH] [--conf refine false]
 
 For each datastore size (final labels already saved), starts the server on loopback with the bundled
-weights and replays clicks the way the clients send them: on a 512 x 512 PNG (2D) and on slices of a
-256 x 256 x 95 NRRD volume (Slicer's 2D-model request: ``slice``, NRRD uint8, whole volume back). Prints
+weights and replays clicks the way the clients send them: on a 512 x 512 PNG (2D; a stroke there too, as a
+scribble labelmap) and on slices of a 256 x 256 x 95 NRRD volume (Slicer's 2D-model request: ``slice``, NRRD
+uint8, whole volume back). Prints
 p50/p95 of the round trip, of the network forward (as the server reports it) and of the difference (the
 server's overhead: HTTP, reading, context, writing); with saved labels, the zero-click segmentation of the
 whole volume (``multiverseg_auto``, every slice); then the first click after a ``PUT /datastore/label`` and
@@ -14,6 +15,7 @@ how many label files that save and click read. Data: ``../shared/datasets/hc18_f
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -107,9 +109,12 @@ def build_studies(folder: Path, n_labels: int) -> dict:
     return {"mask2d": mask2d, "masks3d": np.stack([s[1] for s in slices], axis=2), "spare_mask": spare_mask}
 
 
-def infer(url: str, image: str, params: dict, model: str = "multiverseg") -> tuple[float, dict]:
+def infer(
+    url: str, image: str, params: dict, model: str = "multiverseg", files: dict | None = None
+) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    r = requests.post(f"{url}/infer/{model}?image={image}&output=all", data={"params": json.dumps(params)})
+    r = requests.post(f"{url}/infer/{model}?image={image}&output=all", data={"params": json.dumps(params)},
+                      files=files)
     elapsed = time.perf_counter() - t0
     r.raise_for_status()
     body = r.content
@@ -122,6 +127,18 @@ def click_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> list[lis
     ys, xs = np.nonzero(mask)
     pick = rng.choice(len(xs), size=n)
     return [[int(xs[i]), int(ys[i])] for i in pick]
+
+
+def stroke_png(mask: np.ndarray) -> bytes:
+    """A horizontal stroke through the middle of ``mask``'s object, as a scribble labelmap PNG."""
+    ys, xs = np.nonzero(mask)
+    row = int(np.median(ys))
+    cols = np.flatnonzero(mask[row])
+    labelmap = np.zeros(mask.shape, np.uint8)
+    labelmap[row - 1 : row + 2, cols[len(cols) // 4] : cols[3 * len(cols) // 4]] = 3
+    buf = io.BytesIO()
+    Image.fromarray(labelmap).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def run(n_labels: int, clicks: int, conf: dict) -> list[dict]:
@@ -137,9 +154,15 @@ def run(n_labels: int, clicks: int, conf: dict) -> list[dict]:
     try:
         # 2D: each click adds to the last (a refinement), as an annotator works
         fg = click_points(data["mask2d"], clicks + 1, rng)
+        stroke = stroke_png(data["mask2d"])
         infer(url, "target2d", {"foreground": fg[:1], "client_id": "warm"})  # first request: lazy imports
         times = [infer(url, "target2d", {"foreground": fg[: i + 1], "client_id": "bench"}) for i in range(clicks)]
         rows.append(summary("2D 512x512", n_labels, times))
+        # 2D: a stroke across the object (a scribble labelmap, 3 = foreground); without saved labels the
+        # server also takes its closer look at the stroke's window (mvseg.zoom)
+        times = [infer(url, "target2d", {"client_id": f"stroke{i}"}, files={"label": ("s.png", stroke, "image/png")})
+                 for i in range(clicks)]
+        rows.append(summary("2D 512x512, a stroke", n_labels, times))
         # 3D: Slicer's request for a 2D model, clicks on consecutive slices
         masks = data["masks3d"]
         times = []
