@@ -90,11 +90,6 @@ def _as_model(model: Union[nn.Module, PathLike, None], kind: str) -> Optional[nn
     return net
 
 
-def _logits(probability: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Probabilities -> logits, clipped to ``[logit(eps), logit(1 - eps)]`` (about +-9.2)."""
-    return torch.logit(probability.clamp(eps, 1 - eps))
-
-
 def overrules(prompts: Optional[Prompts], before: np.ndarray, after: np.ndarray) -> bool:
     """Whether ``after`` takes away from the user a pixel that ``before`` gave them: a positive click or
     stroke pixel turned background, or a negative one turned foreground (masks ``H W`` bool)."""
@@ -243,14 +238,15 @@ class Predictor:
         """``window`` of the image segmented again on its own grid (``prediction`` as the previous one,
         without context) and pasted back into ``prediction``."""
         closer = Geometry(window.bottom - window.top, window.right - window.left, self.size)
-        seen = _logits(closer.map_forward(window.crop(prediction.probability)))
+        # probabilities back to logits, clipped at about +-9.2 (eps 1e-4)
+        seen = torch.logit(closer.map_forward(window.crop(prediction.probability)), eps=1e-4)
         part = self._predict_whole(window.crop(image), window.prompts(prompts), None, seen, ())
         probability = window.paste(prediction.probability, part.probability)
         whole = Geometry(probability.shape[0], probability.shape[1], self.size)
         return Prediction(
             probability=probability,
             mask=window.paste(prediction.mask, part.mask),
-            logits=_logits(whole.map_forward(probability)),  # what the next click refines
+            logits=torch.logit(whole.map_forward(probability), eps=1e-4),  # what the next click refines
             context_ids=prediction.context_ids,
             context_version=prediction.context_version,
             network=prediction.network,
