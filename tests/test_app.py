@@ -428,6 +428,17 @@ def test_conf_zoom_switches_the_second_look(tmp_path):
     assert start_app(tmp_path / "off", {"zoom": "false"}).predictor.zoom is None
 
 
+def test_conf_fallback_sets_the_network_for_an_empty_context(tmp_path):
+    """The bundled weights come with their first-image network; ``--conf fallback none`` turns it off."""
+    from mvseg import MultiverSegNet
+
+    assert isinstance(start_app(tmp_path / "bundled", {"weights": ""}).predictor.fallback, MultiverSegNet)
+    assert start_app(tmp_path / "off", {"weights": "", "fallback": "None"}).predictor.fallback is None
+    assert start_app(tmp_path / "other", {}).predictor.fallback is None  # other weights: no bundled fallback
+    with pytest.raises(Exception, match="missing.pt"):
+        start_app(tmp_path / "bad", {"fallback": str(tmp_path / "missing.pt")})
+
+
 def test_conf_dtype_sets_the_network_precision(tmp_path):
     import torch
 

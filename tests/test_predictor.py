@@ -172,8 +172,43 @@ def test_wrong_model_kind_is_rejected(tiny_models):
     mvs, sp = tiny_models
     with pytest.raises(ValueError, match="MultiverSegNet"):
         Predictor(sp, device="cpu")
-    with pytest.raises(ValueError, match="ScribblePromptUNet"):
-        Predictor(mvs, fallback=mvs, device="cpu")
+    with pytest.raises(ValueError, match="ScribblePromptUNet or MultiverSegNet"):
+        Predictor(mvs, fallback=torch.nn.Linear(2, 2), device="cpu")
+
+
+def test_a_multiverseg_fallback_segments_the_empty_context_alone(tiny_models):
+    """A MultiverSegNet in the fallback slot (as the bundled first-image weights are) answers every
+    prediction without context, with the same logits as calling it directly; the context goes to the model."""
+    mvs, _ = tiny_models
+    torch.manual_seed(1)
+    first = MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8, 8])).eval()
+    pred = Predictor(mvs, fallback=first, device="cpu")
+    img = (np.random.default_rng(3).random((128, 128)) * 255).astype(np.uint8)
+    p = pred.predict(img, Prompts(positive=[(60, 60)]))
+    assert p.network == "first-image" and p.context_ids == []
+    from mvseg import encode_prompts, prepare_image
+
+    target = encode_prompts(prepare_image(img)[0][None], torch.tensor([[[60, 60]]]), torch.tensor([[1]]))
+    with torch.inference_mode():
+        direct, other = first(target), mvs(target)
+    assert torch.allclose(p.logits, direct[0], atol=1e-5)
+    assert not torch.allclose(p.logits, other[0], atol=1e-3)
+    ctx = pred.new_context()
+    ctx.add("a", img, disk((128, 128), (60, 60), 20))
+    assert pred.predict(img, Prompts(positive=[(60, 60)]), ctx).network == "multiverseg"
+
+
+def test_bundled_weights_come_with_their_first_image_network():
+    from mvseg.weights import first_image_weights
+
+    bundled = Predictor(device="cpu")
+    assert isinstance(bundled.fallback, MultiverSegNet)
+    weights = zip(bundled.model.state_dict().values(), bundled.fallback.state_dict().values())
+    assert not all(torch.equal(a, b) for a, b in weights)  # its own weights, not a copy of the model's
+    assert Predictor(device="cpu", fallback=False).fallback is None
+    assert first_image_weights().is_file()
+    img = np.random.default_rng(4).random((64, 64))
+    assert bundled.predict(img, Prompts(positive=[(30, 30)])).network == "first-image"
 
 
 def test_checkpoint_paths_are_accepted(tmp_path, tiny_models):

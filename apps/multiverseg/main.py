@@ -5,7 +5,9 @@
 
 Configuration (``--conf key value``):
     weights           MultiverSeg checkpoint (default: the bundled ``mvseg`` weights; official files load too)
-    fallback          ScribblePrompt-UNet checkpoint for an empty context set (optional)
+    fallback          network for an empty context set (a task's first image): a ScribblePrompt-UNet or
+                      MultiverSeg checkpoint, or ``none`` (default: with the bundled weights, the bundled
+                      first-image weights; with other weights, none)
     labels            comma-separated label names; the first is the default (default: ``foreground``)
     axis              slice axis of volumes, 0-2 (default: 2)
     max_context       most context entries per forward (default: 64)
@@ -101,7 +103,7 @@ class MultiverSegApp(MONAILabelApp):
             raise ValueError(f"--conf dtype must be auto, float32 or bfloat16, got '{dtype}'")
         self.predictor = Predictor(
             conf.get("weights") or None,
-            fallback=conf.get("fallback") or None,
+            fallback=False if str(conf.get("fallback", "")).lower() == "none" else conf.get("fallback") or None,
             device=conf.get("device") or None,
             dtype=dtype,
             size=None if size is None else int(size),

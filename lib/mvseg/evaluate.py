@@ -281,7 +281,11 @@ def main(argv=None) -> None:
         help="JSON restricting each task: {task folder name: [ids]}, or a training split.json (its held-out ids)",
     )
     parser.add_argument("--weights", type=Path, help="MultiverSeg checkpoint (default: bundled weights)")
-    parser.add_argument("--fallback", type=Path, help="optional ScribblePrompt-UNet for the empty context")
+    parser.add_argument(
+        "--fallback",
+        help="network for the empty context: a checkpoint, or none (default: the bundled first-image weights "
+        "with the bundled weights, else none)",
+    )
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="clicks")
     parser.add_argument("--images", type=int, default=18, help="images after the seed image")
     parser.add_argument("--runs", type=int, default=5)
@@ -325,7 +329,7 @@ def main(argv=None) -> None:
     try:
         predictor = Predictor(
             args.weights,
-            fallback=args.fallback,
+            fallback=False if args.fallback == "none" else args.fallback,
             device=args.device,
             dtype=args.dtype,
             size=args.model_size,

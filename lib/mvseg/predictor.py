@@ -41,6 +41,8 @@ PathLike = Union[str, os.PathLike]
 # and checked in; their wide layers take float32 Winograd kernels, and bfloat16 gained only at context 64.
 BF16_MAX_WIDTH = 64
 
+FIRST_IMAGE = "first-image"  # Prediction.network of a MultiverSegNet fallback, used for an empty context
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the precisions a forward runs in, by name
 
 
@@ -79,14 +81,15 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
     return torch.device("cpu")
 
 
-def _as_model(model: Union[nn.Module, PathLike, None], kind: str) -> Optional[nn.Module]:
+def _as_model(model: Union[nn.Module, PathLike, None], *expected: type) -> Optional[nn.Module]:
+    """A network of one of the ``expected`` classes from a module, a checkpoint path or a release name."""
     if model is None or isinstance(model, nn.Module):
         net = model
     else:  # a path, or the name of an official release (downloaded once into the cache: mvseg.hub)
         net = load_checkpoint(hub.resolve(str(model)) if str(model) in hub.RELEASES else model)
-    expected = MultiverSegNet if kind == MULTIVERSEG else ScribblePromptUNet
     if net is not None and not isinstance(net, expected):
-        raise ValueError(f"expected a {expected.__name__} for the {kind} slot, got {type(net).__name__}")
+        names = " or ".join(e.__name__ for e in expected)
+        raise ValueError(f"expected a {names} here, got {type(net).__name__}")
     return net
 
 
@@ -116,8 +119,11 @@ class Predictor:
         model: a :class:`MultiverSegNet`, a checkpoint path, or an official release name
             (``"multiverseg-v1"``, fetched once into the cache: :mod:`mvseg.hub`); ``None`` loads the bundled
             default weights. ``fallback`` likewise (``"scribbleprompt-v1"``).
-        fallback: optional ScribblePrompt-UNet (module or path), used when the context set is empty (what
-            the official release does); without it MultiverSeg runs with its dummy context entry.
+        fallback: the network for an empty context set, the first image of every task: a
+            ScribblePrompt-UNet (what the official release pairs with MultiverSeg) or a MultiverSegNet
+            trained for that case. ``None``: with the bundled default ``model``, the bundled first-image
+            weights (``mvseg.weights.first_image_weights``), else none; ``False``: none. Without one,
+            ``model`` runs with its dummy context entry.
         device: ``None`` picks CUDA, then MPS, then CPU.
         dtype: ``torch.float32``, ``torch.bfloat16`` (autocast), their names, or ``"auto"``: bfloat16 for a
             network no wider than ``BF16_MAX_WIDTH`` on a CPU with bfloat16 instructions (AVX512-BF16, AMX,
@@ -136,7 +142,7 @@ class Predictor:
     def __init__(
         self,
         model: Union[MultiverSegNet, PathLike, None] = None,
-        fallback: Union[ScribblePromptUNet, PathLike, None] = None,
+        fallback: Union[ScribblePromptUNet, MultiverSegNet, PathLike, None, bool] = None,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Union[torch.dtype, str] = torch.float32,
         size: Optional[int] = None,
@@ -146,9 +152,11 @@ class Predictor:
         zoom: Union[bool, Zoom] = False,
     ):
         if model is None:
-            from .weights import default_weights
+            from .weights import default_weights, first_image_weights
 
             model = default_weights()
+            fallback = first_image_weights() if fallback is None else fallback
+        fallback = fallback or None  # False: no fallback
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # a name, as --conf and CLIs give it
         if dtype not in (torch.float32, torch.bfloat16, "auto"):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or 'auto', got {dtype}")
@@ -157,18 +165,20 @@ class Predictor:
         self.percentiles = percentiles
         self.refiner = BoundaryRefiner() if refine is True else (refine or None)
         self.zoom = Zoom() if zoom is True else (zoom or None)
-        self.model = _as_model(model, MULTIVERSEG).to(self.device).eval()
+        self.model = _as_model(model, MultiverSegNet).to(self.device).eval()
         retain_for_network(self.device.type, self.model.config.encoder_widths)
         self.size = size or int(getattr(self.model, "meta", {}).get("size", DEFAULT_SIZE))
-        self.fallback = _as_model(fallback, SCRIBBLEPROMPT)
+        self.fallback = _as_model(fallback, ScribblePromptUNet, MultiverSegNet)
         if self.fallback is not None:
             self.fallback = self.fallback.to(self.device).eval()
         step = 2 ** (self.model.depth - 1)
         if self.size <= 0 or self.size % step:
             raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
         self._lock = PriorityLock()  # one forward at a time; clicks before background work
-        for block in (*self.model.enc_blocks, *self.model.dec_blocks):  # background forwards step aside here
-            block.register_forward_pre_hook(lambda *_: self._lock.yield_to_foreground())
+        for net in (self.model, self.fallback):
+            for block in (*getattr(net, "enc_blocks", ()), *getattr(net, "dec_blocks", ())):
+                # background forwards step aside here while a click waits
+                block.register_forward_pre_hook(lambda *_: self._lock.yield_to_foreground())
         self.dtype = self._auto_dtype() if dtype == "auto" else dtype
 
     def background(self):
@@ -209,7 +219,9 @@ class Predictor:
                 logits = self.model(target)
             else:
                 logits = self.model(target, context_images.to(self.device), context_labels.to(self.device))
-        return logits.float().cpu(), SCRIBBLEPROMPT if use_fallback else MULTIVERSEG
+        if not use_fallback:
+            return logits.float().cpu(), MULTIVERSEG
+        return logits.float().cpu(), SCRIBBLEPROMPT if isinstance(self.fallback, ScribblePromptUNet) else FIRST_IMAGE
 
     # -- public API ---------------------------------------------------------------------------------
 
