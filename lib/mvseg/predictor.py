@@ -156,7 +156,7 @@ class Predictor:
 
             model = default_weights()
             fallback = first_image_weights() if fallback is None else fallback
-        fallback = fallback or None  # False: no fallback
+        fallback = None if fallback is False else fallback
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # a name, as --conf and CLIs give it
         if dtype not in (torch.float32, torch.bfloat16, "auto"):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or 'auto', got {dtype}")
