@@ -206,6 +206,7 @@ def test_bundled_weights_come_with_their_first_image_network():
     weights = zip(bundled.model.state_dict().values(), bundled.fallback.state_dict().values())
     assert not all(torch.equal(a, b) for a, b in weights)  # its own weights, not a copy of the model's
     assert Predictor(device="cpu", fallback=False).fallback is None
+    assert Predictor(device="cpu", fallback="None").fallback is None  # the name --conf and CLIs pass
     assert first_image_weights().is_file()
     img = np.random.default_rng(4).random((64, 64))
     assert bundled.predict(img, Prompts(positive=[(30, 30)])).network == "first-image"

@@ -103,7 +103,7 @@ class MultiverSegApp(MONAILabelApp):
             raise ValueError(f"--conf dtype must be auto, float32 or bfloat16, got '{dtype}'")
         self.predictor = Predictor(
             conf.get("weights") or None,
-            fallback=False if str(conf.get("fallback", "")).lower() == "none" else conf.get("fallback") or None,
+            fallback=conf.get("fallback") or None,
             device=conf.get("device") or None,
             dtype=dtype,
             size=None if size is None else int(size),

@@ -329,7 +329,7 @@ def main(argv=None) -> None:
     try:
         predictor = Predictor(
             args.weights,
-            fallback=False if args.fallback == "none" else args.fallback,
+            fallback=args.fallback,
             device=args.device,
             dtype=args.dtype,
             size=args.model_size,

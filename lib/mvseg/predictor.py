@@ -122,8 +122,8 @@ class Predictor:
         fallback: the network for an empty context set, the first image of every task: a
             ScribblePrompt-UNet (what the official release pairs with MultiverSeg) or a MultiverSegNet
             trained for that case. ``None``: with the bundled default ``model``, the bundled first-image
-            weights (``mvseg.weights.first_image_weights``), else none; ``False``: none. Without one,
-            ``model`` runs with its dummy context entry.
+            weights (``mvseg.weights.first_image_weights``), else none; ``False`` (or the name ``"none"``,
+            as ``--conf`` and CLIs give it): none. Without one, ``model`` runs with its dummy context entry.
         device: ``None`` picks CUDA, then MPS, then CPU.
         dtype: ``torch.float32``, ``torch.bfloat16`` (autocast), their names, or ``"auto"``: bfloat16 for a
             network no wider than ``BF16_MAX_WIDTH`` on a CPU with bfloat16 instructions (AVX512-BF16, AMX,
@@ -156,7 +156,8 @@ class Predictor:
 
             model = default_weights()
             fallback = first_image_weights() if fallback is None else fallback
-        fallback = None if fallback is False else fallback
+        if fallback is False or (isinstance(fallback, (str, os.PathLike)) and str(fallback).lower() == "none"):
+            fallback = None
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # a name, as --conf and CLIs give it
         if dtype not in (torch.float32, torch.bfloat16, "auto"):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or 'auto', got {dtype}")
