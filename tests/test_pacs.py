@@ -314,27 +314,52 @@ def green_pixels(png: bytes) -> int:
     return int(((g - r > 25) & (g - b > 40)).sum())
 
 
+def wait_for_the_image(viewport, seconds: float = 60) -> None:
+    """Wait until the viewport shows the brain, as a user does before connecting to the server: OHIF's
+    MONAI Label panel, connected while the volume is still loading, fails to set up its labelmap
+    ("Cannot read properties of undefined (reading 'length')" in createAndCacheDerivedImages), and no
+    overlay of that session is ever drawn."""
+    import io
+
+    from PIL import Image
+    from playwright.sync_api import Error
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            grey = np.asarray(Image.open(io.BytesIO(viewport.screenshot())).convert("L"))
+        except Error:  # the canvas is replaced while OHIF lays out its viewports
+            grey = np.zeros((1, 1))
+        if (grey > 40).sum() > 5000:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"OHIF showed no image within {seconds} s")
+
+
 def test_ohif_point_prompt_shows_an_overlay_on_the_clicked_slice(site, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    requests_seen = []
+    requests_seen, console = [], []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(60_000)
             page.on("request", lambda r: requests_seen.append(r.post_data or "") if "/infer/" in r.url else None)
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
             page.goto(f"{site.url}/ohif/")
             page.get_by_role("button", name="Confirm and Hide").click()
             page.get_by_text("MNI152-b").first.click()  # the study list shows the PACS's studies
-            page.get_by_role("button", name="MONAI Label").click()
+            page.get_by_role("button", name="MONAI Label").click()  # the study opens in the MONAI Label mode
+            viewport = page.locator(".cornerstone-canvas").first
+            wait_for_the_image(viewport)
             server = page.locator("#monailabelServerURL")
             server.fill(site.url + "/")
             server.locator("xpath=../..").locator("button.actionButton").click()
             page.get_by_text("Point Prompts").click()
             page.locator("tr.clickable-row", has_text="white_matter").click()
-            viewport = page.locator(".cornerstone-canvas").first
             box = viewport.bounding_box()
             page.mouse.click(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.45)
             time.sleep(1)
@@ -357,7 +382,9 @@ def test_ohif_point_prompt_shows_an_overlay_on_the_clicked_slice(site, tmp_path)
             page.screenshot(path=str(shots / "next_sample.png"))
         finally:
             browser.close()
+            (shots / "console.log").write_text("\n".join(console))
     params = json.loads(requests_seen[-1].split("\r\n\r\n", 1)[1].split("\r\n", 1)[0])
     assert params["result_compress"] is False and len(params["foreground"][0]) == 3
-    assert green_pixels(before) < 300 and green_pixels(after) > 1000, (green_pixels(before), green_pixels(after))
+    errors = [line for line in console if "Error" in line]
+    assert green_pixels(before) < 300 and green_pixels(after) > 1000, (green_pixels(before), green_pixels(after), errors)
     print(f"OHIF screenshots: {shots}")
