@@ -315,6 +315,11 @@ def test_qupath_wsi_region_on_a_datastore_image(server):
         ("multiverseg", "vol_nrrd", {"foreground": [[1, 1, 99]]}, 422),
         ("multiverseg", "vol_nrrd", {"slice": 99}, 422),
         ("multiverseg", "vol_nrrd", {}, 422),
+        ("multiverseg", "vol_nrrd", {"foreground": [[10, 10, 3]], "slice": 1}, 422),  # no click on that slice
+        ("multiverseg", IDS[0], {"foreground": [[1, 1]], "slice": 7}, 422),  # a 2D image has slice 0 only
+        ("multiverseg", IDS[0], {"foreground": [[1, 1]], "client_id": {"a": 1}}, 422),
+        ("multiverseg", IDS[0], {"foreground": [[1, 1]], "result_extension": 123}, 422),
+        ("multiverseg", IDS[0], {"foreground": [[1, 1]], "save_label": True, "label_tag": "FINAL"}, 422),
         ("multiverseg", IDS[0], {"foreground": [[1, 1]], "save_label": True, "label_tag": "final"}, 409),
         ("multiverseg_auto", IDS[0], {"label_name": "liver"}, 404),
     ],
@@ -326,6 +331,17 @@ def test_bad_requests_get_4xx_with_a_message(server, model, image, params, statu
     assert r.status_code == status, r.text
     assert r.json()["detail"]
     assert final_label_bytes(studies, IDS[0]) == saved
+
+
+def test_an_roi_over_the_whole_volume_is_a_box(server):
+    """Slicer's ROI bounds are inclusive, but a bound one past the last voxel (an exclusive end) is the edge."""
+    client, _, _ = server
+    vol, _ = nrrd.read(str(server[2] / "vol_nrrd.nrrd"))
+    whole = [v for n in vol.shape for v in (0, n)]
+    r = infer(client, "multiverseg", "vol_nrrd", {"roi": whole, "slice": 2})
+    assert r.status_code == 200, r.text
+    r = infer(client, "multiverseg", "vol_nrrd", {"roi": [0, vol.shape[0] + 1] + whole[2:], "slice": 2})
+    assert r.status_code == 422 and "outside" in r.json()["detail"]
 
 
 def test_corrupt_upload_is_422(server):

@@ -317,3 +317,141 @@ def test_a_save_killed_midway_leaves_a_datastore_that_starts(tmp_path):
     again = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
     assert again.get_labeled_images() == [IDS[0]]
     assert open(again.get_label_uri(IDS[0], "final"), "rb").read() == saved
+
+
+# -- MONAI Label's own routes: what it would overwrite, leave behind or answer with a 500 -----------------
+
+
+def test_an_image_upload_never_replaces_a_datastore_image(server):
+    """MONAI Label's upload replaces an image of the same id and drops its labels' records."""
+    client, app, studies = server
+    before, info = final_bytes(studies), app.datastore().get_label_info(IDS[0], "final")
+    small = png_bytes(np.zeros((20, 20), np.uint8))
+    for url, name in ((f"/datastore/image?image={IDS[0]}", "x.png"), ("/datastore/image", f"{IDS[0]}.png")):
+        r = client.put(url, data={"params": "{}"}, files={"file": (name, small, "image/png")})
+        assert r.status_code == 409 and "already" in r.json()["detail"], r.text
+    assert final_bytes(studies) == before and app.datastore().get_label_info(IDS[0], "final") == info
+    assert Image.open(app.datastore().get_image_uri(IDS[0])).size != (20, 20)
+
+
+@pytest.mark.parametrize("filename", [".hidden.png", "a b;c|d.png", "s\u00e9rie?.png"])
+def test_an_image_id_taken_from_the_file_name_is_a_name(server, filename):
+    client, _, studies = server
+    files = tree(studies.parent)
+    r = client.put("/datastore/image", data={"params": "{}"},
+                   files={"file": (filename, png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert r.status_code == 422 and "name" in r.json()["detail"], r.text
+    assert tree(studies.parent) == files
+
+
+@pytest.mark.parametrize("route, info", [
+    (f"/datastore/label/info?label={IDS[0]}&tag=final", {"ts": "garbage"}),
+    (f"/datastore/label/info?label={IDS[0]}&tag=final", {"name": "../x"}),
+    (f"/datastore/label/info?label={IDS[0]}&tag=final", {"label_info": "junk"}),
+    (f"/datastore/label/info?label={IDS[0]}&tag=final", {"label_info": [{"name": "a", "idx": 1}, {"name": "b", "idx": 1}]}),
+    (f"/datastore/image/info?image={IDS[1]}", {"strategy": "junk"}),
+    (f"/datastore/image/info?image={IDS[1]}", {"mvseg_scores": []}),
+])
+def test_info_edits_leave_what_the_server_records_alone(server, route, info):
+    client, app, _ = server
+    r = client.put(route, data={"info": json.dumps(info)})
+    assert r.status_code == 422, r.text
+    assert client.post("/activelearning/random", json={}).status_code == 200
+    _, mask = hc18_pair(IDS[0])
+    assert put_label(client, IDS[0], mask).status_code == 200
+
+
+def test_a_label_info_edited_by_hand_does_not_block_the_next_save(server):
+    client, app, studies = server
+    app.datastore().update_label_info(IDS[0], "final", {"ts": "garbage"})  # e.g. datastore_v2.json by hand
+    _, mask = hc18_pair(IDS[0])
+    assert put_label(client, IDS[0], mask).status_code == 200
+    assert app.datastore().label_history(IDS[0])[-1]["info"]["ts"] == "garbage"
+
+
+def test_refused_uploads_and_archives_leave_nothing_in_the_temp_folder(server, tmp_path, monkeypatch):
+    import tempfile
+
+    client, _, studies = server
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _, mask = hc18_pair(IDS[1])
+    assert put_label(client, IDS[1], np.zeros((5, 5), np.uint8)).status_code == 422  # wrong shape
+    assert put_label(client, IDS[1], mask, name="label.nii.gz").status_code == 422  # not a NIfTI
+    r = client.put("/datastore/image?image=new_one", data={"params": "{}"},
+                   files={"file": ("x.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert r.status_code == 200
+    r = client.put("/datastore/image?image=new_one", data={"params": "{}"},
+                   files={"file": ("x.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert r.status_code == 409
+    for _ in range(2):
+        r = client.get("/datastore/dataset")
+        assert r.status_code == 200 and r.content[:2] == b"PK"
+    assert os.listdir(tmp_path) == []
+    assert os.listdir(studies / ".archive") == ["dataset.zip"]
+    assert client.delete("/datastore/image?id=new_one").status_code == 200
+
+
+def test_a_label_with_fractional_values_is_refused(server):
+    import nibabel as nib
+
+    client, app, studies = server
+    before = final_bytes(studies)
+    image, _ = hc18_pair(IDS[0])
+    path = studies.parent / "half.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(image.shape[::-1], 0.5, np.float32), np.eye(4)), str(path))
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": ("half.nii.gz", path.read_bytes(), "application/octet-stream")})
+    assert r.status_code == 422 and "whole numbers" in r.json()["detail"]
+    assert final_bytes(studies) == before
+
+
+def test_a_malformed_asap_label_is_refused(server):
+    client, _, studies = server
+    before = final_bytes(studies)
+    xml = (b'<ASAP_Annotations><Annotations><Annotation Name="a" PartOfGroup="head"><Coordinates>'
+           b'<Coordinate Order="0" X="-1e9" Y="abc"/></Coordinates></Annotation></Annotations></ASAP_Annotations>')
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": ("label.xml", xml, "application/xml")})
+    assert r.status_code == 422 and "not a number" in r.json()["detail"]
+    assert final_bytes(studies) == before
+
+
+@pytest.mark.parametrize("tag", ["Final", "FINAL"])
+def test_final_in_another_case_is_not_a_tag(server, tag):
+    client, _, studies = server
+    r = put_label(client, IDS[1], hc18_pair(IDS[1])[1], tag=tag)
+    assert r.status_code == 422 and "final" in r.json()["detail"]
+    assert not (studies / "labels" / tag).exists()
+
+
+@pytest.mark.parametrize("method, route, status", [
+    ("post", "/batch/infer/nosuch", 404),
+    ("post", "/train/nosuch", 404),
+    ("post", "/train/", 404),  # this app trains nothing over HTTP
+    ("post", "/scoring/nosuch", 404),
+    ("put", "/model/multiverseg", 405),
+    ("delete", "/model/multiverseg", 405),
+    ("get", "/logs/?lines=99999999999999999999", 422),
+    ("get", "/proxy/dicom/..%2f..%2fetc%2fpasswd", 404),
+])
+def test_routes_this_server_cannot_serve_say_so(server, method, route, status):
+    client, _, _ = server
+    kwargs = {"json": {}} if method == "post" else {}
+    if method == "put":
+        kwargs = {"files": {"file": ("m.pt", b"weights", "application/octet-stream")}}
+    r = getattr(client, method)(route, **kwargs)
+    assert r.status_code == status and r.json()["detail"], r.text
+    assert client.post("/batch/infer/multiverseg_auto", json={"label_tag": "original", "images": "unlabeled"}
+                       ).status_code != 429  # no dud job in the way
+
+
+def test_a_session_holds_one_readable_image_inside_the_datastore(server):
+    client, app, studies = server
+    image, _ = hc18_pair(IDS[2])
+    two = [("files", ("a.png", png_bytes(image), "image/png")), ("files", ("b.png", png_bytes(image), "image/png"))]
+    assert client.put("/session/", files=two).status_code == 422
+    r = client.put("/session/", files={"files": ("c.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")})
+    assert r.status_code == 422
+    r = client.post("/infer/multiverseg?session_id=nosuch&output=json", data={"params": '{"foreground": [[5, 5]]}'})
+    assert r.status_code == 404 and "session" in r.json()["detail"]
+    assert os.path.realpath(app.sessions().store_path) == os.path.realpath(studies / ".sessions")

@@ -43,6 +43,7 @@ from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.utils.sessions import Sessions
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
@@ -123,7 +124,8 @@ class MultiverSegApp(MONAILabelApp):
 
         guard.restrict_cors(server, [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS])
         guard.install(server.router, lambda inner: guard.Guard(
-            inner, tokens, self._check_upload, self._image_exists, max_body, dicom_seg=self._on_pacs(studies)))
+            inner, tokens, self._check_upload, self._image_exists, max_body, on_pacs=self._on_pacs(studies),
+            tasks=self._task_names))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -150,6 +152,17 @@ class MultiverSegApp(MONAILabelApp):
         root = getattr(self.sessions(), "store_path", None)
         return bool(root) and isinstance(path, str) and os.path.isfile(path) and \
             os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+
+    def _load_sessions(self, load=False):
+        """Images a client uploads into a session (Slicer's, for an image not in the datastore) are kept in the
+        datastore's ``.sessions/``, not in the home folder, unless MONAI_LABEL_SESSION_PATH names a place."""
+        if load and not settings.MONAI_LABEL_SESSION_PATH.strip() and not self._on_pacs(self.studies):
+            return Sessions(os.path.join(self.studies, ".sessions"), settings.MONAI_LABEL_SESSION_EXPIRY)
+        return super()._load_sessions(load)
+
+    def _task_names(self) -> dict:
+        return {"infer": list(getattr(self, "_infers", {})), "train": list(getattr(self, "_trainers", {})),
+                "scoring": list(getattr(self, "_scoring_methods", {}))}
 
     def _image_exists(self, image_id: str) -> bool:
         try:
@@ -224,6 +237,9 @@ class MultiverSegApp(MONAILabelApp):
                 status_code=409, detail="inference never writes 'final' labels; save them with PUT /datastore/label"
             )
         collides = False
+        if image == "":  # MONAI Label found no session of that id
+            raise HTTPException(status_code=404, detail="the session is unknown or has expired; upload the image "
+                                                        "again (PUT /session/) or name a datastore image")
         if isinstance(image, str) and not (is_upload(image) or self._in_session(image)):
             uri = self.datastore().get_image_uri(image)
             if not uri:

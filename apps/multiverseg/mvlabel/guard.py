@@ -8,7 +8,10 @@ router (an ASGI app) so that, before any route runs:
 * the JSON form fields (``params``, ``info``, ``wsi``) and JSON bodies are objects of the right shape, and
   no ``params`` key smuggles a path (``image``, ``label`` as a file) or a ``final`` tag into a route;
 * an uploaded image is a readable image within the size limits (a corrupt or huge file never lands);
-* bodies larger than ``max_body`` are refused (413).
+* bodies larger than ``max_body`` are refused (413);
+* a route that names a task (batch inference, training, scoring) names one this app has (404), info
+  edits leave what the server itself records alone, and routes this deployment cannot serve (the PACS
+  proxy without a PACS, ``nvidia-smi`` without one, model files, which ``--conf weights`` sets) say so.
 
 A refusal is a 4xx JSON ``{"detail": message}``. Routes that run the model or write files run on a worker
 thread (their own event loop, the request's ``receive``/``send`` bridged back), so ``/info/`` and the other
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs
@@ -39,6 +43,12 @@ TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FINAL = "final"
 JSON_FIELDS = ("params", "info", "wsi")
 RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+# POST routes that start a background job for the task they name: (path, kind of task)
+TASK_ROUTES = [(re.compile(r"^/batch/infer/([^/]+)$"), "infer"), (re.compile(r"^/train(?:/([^/]*))?$"), "train"),
+               (re.compile(r"^/scoring(?:/([^/]*))?$"), "scoring")]
+# info keys the server records itself (times, file names, who saved, next-sample leases and scores)
+RESERVED_INFO = {"ts", "name", "user", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored"}
+MAX_LABEL_NAME = 128
 # routes that run the model, read big files or write: off the event loop
 OFF_LOOP = re.compile(r"^/(infer|activelearning|datastore|batch|scoring|train|session)(/|$)")
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
@@ -61,6 +71,36 @@ def check_name(value: str, what: str) -> None:
 def check_tag(value: str, what: str = "tag") -> None:
     if not TAG.match(value):
         raise Refusal(422, f"'{what}' must be a plain tag name (letters, digits, '_', '-'): {value!r}")
+    if value.lower() == FINAL and value != FINAL:  # the same folder as final on a case-insensitive disk
+        raise Refusal(422, f"'{what}' {value!r} is 'final' in another case; write it '{FINAL}'")
+
+
+def check_label_info(described: Any, what: str = "label_info") -> None:
+    """``[{"name": text, "idx": 1..255}, ...]`` with distinct names and values."""
+    ok = isinstance(described, list) and all(
+        isinstance(d, dict) and isinstance(d.get("name"), str) and 0 < len(d["name"]) <= MAX_LABEL_NAME
+        and not any(c in d["name"] for c in "/\\") and d["name"].isprintable()
+        and isinstance(d.get("idx", 1), int) and not isinstance(d.get("idx", 1), bool) and 0 < d.get("idx", 1) < 256
+        for d in described
+    )
+    if not ok:
+        raise Refusal(422, f"'{what}' must be a list of {{\"name\": text, \"idx\": 1..255}}, names of at most "
+                           f"{MAX_LABEL_NAME} printable characters without '/' or '\\'")
+    for key in ("name", "idx"):
+        values = [d[key] for d in described if key in d]
+        if len(set(values)) < len(values):
+            raise Refusal(422, f"'{what}' names a label {key} twice: {values}")
+
+
+def check_info(info: dict, path: str) -> None:
+    """An info edit (``PUT /datastore/image/info``, ``/datastore/label/info``, ``/datastore/updatelabelinfo``)."""
+    reserved = sorted(RESERVED_INFO & set(info))
+    if reserved:
+        raise Refusal(422, f"info keys {reserved} are recorded by the server and cannot be edited")
+    if path.startswith("/datastore/image"):
+        return
+    if "label_info" in info:
+        check_label_info(info["label_info"])
 
 
 def _json_object(text: str, field: str) -> dict:
@@ -92,12 +132,11 @@ def check_params(params: dict, route: str) -> None:
             raise Refusal(409, "inference never writes 'final' labels; save them with PUT /datastore/label")
     described = params.get("label_info")
     if described is not None:
-        if not isinstance(described, list) or not all(
-            isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"]
-            and isinstance(d.get("idx", 1), int) and not isinstance(d.get("idx", 1), bool) and 0 < d.get("idx", 1) < 256
-            for d in described
-        ):
-            raise Refusal(422, "'label_info' must be a list of {\"name\": text, \"idx\": 1..255}")
+        check_label_info(described)
+    for key in ("result_extension", "client_id"):
+        value = params.get(key)
+        if value is not None and not (isinstance(value, str) and len(value) <= 255):
+            raise Refusal(422, f"'{key}' must be text, got {value!r}")
     for key in ("foreground", "background"):
         points = params.get(key)
         if points not in (None, "") and not (
@@ -132,14 +171,17 @@ class Guard:
 
     Args:
         inner: the router's ASGI app. tokens: verified identities when authentication is on, else None.
+        tasks: ``() -> {"infer": names, "train": names, "scoring": names}``, the app's task names.
         check_upload: ``(path) -> None``; raises :class:`BadRequest` for an unusable image upload.
         image_exists: ``(image id) -> bool`` for the routes that delete. max_body: largest request body (bytes).
     """
 
     def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str], None],
-                 image_exists: Callable[[str], bool], max_body: int, dicom_seg: bool = False):
+                 image_exists: Callable[[str], bool], max_body: int, on_pacs: bool = False,
+                 tasks: Callable[[], dict] = dict):
         self.inner = inner
-        self.dicom_seg = dicom_seg  # output=dicom_seg needs a DICOMweb datastore
+        self.tasks = tasks  # () -> {"infer": names, "train": names, "scoring": names}
+        self.on_pacs = on_pacs  # a DICOMweb datastore: output=dicom_seg and the proxy work
         self.tokens = tokens
         self.check_upload = check_upload
         self.image_exists = image_exists
@@ -223,12 +265,34 @@ class Guard:
             check_tag(value)
         if path.startswith("/session") and any(v.lower() in ("true", "1") for v in query.get("uncompress", [])):
             raise Refusal(422, "archives are not unpacked on this server (uncompress): upload the image files")
-        if "dicom_seg" in query.get("output", []) and not self.dicom_seg:
+        if "dicom_seg" in query.get("output", []) and not self.on_pacs:
             raise Refusal(422, "output=dicom_seg needs a DICOMweb datastore; ask for image, json or all")
+        self._check_route(method, path)
+        if path.rstrip("/") == "/logs":
+            for value in query.get("lines", []):
+                if not (value.isdigit() and int(value) <= 1_000_000):
+                    raise Refusal(422, f"'lines' must be a whole number up to 1000000, got {value[:32]!r}")
         if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
             image = (query.get("id") or [""])[0]
             if not image or not self.image_exists(image):
                 raise Refusal(404, f"image '{image}' is not in the datastore")
+
+    def _check_route(self, method: str, path: str) -> None:
+        if method == "POST":
+            for pattern, kind in TASK_ROUTES:
+                match = pattern.match(path)
+                if match:
+                    names = list(self.tasks().get(kind, ()))
+                    if not names or (match.group(1) and match.group(1) not in names):
+                        have = f"this server has {', '.join(names)}" if names else "this server has none"
+                        raise Refusal(404, f"unknown {kind} task '{match.group(1) or ''}'; {have}")
+        if path.startswith("/proxy/") and not self.on_pacs:
+            raise Refusal(404, "this server's datastore is a folder, not a PACS: there is nothing to proxy")
+        if path.rstrip("/") == "/logs/gpu" and not shutil.which("nvidia-smi"):
+            raise Refusal(404, "this server has no NVIDIA GPU (no nvidia-smi)")
+        if path.startswith("/model/") and method in ("PUT", "DELETE"):
+            raise Refusal(405, "model files are not replaced or deleted over HTTP; "
+                               "the server's weights are set with --conf weights")
 
     async def _read_body(self, receive):
         spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)
@@ -282,10 +346,19 @@ class Guard:
                         check_wsi(data)
                     elif field == "params":
                         check_params(data, path)
+                    elif field == "info":
+                        check_info(data, path)
             upload = form.get("file")
             if upload is not None and hasattr(upload, "read") and path.startswith(("/datastore", "/infer/")):
                 await self._check_upload(upload)
                 return True
+            if path.startswith("/session"):  # Slicer's upload of an image that is not in the datastore
+                files = [f for f in form.getlist("files") if hasattr(f, "read")]
+                if len(files) > 1:
+                    raise Refusal(422, f"a session holds one image file, got {len(files)}")
+                for upload in files:
+                    await self._check_upload(upload)
+                return bool(files)
         finally:
             await form.close()
             spool.seek(0)

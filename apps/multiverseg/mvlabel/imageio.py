@@ -156,7 +156,12 @@ def read_asap(path: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
     for ann in root.iter("Annotation"):
         name = ann.get("PartOfGroup") or ann.get("Name") or "label"
         name = ann.get("Name", "label") if name == "None" else name
-        pts = [(float(c.get("X", 0)), float(c.get("Y", 0))) for c in ann.iter("Coordinate")]
+        try:
+            pts = [(float(c.get("X", 0)), float(c.get("Y", 0))) for c in ann.iter("Coordinate")]
+        except ValueError as e:
+            raise BadRequest(f"ASAP annotation '{name}' has a coordinate that is not a number: {e}", 422) from None
+        if not np.isfinite(pts).all():
+            raise BadRequest(f"ASAP annotation '{name}' has a coordinate that is not finite", 422)
         if len(pts) < 3:
             continue
         xs, ys = np.array(pts).T
@@ -185,7 +190,8 @@ def read_label(path: str, like: Loaded) -> np.ndarray:
     if np.issubdtype(label.dtype, np.floating):
         if not np.isfinite(label).all():
             raise BadRequest("label contains NaN or infinite values", 422)
-        label = np.rint(label)
+        if not np.array_equal(label, np.rint(label)):
+            raise BadRequest("label values must be whole numbers (0 = background, 1..255 = labels)", 422)
     return label.astype(np.int32)
 
 

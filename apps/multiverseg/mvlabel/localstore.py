@@ -7,18 +7,24 @@ MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks 
 * tags are plain names (``final`` is only written by a label save; the routes see to that);
 * a ``final`` label that is replaced is kept in ``labels/final/.history/<image>/`` with who saved it and when;
 * two saves of one image at the same time: the second is refused with 409 instead of silently winning;
+* an image upload never replaces an image of the same id (MONAI Label's would, dropping its labels), and
+  its id, given or taken from the file name, is a name;
+* an upload refused here leaves nothing behind in the temp folder (MONAI Label removes it only after a
+  success), and the dataset archive is built inside the datastore, one file, not a new one per download;
 * label files and ``datastore_v2.json`` are written to a temporary name and renamed, so a kill leaves the
   old file or the new one, never half of one, and the datastore still starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -28,7 +34,7 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
 from .errors import BadRequest
-from .guard import TAG, current_user
+from .guard import TAG, Refusal, check_name, current_user
 from .imageio import IMAGE_2D, extension, read_asap, read_image, read_label
 
 FINAL = "final"
@@ -41,7 +47,23 @@ class CheckedDatastore(LocalDatastore):
         self._saving_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
+    def add_image(self, image_id, image_filename, image_info):
+        with _discarded_when_refused(image_filename):
+            image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+            try:
+                check_name(image_id, "image")
+            except Refusal as e:
+                raise HTTPException(status_code=e.status, detail=str(e)) from None
+            if image_id in self._datastore.objects:
+                raise HTTPException(status_code=409, detail=f"image '{image_id}' is already in the datastore; "
+                                                            "upload it under another id or delete it first")
+            return super().add_image(image_id, image_filename, image_info)
+
     def save_label(self, image_id, label_filename, label_tag, label_info):
+        with _discarded_when_refused(label_filename):
+            return self._save_label(image_id, label_filename, label_tag, label_info)
+
+    def _save_label(self, image_id, label_filename, label_tag, label_info):
         if not isinstance(label_tag, str) or not TAG.match(label_tag):
             raise HTTPException(status_code=422, detail=f"label tag must be a plain name, got {label_tag!r}")
         if not isinstance(label_info, dict):
@@ -113,7 +135,10 @@ class CheckedDatastore(LocalDatastore):
         """Copy the final label about to be replaced into its history, with who saved it and when."""
         folder = os.path.join(self._datastore.label_path(FINAL), ".history", image_id)
         os.makedirs(folder, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(info.get("ts", os.path.getmtime(path))))
+        saved_at = info.get("ts")
+        if not isinstance(saved_at, (int, float)) or isinstance(saved_at, bool) or not 0 <= saved_at < 2**33:
+            saved_at = os.path.getmtime(path)  # an info edited by hand must not block the save
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(saved_at))
         base = os.path.join(folder, f"{stamp}_{len(os.listdir(folder)) // 2:04d}")
         _atomic_copy(path, base + extension(path))
         record = {"saved_by": info.get("user", "unknown"), "saved_at": info.get("ts"),
@@ -134,6 +159,29 @@ class CheckedDatastore(LocalDatastore):
             out.append(record)
         return out
 
+    def get_dataset_archive(self, limit_cases):
+        """MONAI Label's archive (images, final labels, ``metadata.json``), built in the datastore's
+        ``.archive/`` and renamed over the last one: one file, and a download still streaming keeps its own."""
+        cases = self.datalist()
+        if not cases:
+            raise HTTPException(status_code=404, detail="no image has a final label yet: nothing to archive")
+        if limit_cases and 0 < limit_cases < len(cases):
+            cases = cases[:limit_cases]
+        folder = os.path.join(self._datastore.base_path, ".archive")
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w") as archive:
+                for case in cases:
+                    for key, path in case.items():
+                        archive.write(path, arcname=os.path.join(key, os.path.basename(path)))
+                archive.writestr("metadata.json", self._datastore.model_dump_json(exclude={"base_path"}))
+            os.replace(tmp, os.path.join(folder, "dataset.zip"))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return os.path.join(folder, "dataset.zip")
+
     def _update_datastore_file(self, lock=True):
         """``datastore_v2.json`` written whole, then renamed over the old one."""
         def write():
@@ -147,6 +195,18 @@ class CheckedDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+
+@contextmanager
+def _discarded_when_refused(upload: str):
+    """Remove MONAI Label's temp copy of an upload when the request fails (it only does so after a success)."""
+    try:
+        yield
+    except BaseException:
+        if os.path.dirname(os.path.realpath(upload)) == os.path.realpath(tempfile.gettempdir()):
+            with contextlib.suppress(OSError):
+                os.unlink(upload)
+        raise
 
 
 def _atomic_copy(source: str, dest: str) -> None:

@@ -126,8 +126,11 @@ class Segmenter:
         index = None
         if loaded.is_volume:
             index = self._slice_index(request, loaded, fg + bg)
+            clicked = bool(fg or bg)
             fg = [p for p in fg if round(p[self.axis]) == index]
             bg = [p for p in bg if round(p[self.axis]) == index]
+            if clicked and not (fg or bg):
+                raise BadRequest(f"no click is on slice {index} (axis {self.axis}), the slice to segment", 422)
             for p in fg + bg:
                 self._check_voxel(p, loaded.shape)
             plane = volume_slice(loaded.array, self.axis, index)
@@ -135,6 +138,8 @@ class Segmenter:
             # slice rows = first kept axis, columns = second: a click (r, c) is the point x=c, y=r
             to_xy = lambda p: (p[keep[1]], p[keep[0]])  # noqa: E731
         else:
+            if request.get("slice") not in (None, 0, "0"):
+                raise BadRequest(f"a 2D image has one slice, 0; got slice {request.get('slice')!r}", 422)
             plane = loaded.array
             to_xy = lambda p: (p[0], p[1])  # noqa: E731
         prompts = Prompts(positive=[to_xy(p) for p in fg], negative=[to_xy(p) for p in bg])
@@ -168,20 +173,26 @@ class Segmenter:
             raise BadRequest(f"click {[round(c, 2) for c in p]} is outside the volume of shape {list(shape)}", 422)
 
     def _box(self, roi, loaded: Loaded, index: Optional[int]) -> Optional[list]:
-        """Slicer's ROI ``[i0, i1, j0, j1(, k0, k1)]`` (inclusive voxel bounds) -> box ``[x1, y1, x2, y2]``."""
+        """Slicer's ROI ``[i0, i1, j0, j1(, k0, k1)]`` (inclusive voxel bounds, either order) -> box
+        ``[x1, y1, x2, y2]``. A bound may be one past the last voxel (an exclusive end), never further."""
         if roi is None or roi == [] or roi == "":
             return None
         values = _number_list([roi], "roi")[0]
         if loaded.is_volume:
             if len(values) != 6:
                 raise BadRequest(f"roi on a volume must be [i0, i1, j0, j1, k0, k1], got {roi}", 422)
-            keep = [a for a in range(3) if a != self.axis]
-            (r0, r1), (c0, c1) = (values[2 * keep[0] : 2 * keep[0] + 2], values[2 * keep[1] : 2 * keep[1] + 2])
+            extents = list(loaded.shape)
+            rows, cols = [a for a in range(3) if a != self.axis]
         else:
             if len(values) != 4:
                 raise BadRequest(f"roi on a 2D image must be [x0, x1, y0, y1], got {roi}", 422)
-            c0, c1, r0, r1 = values
-        return [min(c0, c1), min(r0, r1), max(c0, c1) + 1, max(r0, r1) + 1]
+            extents = [loaded.shape[1], loaded.shape[0]]  # x, then y
+            rows, cols = 1, 0
+        if any(not 0 <= v <= extents[k // 2] for k, v in enumerate(values)):
+            raise BadRequest(f"roi {roi} goes outside the image of shape {list(loaded.shape)}", 422)
+        (r0, r1), (c0, c1) = sorted(values[2 * rows : 2 * rows + 2]), sorted(values[2 * cols : 2 * cols + 2])
+        r1, c1 = min(r1, extents[rows] - 1), min(c1, extents[cols] - 1)  # an exclusive end: the last voxel
+        return [c0, r0, c1 + 1, r1 + 1]
 
     def _scribbles(self, request: dict, loaded: Loaded, index: Optional[int], prompts: Prompts) -> None:
         """An uploaded scribble labelmap (values 3 = foreground, 2 = background, as MONAI Label's)."""
