@@ -198,6 +198,29 @@ def test_a_multiverseg_fallback_segments_the_empty_context_alone(tiny_models):
     assert pred.predict(img, Prompts(positive=[(60, 60)]), ctx).network == "multiverseg"
 
 
+def test_prompts_with_context_blend_in_the_first_image_network(tiny_models):
+    """With context, a prediction from prompts averages the main network's logits (with the context) with
+    the first-image network's (without it) by ``blend``; a zero-click prediction is the main network's alone."""
+    mvs, _ = tiny_models
+    torch.manual_seed(1)
+    first = MultiverSegNet(MultiverSegConfig(encoder_widths=[8, 8, 8, 8])).eval()
+    img = (np.random.default_rng(3).random((128, 128)) * 255).astype(np.uint8)
+    alone, mixed = (Predictor(mvs, fallback=first, device="cpu", blend=b, refine=False) for b in (0.0, 0.25))
+    ctx = alone.new_context()
+    ctx.add("a", img, disk((128, 128), (60, 60), 20))
+    prompts = Prompts(positive=[(60, 60)])
+    a, m = alone.predict(img, prompts, ctx), mixed.predict(img, prompts, ctx)
+    f = alone.predict(img, prompts)  # the first-image network, no context
+    assert torch.allclose(m.logits, 0.75 * a.logits + 0.25 * f.logits, atol=1e-4)
+    assert torch.equal(alone.predict(img, None, ctx).logits, mixed.predict(img, None, ctx).logits)
+    assert Predictor(device="cpu").blend == 0.5 and Predictor(device="cpu", fallback=False).blend == 0.0
+    assert Predictor(mvs, fallback=first, device="cpu").blend == 0.0  # measured for the bundled pair only
+    with pytest.raises(ValueError, match="MultiverSegNet fallback"):
+        Predictor(mvs, device="cpu", blend=0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        Predictor(mvs, fallback=first, device="cpu", blend=1.5)
+
+
 def test_bundled_weights_come_with_their_first_image_network():
     from mvseg.weights import first_image_weights
 

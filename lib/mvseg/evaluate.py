@@ -286,6 +286,12 @@ def main(argv=None) -> None:
         help="network for the empty context: a checkpoint, or none (default: the bundled first-image weights "
         "with the bundled weights, else none)",
     )
+    parser.add_argument(
+        "--blend",
+        type=float,
+        help="share of the first-image network in predictions from prompts with context, 0..1 (default: 0.5 "
+        "with the bundled weights and their first-image network, else 0)",
+    )
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="clicks")
     parser.add_argument("--images", type=int, default=18, help="images after the seed image")
     parser.add_argument("--runs", type=int, default=5)
@@ -335,6 +341,7 @@ def main(argv=None) -> None:
             size=args.model_size,
             refine=not args.no_refine,
             zoom=not args.no_zoom,
+            blend=args.blend,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -41,6 +41,7 @@ PathLike = Union[str, os.PathLike]
 # and checked in; their wide layers take float32 Winograd kernels, and bfloat16 gained only at context 64.
 BF16_MAX_WIDTH = 64
 
+FOLLOW_PROMPTS = 0.5  # the bundled first-image network's share of a prediction from prompts with context
 FIRST_IMAGE = "first-image"  # Prediction.network of a MultiverSegNet fallback, used for an empty context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the precisions a forward runs in, by name
@@ -137,6 +138,11 @@ class Predictor:
             window around the object and the prompts again on its own grid and paste it back (``True``: a
             :class:`mvseg.zoom.Zoom` with its defaults, or pass a configured one; ``False``: whole image
             only). See :mod:`mvseg.zoom`.
+        blend: in a prediction from prompts *with* context, the weight of a MultiverSegNet fallback's
+            logits (computed without the context) averaged into the main network's: the context can outrank
+            what the user draws in the main network, never in the fallback. ``None``: ``FOLLOW_PROMPTS`` with
+            the bundled first-image network, else 0 (not measured with other pairs). Zero-click predictions
+            never change.
     """
 
     def __init__(
@@ -150,7 +156,9 @@ class Predictor:
         percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
         refine: Union[bool, BoundaryRefiner] = True,
         zoom: Union[bool, Zoom] = False,
+        blend: Optional[float] = None,
     ):
+        bundled_pair = model is None and fallback is None
         if model is None:
             from .weights import default_weights, first_image_weights
 
@@ -172,6 +180,11 @@ class Predictor:
         self.fallback = _as_model(fallback, ScribblePromptUNet, MultiverSegNet)
         if self.fallback is not None:
             self.fallback = self.fallback.to(self.device).eval()
+        self.blend = float(FOLLOW_PROMPTS if blend is None and bundled_pair else blend or 0.0)
+        if not 0.0 <= self.blend <= 1.0:
+            raise ValueError(f"blend must be between 0 and 1, got {blend}")
+        if self.blend and not isinstance(self.fallback, MultiverSegNet):
+            raise ValueError("blend needs a MultiverSegNet fallback (the first-image network) to blend in")
         step = 2 ** (self.model.depth - 1)
         if self.size <= 0 or self.size % step:
             raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
@@ -220,6 +233,12 @@ class Predictor:
                 logits = self.model(target)
             else:
                 logits = self.model(target, context_images.to(self.device), context_labels.to(self.device))
+                prompted = target[:, 1:4].flatten(1).any(1)  # a box, clicks or strokes
+                if self.blend and prompted.all():  # a click: one target
+                    logits = torch.lerp(logits, self.fallback(target).to(logits.dtype), self.blend)
+                elif self.blend and prompted.any():
+                    logits[prompted] = torch.lerp(logits[prompted], self.fallback(target[prompted]).to(logits.dtype),
+                                                  self.blend)
         if not use_fallback:
             return logits.float().cpu(), MULTIVERSEG
         return logits.float().cpu(), SCRIBBLEPROMPT if isinstance(self.fallback, ScribblePromptUNet) else FIRST_IMAGE
