@@ -420,6 +420,8 @@ def start_app(tmp_path, conf: dict):
         ({"refine": "maybe"}, "--conf refine must be true or false, got 'maybe'"),
         ({"zoom": "2"}, "--conf zoom must be true or false, got '2'"),
         ({"dtype": "half"}, "--conf dtype must be auto, float32 or bfloat16, got 'half'"),
+        ({"blend": "half"}, "--conf blend must be a number from 0 to 1, got 'half'"),
+        ({"blend": "2", "weights": ""}, "blend must be between 0 and 1, got 2"),
     ],
 )
 def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
@@ -453,6 +455,12 @@ def test_conf_fallback_sets_the_network_for_an_empty_context(tmp_path):
     assert start_app(tmp_path / "other", {}).predictor.fallback is None  # other weights: no bundled fallback
     with pytest.raises(Exception, match="missing.pt"):
         start_app(tmp_path / "bad", {"fallback": str(tmp_path / "missing.pt")})
+
+
+def test_conf_blend_sets_the_first_image_networks_share(tmp_path):
+    assert start_app(tmp_path / "bundled", {"weights": ""}).predictor.blend == 0.5
+    assert start_app(tmp_path / "off", {"weights": "", "blend": "0"}).predictor.blend == 0.0
+    assert start_app(tmp_path / "other", {}).predictor.blend == 0.0
 
 
 def test_conf_dtype_sets_the_network_precision(tmp_path):

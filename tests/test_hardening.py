@@ -455,3 +455,101 @@ def test_a_session_holds_one_readable_image_inside_the_datastore(server):
     r = client.post("/infer/multiverseg?session_id=nosuch&output=json", data={"params": '{"foreground": [[5, 5]]}'})
     assert r.status_code == 404 and "session" in r.json()["detail"]
     assert os.path.realpath(app.sessions().store_path) == os.path.realpath(studies / ".sessions")
+
+
+def test_a_detached_nrrd_header_reads_no_other_file(server):
+    """An NRRD header names its data file; uploaded, it could make the server read any file it can."""
+    client, app, _ = server
+    header = b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 1344 1 1\nencoding: raw\ndata file: /etc/passwd\n\n"
+    upload = {"file": ("p.nhdr", header, "application/octet-stream")}
+    for r in (client.put("/datastore/image?image=p", data={"params": "{}"}, files=upload),
+              client.post("/infer/multiverseg?output=json", data={"params": '{"foreground": [[0, 0, 0]]}'},
+                          files=upload)):
+        assert r.status_code == 422 and "data file" in r.json()["detail"], r.text
+    assert not app.datastore().get_image_uri("p")
+
+
+def test_an_image_no_network_can_read_never_breaks_next_sample(server):
+    client, app, studies = server
+    image = np.zeros((32, 32), np.float32)
+    image[3, 3] = np.nan
+    buf = io.BytesIO()
+    Image.fromarray(image, "F").save(buf, format="TIFF")
+    r = client.put("/datastore/image?image=nan_upload", data={"params": "{}"},
+                   files={"file": ("nan.tif", buf.getvalue(), "image/tiff")})
+    assert r.status_code == 422 and "NaN" in r.json()["detail"]
+    (studies / "nan_copied.tif").write_bytes(buf.getvalue())  # copied into the folder by hand
+    app.datastore().refresh()
+    try:
+        for strategy in ("nearest", "coverage", "random"):
+            assert client.post(f"/activelearning/{strategy}", json={}).status_code == 200
+    finally:
+        assert client.delete("/datastore/image?id=nan_copied").status_code == 200
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/activelearning/random", {"client_id": "x" * 5000}),
+    ("/activelearning/random", {"client_id": {"a": 1}}),
+    ("/activelearning/random", {"x": [[[[[[[[[[[]]]]]]]]]]]}),
+])
+def test_next_sample_params_are_checked(server, route, body):
+    client, app, studies = server
+    size = (studies / "datastore_v2.json").stat().st_size
+    deep = '{"x": ' + "[" * 5000 + "]" * 5000 + "}"
+    r = client.post(route, content=json.dumps(body) if body.get("client_id") else deep,
+                    headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and r.json()["detail"], r.text
+    assert (studies / "datastore_v2.json").stat().st_size < size + 1000
+
+
+def test_an_uploads_params_cannot_set_what_the_server_records(server):
+    client, app, _ = server
+    r = client.put("/datastore/image?image=resv", data={"params": json.dumps({"strategy": "junk"})},
+                   files={"file": ("x.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert r.status_code == 422 and "strategy" in r.json()["detail"]
+    assert not app.datastore().get_image_uri("resv")
+
+
+def test_a_deleted_final_label_is_kept_and_a_missing_one_is_404(server):
+    client, app, studies = server
+    _, mask = hc18_pair(IDS[3])
+    assert put_label(client, IDS[3], mask).status_code == 200
+    current = (studies / "labels" / "final" / f"{IDS[3]}.png").read_bytes()
+    assert client.delete(f"/datastore/label?id={IDS[3]}&tag=final").status_code == 200
+    assert open(app.datastore().label_history(IDS[3])[-1]["file"], "rb").read() == current
+    assert client.delete(f"/datastore/label?id={IDS[3]}&tag=final").status_code == 404
+    assert client.delete("/datastore/label?id=nosuch&tag=final").status_code == 404
+    assert put_label(client, IDS[3], mask).status_code == 200
+
+
+def test_label_values_over_255_are_refused(server):
+    client, _, studies = server
+    before = final_bytes(studies)
+    _, mask = hc18_pair(IDS[0])
+    buf = io.BytesIO()
+    Image.fromarray((mask > 0).astype(np.uint16) * 1000).save(buf, format="PNG")
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": ("label.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 422 and "1..255" in r.json()["detail"]
+    assert final_bytes(studies) == before
+
+
+def test_refused_inference_leaves_no_upload_behind(server, tmp_path, monkeypatch):
+    import tempfile
+
+    client, _, _ = server
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    image, _ = hc18_pair(IDS[1])
+    r = infer(client, IDS[1], {"foreground": [[5, 5]]}, files={"label": ("s.png", png_bytes(np.zeros((3, 3), np.uint8)))})
+    assert r.status_code == 422  # a scribble map of the wrong shape
+    r = client.post("/infer/multiverseg?output=json", data={"params": '{"foreground": [[99999, 5]]}'},
+                    files={"file": ("x.png", png_bytes(image), "image/png")})
+    assert r.status_code == 422  # a click outside the uploaded image
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("wsi", [{"location": [5]}, {"size": [5]}, {"size": ["a", 3]}, {"level": [1, 2]}])
+def test_a_qupath_region_of_the_wrong_shape_is_422(server, wsi):
+    client, _, _ = server
+    r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=asap", json=wsi)
+    assert r.status_code == 422 and r.json()["detail"], r.text

@@ -52,7 +52,7 @@ from mvlabel.access import TokenCache, install_monailabel_user, verifier_from_se
 from mvlabel.contextstore import DatastoreContext
 from mvlabel.dicomweb import connect
 from mvlabel.errors import BadRequest
-from mvlabel.imageio import is_upload, read_image
+from mvlabel.imageio import is_upload, read_image, uploads_removed_when_refused
 from mvlabel.infer import MultiverSegAuto, MultiverSegInfer
 from mvlabel.interactions import InteractionStore
 from mvlabel.localstore import CheckedDatastore
@@ -102,6 +102,11 @@ class MultiverSegApp(MONAILabelApp):
         dtype = str(conf.get("dtype", "auto")).strip().lower()
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--conf dtype must be auto, float32 or bfloat16, got '{dtype}'")
+        blend = str(conf.get("blend", "")).strip()
+        try:
+            blend = float(blend) if blend else None
+        except ValueError:
+            raise ValueError(f"--conf blend must be a number from 0 to 1, got '{blend}'") from None
         self.predictor = Predictor(
             conf.get("weights") or None,
             fallback=conf.get("fallback") or None,
@@ -111,6 +116,7 @@ class MultiverSegApp(MONAILabelApp):
             max_context=int(conf.get("max_context", 64)),
             refine=_flag(conf, "refine", True),
             zoom=_flag(conf, "zoom", True),
+            blend=blend,
         )
         self.interactions = InteractionStore(expiry=float(conf.get("state_expiry", 1800)))
         imageio.MAX_PIXELS = _positive_int(conf, "max_pixels", 100_000_000)
@@ -230,6 +236,10 @@ class MultiverSegApp(MONAILabelApp):
             )
 
     def infer(self, request, datastore=None):
+        with uploads_removed_when_refused(request.get("image"), request.get("label")):
+            return self._infer(request, datastore)
+
+    def _infer(self, request, datastore=None):
         self._check_model(request)
         image = request.get("image")
         if request.get("save_label") and request.get("label_tag") == DefaultLabelTag.FINAL.value:
@@ -259,6 +269,10 @@ class MultiverSegApp(MONAILabelApp):
             raise _http(e) from None
 
     def infer_wsi(self, request, datastore=None):
+        with uploads_removed_when_refused(request.get("image")):
+            return self._infer_wsi(request, datastore)
+
+    def _infer_wsi(self, request, datastore=None):
         self._check_model(request)
         if request.get("model") != "multiverseg":
             return self.infer(request, datastore)

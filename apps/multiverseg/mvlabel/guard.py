@@ -110,6 +110,8 @@ def _json_object(text: str, field: str) -> dict:
         value = json.loads(text)
     except ValueError as e:
         raise Refusal(400, f"'{field}' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise Refusal(400, f"'{field}' is nested too deeply") from None
     if not isinstance(value, dict):
         raise Refusal(422, f"'{field}' must be a JSON object, got {type(value).__name__}")
     return value
@@ -322,7 +324,7 @@ class Guard:
             spool.seek(0)
             if body.strip():
                 data = _json_object(body.decode("utf-8", "replace"), "body")
-                if path.startswith("/batch/"):  # the body is the batch job's params
+                if path.startswith(("/batch/", "/activelearning/")):  # the body is the job's or the request's params
                     check_params(data, path)
                 if "params" in data:
                     if not isinstance(data["params"], dict):
@@ -346,6 +348,8 @@ class Guard:
                         check_wsi(data)
                     elif field == "params":
                         check_params(data, path)
+                        if path.startswith("/datastore/image"):  # an upload's params become its info
+                            check_info(data, path)
                     elif field == "info":
                         check_info(data, path)
             upload = form.get("file")

@@ -15,6 +15,7 @@ import os
 import tempfile
 import xml.etree.ElementTree as ET
 import zlib
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -111,7 +112,11 @@ def read_image(path: str) -> Loaded:
             array = np.asanyarray(img.dataobj)
             loaded = Loaded(array, path, ext, np.asarray(img.affine, float), img.header)
         elif ext in NRRD:
-            _check_size(nrrd.read_header(path)["sizes"], path)
+            header = nrrd.read_header(path)
+            if "data file" in header or "datafile" in header:  # it would read whatever file it names
+                raise BadRequest("a detached NRRD header ('data file') is not accepted: send a .nrrd with "
+                                 "its data attached", 422)
+            _check_size(header["sizes"], path)
             array, header = nrrd.read(path)
             loaded = Loaded(array, path, ext, _nrrd_affine(header), header)
         elif ext in IMAGE_2D:
@@ -143,6 +148,12 @@ def read_image(path: str) -> Loaded:
             raise BadRequest(f"volume {os.path.basename(path)} must be 3D, got shape {loaded.array.shape}", 422)
     if loaded.array.size == 0 or not np.issubdtype(loaded.array.dtype, np.number):
         raise BadRequest(f"image {os.path.basename(path)} is empty or not numeric", 422)
+    if np.iscomplexobj(loaded.array):
+        raise BadRequest(f"image {os.path.basename(path)} holds complex numbers; send real intensities", 422)
+    if loaded.array.dtype.kind == "f" and not np.isfinite(loaded.array).all():
+        raise BadRequest(f"image {os.path.basename(path)} holds NaN or infinite values", 422)
+    if loaded.is_volume and not np.isfinite(loaded.affine).all():
+        raise BadRequest(f"volume {os.path.basename(path)} has a geometry (affine) with NaN or infinite values", 422)
     return loaded
 
 
@@ -301,6 +312,20 @@ def is_upload(path) -> bool:
     even when a file of that name happens to sit in the server's working folder."""
     return (isinstance(path, str) and os.path.isabs(path) and os.path.isfile(path)
             and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir()))
+
+
+@contextmanager
+def uploads_removed_when_refused(*paths):
+    """Remove the request's uploads (MONAI Label's temp copies, :func:`is_upload`) when it fails: MONAI Label
+    removes them only after a success."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if is_upload(path):
+                with suppress(OSError):
+                    os.unlink(path)
+        raise
 
 
 def stat_key(path: str) -> tuple:

@@ -5,7 +5,8 @@ MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks 
 * a label is read and checked against its image (shape, readable, at most ``MAX_LABELS`` values) before
   anything on disk is touched; a 2D image's label sent as NRRD/NIfTI (Slicer) is stored as PNG;
 * tags are plain names (``final`` is only written by a label save; the routes see to that);
-* a ``final`` label that is replaced is kept in ``labels/final/.history/<image>/`` with who saved it and when;
+* a ``final`` label that is replaced or deleted is kept in ``labels/final/.history/<image>/`` with who saved
+  it and when;
 * two saves of one image at the same time: the second is refused with 409 instead of silently winning;
 * an image upload never replaces an image of the same id (MONAI Label's would, dropping its labels), and
   its id, given or taken from the file name, is a name;
@@ -17,7 +18,6 @@ MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -35,7 +35,7 @@ from PIL import Image
 
 from .errors import BadRequest
 from .guard import TAG, Refusal, check_name, current_user
-from .imageio import IMAGE_2D, extension, read_asap, read_image, read_label
+from .imageio import IMAGE_2D, extension, read_asap, read_image, read_label, uploads_removed_when_refused
 
 FINAL = "final"
 MAX_LABELS = 16  # distinct label values one labelmap may hold
@@ -48,7 +48,7 @@ class CheckedDatastore(LocalDatastore):
         super().__init__(*args, **kwargs)
 
     def add_image(self, image_id, image_filename, image_info):
-        with _discarded_when_refused(image_filename):
+        with uploads_removed_when_refused(image_filename):
             image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
             try:
                 check_name(image_id, "image")
@@ -60,7 +60,7 @@ class CheckedDatastore(LocalDatastore):
             return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
-        with _discarded_when_refused(label_filename):
+        with uploads_removed_when_refused(label_filename):
             return self._save_label(image_id, label_filename, label_tag, label_info)
 
     def _save_label(self, image_id, label_filename, label_tag, label_info):
@@ -87,13 +87,16 @@ class CheckedDatastore(LocalDatastore):
             return label_filename
         label = read_label(label_filename, image)
         values = np.unique(label)
-        if values.min() < 0 or len(values) > MAX_LABELS + 1:
+        if values.min() < 0 or values.max() > 255:
+            raise BadRequest(f"label values must be 0 (background) or 1..255, this label holds {values.min()} "
+                             f"to {values.max()}", 422)
+        if len(values) > MAX_LABELS + 1:
             raise BadRequest(f"a label holds at most {MAX_LABELS} label values (1..255), this one has "
                              f"{len(values[values != 0])} (min {values.min()}, max {values.max()})", 422)
         if image.is_volume or extension(label_filename) in IMAGE_2D:
             return label_filename
         png = os.path.join(tmp, "label.png")  # one label file per image and tag, in the image's own format
-        Image.fromarray(label.astype(np.uint16 if label.max() > 255 else np.uint8)).save(png)
+        Image.fromarray(label.astype(np.uint8)).save(png)
         return png
 
     @contextmanager
@@ -130,6 +133,22 @@ class CheckedDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
         return image_id
+
+    def remove_label(self, label_id, label_tag):
+        """A deleted ``final`` label goes to the history first, as a replaced one does (so does every final
+        label of a deleted image); a label that is not there is a 404, not a silent success."""
+        obj = self._datastore.objects.get(label_id)
+        label = obj.labels.get(label_tag) if obj else None
+        if label is None:
+            raise HTTPException(status_code=404, detail=f"image '{label_id}' has no '{label_tag}' label")
+        path = os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext))
+        with FileLock(self._lock_file):
+            if label_tag == FINAL and os.path.exists(path):
+                self._keep(label_id, path, label.info)
+            if os.path.exists(path):
+                os.unlink(path)
+            obj.labels.pop(label_tag, None)  # at once, not when the folder watcher notices
+            self._update_datastore_file(lock=False)
 
     def _keep(self, image_id: str, path: str, info: dict) -> None:
         """Copy the final label about to be replaced into its history, with who saved it and when."""
@@ -195,18 +214,6 @@ class CheckedDatastore(LocalDatastore):
                 write()
         else:
             write()
-
-
-@contextmanager
-def _discarded_when_refused(upload: str):
-    """Remove MONAI Label's temp copy of an upload when the request fails (it only does so after a success)."""
-    try:
-        yield
-    except BaseException:
-        if os.path.dirname(os.path.realpath(upload)) == os.path.realpath(tempfile.gettempdir()):
-            with contextlib.suppress(OSError):
-                os.unlink(upload)
-        raise
 
 
 def _atomic_copy(source: str, dest: str) -> None:

@@ -109,7 +109,11 @@ class ScoreBoard:
         plane = self.plane(image_id)
         if plane is None:
             return None
-        d = describe(prepare_image(plane, self.segmenter.predictor.size)[0])
+        try:
+            d = describe(prepare_image(plane, self.segmenter.predictor.size)[0])
+        except ValueError as e:  # an image no network can read (NaN, complex): never the next sample
+            log.warning("scoring: skipping %s: %s", image_id, e)
+            return None
         self._descriptors[image_id] = (key, d)
         return d
 

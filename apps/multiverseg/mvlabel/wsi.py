@@ -31,12 +31,23 @@ def polygons(mask: np.ndarray, offset: tuple[float, float], min_area: float) -> 
     return out
 
 
+def _pair(value, name: str, n: int = 2) -> list[int]:
+    """``n`` whole numbers (QuPath's ``[x, y]`` or ``[width, height]``; ``level`` alone), or a 422."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        if len(values) != n or any(isinstance(v, bool) or float(v) != int(v) for v in values):
+            raise ValueError
+        return [int(v) for v in values]
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"'{name}' must be {n} whole number{'s' if n > 1 else ''}, got {value!r}", 422) from None
+
+
 def region_request(request: dict, image_path: str, uploaded: bool, shape: tuple[int, int]) -> tuple[dict, tuple]:
     """The plain 2D request for the region, and the region's (x0, y0, x1, y1) in level-0 pixels."""
-    if int(request.get("level") or 0) != 0:
+    if _pair(request.get("level") or 0, "level", 1)[0] != 0:
         raise BadRequest("only level 0 is served for 2D images", 422)
-    x0, y0 = (int(v) for v in (request.get("location") or [0, 0])[:2])
-    w, h = (int(v) for v in (request.get("size") or [shape[1], shape[0]])[:2])
+    x0, y0 = _pair(request.get("location") or [0, 0], "location")
+    w, h = _pair(request.get("size") or [shape[1], shape[0]], "size")
     if uploaded:  # the patch is the region
         h, w = shape
     elif not (0 <= x0 < shape[1] and 0 <= y0 < shape[0]) or w <= 0 or h <= 0:
