@@ -553,3 +553,42 @@ def test_a_qupath_region_of_the_wrong_shape_is_422(server, wsi):
     client, _, _ = server
     r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=asap", json=wsi)
     assert r.status_code == 422 and r.json()["detail"], r.text
+
+
+def test_batch_inference_runs_on_a_cpu_server(server):
+    """MONAI Label's batch task spread images over CUDA devices and divided by zero without one."""
+    client, _, studies = server
+    r = client.post("/batch/infer/multiverseg_auto?run_sync=true", json={"label_tag": "b1", "images": [IDS[1]]})
+    assert r.status_code == 200, r.text
+    assert (studies / "labels" / "b1" / f"{IDS[1]}.png").exists()
+    for images in (5, ["../../etc/passwd"], [3]):
+        r = client.post("/batch/infer/multiverseg_auto?run_sync=true", json={"label_tag": "b1", "images": images})
+        assert r.status_code == 422 and "images" in r.json()["detail"], r.text
+
+
+def test_a_colour_label_is_refused_not_read_as_empty(server):
+    client, _, studies = server
+    before = final_bytes(studies)
+    _, mask = hc18_pair(IDS[0])
+    rgba = np.zeros(mask.shape + (4,), np.uint8)
+    rgba[..., 1] = (mask > 0) * 255  # the mask in green
+    rgba[..., 3] = 255
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": ("label.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 422 and "grey labelmap" in r.json()["detail"]
+    assert final_bytes(studies) == before
+
+
+def test_a_volume_without_a_geometry_is_refused(server, tmp_path):
+    import nrrd
+
+    client, app, _ = server
+    path = tmp_path / "flat.nrrd"
+    nrrd.write(str(path), np.zeros((8, 8, 4), np.int16), {"space": "left-posterior-superior", "space origin": [0, 0, 0],
+                                                           "space directions": [[1, 0, 0], [0, 0, 0], [0, 0, 1]]})
+    r = client.put("/datastore/image?image=flat", data={"params": "{}"},
+                   files={"file": ("flat.nrrd", path.read_bytes(), "application/octet-stream")})
+    assert r.status_code == 422 and "geometry" in r.json()["detail"], r.text
+    assert not app.datastore().get_image_uri("flat")

@@ -53,7 +53,7 @@ from mvlabel.contextstore import DatastoreContext
 from mvlabel.dicomweb import connect
 from mvlabel.errors import BadRequest
 from mvlabel.imageio import is_upload, read_image, uploads_removed_when_refused
-from mvlabel.infer import MultiverSegAuto, MultiverSegInfer
+from mvlabel.infer import BatchInfer, MultiverSegAuto, MultiverSegInfer
 from mvlabel.interactions import InteractionStore
 from mvlabel.localstore import CheckedDatastore
 from mvlabel.nextsample import Leases, NextSample, ScoreBoard
@@ -201,6 +201,9 @@ class MultiverSegApp(MONAILabelApp):
             "multiverseg": MultiverSegInfer(self.segmenter, self.label_names),
             "multiverseg_auto": MultiverSegAuto(self.segmenter, self.label_names),
         }
+
+    def init_batch_infer(self):
+        return BatchInfer()
 
     def init_strategies(self):
         self.scoreboard = ScoreBoard(self.segmenter, self._datastore)

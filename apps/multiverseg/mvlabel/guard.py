@@ -139,6 +139,17 @@ def check_params(params: dict, route: str) -> None:
         value = params.get(key)
         if value is not None and not (isinstance(value, str) and len(value) <= 255):
             raise Refusal(422, f"'{key}' must be text, got {value!r}")
+    if route.startswith("/batch/"):
+        images = params.get("images")
+        if images is not None and images not in ("all", "labeled", "unlabeled"):
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise Refusal(422, "'images' must be all, labeled, unlabeled or a list of image ids")
+            for image in images:
+                check_name(image, "images")
+        for key in ("max_batch_size", "max_workers"):
+            value = params.get(key)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1e6):
+                raise Refusal(422, f"'{key}' must be a whole number, got {value!r}")
     for key in ("foreground", "background"):
         points = params.get(key)
         if points not in (None, "") and not (

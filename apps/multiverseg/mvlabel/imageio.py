@@ -137,8 +137,9 @@ def read_image(path: str) -> Loaded:
     except Image.DecompressionBombError:  # Pillow's own check, at open: far over the limit
         raise BadRequest(f"image {os.path.basename(path)} has more pixels than this server reads "
                          f"({MAX_PIXELS:,} at most)", 413) from None
-    except Exception as e:  # each reader raises its own types for corrupt files
-        raise BadRequest(f"cannot read image {os.path.basename(path)}: {e}", 422) from None
+    except Exception as e:  # each reader raises its own types for corrupt files; never show the server's paths
+        reason = str(e).replace(os.path.dirname(path) + os.sep, "")
+        raise BadRequest(f"cannot read image {os.path.basename(path)}: {reason}", 422) from None
     if loaded.is_volume:
         if loaded.array.ndim == 4 and loaded.array.shape[3] == 1:
             loaded.array = loaded.array[..., 0]
@@ -152,8 +153,9 @@ def read_image(path: str) -> Loaded:
         raise BadRequest(f"image {os.path.basename(path)} holds complex numbers; send real intensities", 422)
     if loaded.array.dtype.kind == "f" and not np.isfinite(loaded.array).all():
         raise BadRequest(f"image {os.path.basename(path)} holds NaN or infinite values", 422)
-    if loaded.is_volume and not np.isfinite(loaded.affine).all():
-        raise BadRequest(f"volume {os.path.basename(path)} has a geometry (affine) with NaN or infinite values", 422)
+    if loaded.is_volume and not (np.isfinite(loaded.affine).all() and np.linalg.det(loaded.affine[:3, :3]) != 0):
+        raise BadRequest(f"volume {os.path.basename(path)} has no valid geometry (its affine holds NaN, infinite "
+                         "or zero spacing)", 422)
     return loaded
 
 
@@ -192,7 +194,11 @@ def read_label(path: str, like: Loaded) -> np.ndarray:
             if label.ndim == 3 and label.shape[2] == 1:
                 label = label[..., 0]
             label = label.T if label.ndim == 2 else label
-        elif label.ndim == 3 and not like.is_volume:  # an RGB(A) PNG label: its first channel
+        elif label.ndim == 3 and not like.is_volume:  # an RGB(A) PNG label: grey values only
+            colour, alpha = label[..., :3], label[..., 3:]
+            if (colour != colour[..., :1]).any() or (alpha != alpha.flat[0]).any():
+                raise BadRequest("a colour label (channels that differ, or a varying alpha) cannot be read as "
+                                 "label values: send a grey labelmap, one value per pixel", 422)
             label = label[..., 0]
     else:
         raise BadRequest(f"unsupported label format '{ext}'", 415)

@@ -1,10 +1,13 @@
-"""The two MONAI Label infer tasks: interactive ``multiverseg`` and zero-click ``multiverseg_auto``."""
+"""The two MONAI Label infer tasks, interactive ``multiverseg`` and zero-click ``multiverseg_auto``, and the
+batch task that runs one of them over many datastore images (``POST /batch/infer/{model}``)."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+import torch
+from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .contextstore import volume_slice
@@ -80,3 +83,14 @@ class MultiverSegAuto(InferTask):
     def __call__(self, request):
         loaded, labelmap, info = self.segmenter.automatic(request)
         return result_file(labelmap, loaded, request), info
+
+
+class BatchInfer(BatchInferTask):
+    """MONAI Label's batch task, on CPU servers too: it spreads the images over every CUDA device by
+    default, and with none it divided by zero; the app's predictor decides the device anyway."""
+
+    def __call__(self, request, datastore, infer):
+        if not torch.cuda.is_available():
+            request = {**request, "multi_gpu": False, "device": "cpu"}
+        return super().__call__(request, datastore, infer)
+

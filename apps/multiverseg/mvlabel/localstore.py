@@ -45,7 +45,30 @@ class CheckedDatastore(LocalDatastore):
     def __init__(self, *args, **kwargs):
         self._saving: set = set()
         self._saving_lock = threading.Lock()
+        # MONAI Label's folder watcher reconciles the image table on its own thread while requests and the
+        # scorer iterate it ("dictionary changed size during iteration"): both sides take this lock
+        self._objects_lock = threading.RLock()
         super().__init__(*args, **kwargs)
+
+    def _reconcile_datastore(self):
+        with self._objects_lock:
+            super()._reconcile_datastore()
+
+    def list_images(self):
+        with self._objects_lock:
+            return super().list_images()
+
+    def get_labeled_images(self, label_tag=None, labels=None):
+        with self._objects_lock:
+            return super().get_labeled_images(label_tag, labels)
+
+    def get_unlabeled_images(self, label_tag=None, labels=None):
+        with self._objects_lock:
+            return super().get_unlabeled_images(label_tag, labels)
+
+    def datalist(self, full_path=True):
+        with self._objects_lock:
+            return super().datalist(full_path)
 
     def add_image(self, image_id, image_filename, image_info):
         with uploads_removed_when_refused(image_filename):
@@ -54,10 +77,11 @@ class CheckedDatastore(LocalDatastore):
                 check_name(image_id, "image")
             except Refusal as e:
                 raise HTTPException(status_code=e.status, detail=str(e)) from None
-            if image_id in self._datastore.objects:
-                raise HTTPException(status_code=409, detail=f"image '{image_id}' is already in the datastore; "
-                                                            "upload it under another id or delete it first")
-            return super().add_image(image_id, image_filename, image_info)
+            with self._objects_lock:
+                if image_id in self._datastore.objects:
+                    raise HTTPException(status_code=409, detail=f"image '{image_id}' is already in the datastore; "
+                                                                "upload it under another id or delete it first")
+                return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         with uploads_removed_when_refused(label_filename):
@@ -119,7 +143,7 @@ class CheckedDatastore(LocalDatastore):
         _, ext = self._to_id(os.path.basename(label_filename))
         folder = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
-        with FileLock(self._lock_file):
+        with self._objects_lock, FileLock(self._lock_file):
             os.makedirs(folder, exist_ok=True)
             old = obj.labels.get(label_tag)
             old_path = os.path.join(folder, self._filename(image_id, old.ext)) if old else None
@@ -142,7 +166,7 @@ class CheckedDatastore(LocalDatastore):
         if label is None:
             raise HTTPException(status_code=404, detail=f"image '{label_id}' has no '{label_tag}' label")
         path = os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext))
-        with FileLock(self._lock_file):
+        with self._objects_lock, FileLock(self._lock_file):
             if label_tag == FINAL and os.path.exists(path):
                 self._keep(label_id, path, label.info)
             if os.path.exists(path):
