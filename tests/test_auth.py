@@ -124,3 +124,37 @@ def test_the_viewer_needs_a_user_and_cors_is_closed(site):
     r = requests.options(url + "/info/", headers={"Origin": "https://evil.example",
                                                   "Access-Control-Request-Method": "DELETE"}, timeout=30)
     assert r.headers.get("access-control-allow-origin") not in ("*", "https://evil.example")
+
+
+def test_a_client_id_never_reaches_another_users_state_or_saved_record(site):
+    """Slicer sends the same default client_id for everyone: the state of clicks is the user's own. A
+    reviewer who edits a label's info is recorded as its editor, not as the one who saved it."""
+    url, provider = site
+    alice, bob = (provider.token([ROLES["annotator"]], user=u) for u in ("alice", "bob"))
+    reviewer = provider.token([ROLES["reviewer"]], user="rita")
+    ys, xs = np.nonzero(hc18_pair(IDS[2])[1])
+    params = {"foreground": [[int(xs.mean()), int(ys.mean())]], "client_id": "user-xyz"}
+
+    def click(token, **more):
+        r = requests.post(f"{url}/infer/multiverseg?image={IDS[2]}&output=json",
+                          data={"params": json.dumps({**params, **more})},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["refined"]
+
+    assert click(alice) is False
+    assert click(alice, background=[[2, 2]]) is True  # her second click refines her first
+    assert click(bob, background=[[2, 2]]) is False  # the same client_id, another user: a fresh start
+    label = {"label": ("l.png", png_bytes(hc18_pair(IDS[2])[1].astype(np.uint8)), "image/png")}
+    r = requests.put(f"{url}/datastore/label?image={IDS[2]}&tag=final", data={"params": "{}"}, files=label,
+                     headers={"Authorization": f"Bearer {alice}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    auth = {"Authorization": f"Bearer {reviewer}"}
+    r = requests.put(f"{url}/datastore/label/info?label={IDS[2]}&tag=final",
+                     data={"info": json.dumps({"comment": "checked"})}, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    r = requests.put(f"{url}/datastore/updatelabelinfo?label={IDS[2]}&tag=final",
+                     data={"params": json.dumps({"ts": 5, "user": "mallory"})}, headers=auth, timeout=30)
+    assert r.status_code == 422, r.text
+    info = requests.get(f"{url}/datastore/label/info?label={IDS[2]}&tag=final", headers=auth, timeout=30).json()
+    assert info["user"] == "alice" and info["edited_by"] == "rita" and info["comment"] == "checked"

@@ -267,6 +267,35 @@ def test_ohif_saves_a_raw_voxel_buffer(site):
     np.testing.assert_array_equal(np.asarray(nib.load(str(back)).dataobj) == value["grey_matter"], grey == 1)
 
 
+def test_the_pacs_is_read_only_through_the_server(site):
+    """OHIF reads the PACS through /proxy/dicom; a '..' once reached Orthanc's whole REST API (down to
+    /tools/shutdown), a POST stored anything, a DELETE answered 200 and did nothing, and a label buffer
+    with 20 values was stored as 19 segments."""
+    import http.client
+
+    segs = len(segs_in_pacs(site))
+    for path in ("/proxy/dicom/%2e%2e/%2e%2e/system", "/proxy/dicom/..%2f..%2fsystem",
+                 "/proxy/dicom/qido/../../instances", "/proxy/dicom/%252e%252e/%252e%252e/system",
+                 "/proxy/dicom/tools/lookup"):
+        conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=30)
+        conn.request("GET", path)  # sent as written: no client-side dot removal
+        status = conn.getresponse().status
+        conn.close()
+        assert status == 404, (path, status)
+    r = requests.post(f"{site.url}/proxy/dicom/studies", data=b"x", headers={"content-type": "application/dicom"},
+                      timeout=30)
+    assert r.status_code == 405
+    assert requests.get(f"{site.url}/proxy/dicom/qido/studies", timeout=30).status_code == 200  # OHIF's reads
+    a = site.series[0]
+    assert requests.delete(f"{site.url}/datastore/label?id={a}&tag=final", timeout=30).status_code == 405
+    many = (np.arange(int(np.prod(TRUTH.shape))) % 20).astype(np.uint8)
+    r = requests.put(f"{site.url}/datastore/label?image={a}&tag=final", data={"params": "{}"},
+                     files={"label": ("label.bin", many.tobytes())}, timeout=60)
+    assert r.status_code == 422 and "at most 16" in r.text
+    assert len(segs_in_pacs(site)) == segs
+    assert requests.get(f"{site.dicomweb}/studies", timeout=30).status_code == 200  # Orthanc still up
+
+
 def test_batch_results_go_to_the_pacs_as_proposals_never_as_final(site, tmp_path):
     """Pre-segmenting the PACS (serially here; tests/test_batch.py runs Ray): a SEG named as a proposal
     joins the unlabelled series, and the server still counts it as unlabelled."""

@@ -49,7 +49,7 @@ from pydicom.dataset import Dataset
 
 from .contextstore import label_masks
 from .errors import BadRequest
-from .imageio import read_image, read_label
+from .imageio import check_label_values, read_image, read_label, uploads_removed_when_refused
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +329,17 @@ class PacsDatastore(DICOMWebDatastore):
         """``final``: stored in the PACS as a new DICOM SEG (segment labels = label names); other tags stay
         in the local cache. The label is checked against the image before anything is stored."""
         try:
-            return self._save(image_id, label_filename, label_tag, label_info)
+            with uploads_removed_when_refused(label_filename):
+                return self._save(image_id, label_filename, label_tag, label_info)
         except BadRequest as e:  # the datastore endpoint calls this directly: answer 4xx, not 500
             raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
+
+    def remove_label(self, label_id, label_tag):
+        raise HTTPException(status_code=405, detail="labels are not deleted from the PACS; save a new one to "
+                                                    "replace it (the newest SEG per label is the current one)")
+
+    def remove_image(self, image_id):
+        raise HTTPException(status_code=405, detail="images are not deleted from the PACS through this server")
 
     def _save(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         image_uri = self.get_image_uri(image_id)
@@ -343,6 +351,7 @@ class PacsDatastore(DICOMWebDatastore):
             label = label.reshape(image.shape, order="F").astype(np.int32)
         else:
             label = read_label(label_filename, image)
+        check_label_values(label)
         if label_tag != FINAL:  # a model's proposal: in the PACS to view, its provenance in the local cache
             if label.any():
                 self._store_seg(image_id, image, label, label_info, PROPOSAL + label_tag)

@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 from typing import Any, Callable, Optional
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import anyio
 
@@ -54,6 +54,12 @@ OFF_LOOP = re.compile(r"^/(infer|activelearning|datastore|batch|scoring|train|se
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
 # who is asking, for requests that name no client_id: user and address (never one state for everyone)
 current_client: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_client", default="default")
+
+
+def client_key(client_id: Any = None) -> str:
+    """Whose interaction state or next-sample lease this is: the caller's user with the client's own id
+    (a client_id never reaches another user's state), or user and address when the client names none."""
+    return f"{current_user.get()}/{client_id}" if client_id else current_client.get()
 
 
 class Refusal(Exception):
@@ -207,6 +213,8 @@ class Guard:
         spool = None
         try:
             identity = self._authenticate(scope, method, path)
+            if path.startswith("/proxy/"):
+                self._check_proxy(method, path, (scope.get("raw_path") or b"").decode("latin-1"))
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             self._check_query(method, path, query)
             uploads = False
@@ -290,6 +298,23 @@ class Guard:
             if not image or not self.image_exists(image):
                 raise Refusal(404, f"image '{image}' is not in the datastore")
 
+    def _check_proxy(self, method: str, path: str, raw_path: str) -> None:
+        """OHIF reads the PACS through ``/proxy/dicom/[qido|wado/]...``: DICOMweb reads only. MONAI Label
+        joins the path to the PACS URL as it comes, so a ``..`` reached the PACS's whole REST API (down to
+        shutting it down), and a POST stored anything in it."""
+        if not self.on_pacs:
+            raise Refusal(404, "this server's datastore is a folder, not a PACS: there is nothing to proxy")
+        if method not in ("GET", "HEAD"):
+            raise Refusal(405, "the PACS is read-only through this server; labels are saved with PUT /datastore/label")
+        seen = {path, raw_path}
+        for _ in range(3):  # encoded dots, encoded twice
+            seen |= {unquote(p) for p in seen}
+        if any(part in (".", "..") for p in seen for part in re.split(r"[/\\]", p)):
+            raise Refusal(404, "the proxy serves DICOMweb resources only, without '.' or '..' in the path")
+        match = re.match(r"^/proxy/dicom/(?:(?:qido|wado)/)?([^/]*)", path)
+        if not match or match.group(1) not in ("studies", "series", "instances"):
+            raise Refusal(404, "the proxy serves DICOMweb studies, series and instances only")
+
     def _check_route(self, method: str, path: str) -> None:
         if method == "POST":
             for pattern, kind in TASK_ROUTES:
@@ -299,8 +324,6 @@ class Guard:
                     if not names or (match.group(1) and match.group(1) not in names):
                         have = f"this server has {', '.join(names)}" if names else "this server has none"
                         raise Refusal(404, f"unknown {kind} task '{match.group(1) or ''}'; {have}")
-        if path.startswith("/proxy/") and not self.on_pacs:
-            raise Refusal(404, "this server's datastore is a folder, not a PACS: there is nothing to proxy")
         if path.rstrip("/") == "/logs/gpu" and not shutil.which("nvidia-smi"):
             raise Refusal(404, "this server has no NVIDIA GPU (no nvidia-smi)")
         if path.startswith("/model/") and method in ("PUT", "DELETE"):
@@ -359,7 +382,7 @@ class Guard:
                         check_wsi(data)
                     elif field == "params":
                         check_params(data, path)
-                        if path.startswith("/datastore/image"):  # an upload's params become its info
+                        if path.startswith(("/datastore/image", "/datastore/updatelabelinfo")):  # info, by another name
                             check_info(data, path)
                     elif field == "info":
                         check_info(data, path)

@@ -183,6 +183,21 @@ def read_asap(path: str, shape: tuple[int, int]) -> dict[str, np.ndarray]:
     return masks
 
 
+MAX_LABELS = 16  # distinct label values one labelmap may hold
+
+
+def check_label_values(label: np.ndarray) -> np.ndarray:
+    """``label`` if its values are 0 (background) and at most ``MAX_LABELS`` of 1..255, else a 422."""
+    values = np.unique(label)
+    if values.min() < 0 or values.max() > 255:
+        raise BadRequest(f"label values must be 0 (background) or 1..255, this label holds {values.min()} "
+                         f"to {values.max()}", 422)
+    if len(values[values != 0]) > MAX_LABELS:
+        raise BadRequest(f"a label holds at most {MAX_LABELS} label values (1..255), this one has "
+                         f"{len(values[values != 0])} (min {values.min()}, max {values.max()})", 422)
+    return label
+
+
 def read_label(path: str, like: Loaded) -> np.ndarray:
     """A labelmap on ``like``'s grid (integer array of ``like.shape``); shape mismatches raise 422."""
     ext = extension(path)

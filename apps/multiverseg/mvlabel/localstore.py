@@ -35,10 +35,10 @@ from PIL import Image
 
 from .errors import BadRequest
 from .guard import TAG, Refusal, check_name, current_user
-from .imageio import IMAGE_2D, extension, read_asap, read_image, read_label, uploads_removed_when_refused
+from .imageio import (IMAGE_2D, check_label_values, extension, read_asap, read_image, read_label,
+                      uploads_removed_when_refused)
 
 FINAL = "final"
-MAX_LABELS = 16  # distinct label values one labelmap may hold
 
 
 class CheckedDatastore(LocalDatastore):
@@ -109,14 +109,7 @@ class CheckedDatastore(LocalDatastore):
         if extension(label_filename) == ".xml":
             read_asap(label_filename, image.shape[:2])
             return label_filename
-        label = read_label(label_filename, image)
-        values = np.unique(label)
-        if values.min() < 0 or values.max() > 255:
-            raise BadRequest(f"label values must be 0 (background) or 1..255, this label holds {values.min()} "
-                             f"to {values.max()}", 422)
-        if len(values) > MAX_LABELS + 1:
-            raise BadRequest(f"a label holds at most {MAX_LABELS} label values (1..255), this one has "
-                             f"{len(values[values != 0])} (min {values.min()}, max {values.max()})", 422)
+        label = check_label_values(read_label(label_filename, image))
         if image.is_volume or extension(label_filename) in IMAGE_2D:
             return label_filename
         png = os.path.join(tmp, "label.png")  # one label file per image and tag, in the image's own format
@@ -157,6 +150,14 @@ class CheckedDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
         return image_id
+
+    def update_label_info(self, label_id, label_tag, info):
+        """An edit of a label's info: MONAI Label's route adds the editor as ``user``, which would make them
+        the label's saver in its record and history; they are recorded as ``edited_by`` instead."""
+        info = dict(info)
+        if "user" in info:
+            info["edited_by"] = info.pop("user")
+        super().update_label_info(label_id, label_tag, info)
 
     def remove_label(self, label_id, label_tag):
         """A deleted ``final`` label goes to the history first, as a replaced one does (so does every final

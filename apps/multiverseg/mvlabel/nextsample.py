@@ -31,6 +31,7 @@ from mvseg.geometry import prepare_image
 from .contextstore import DatastoreContext, volume_slice
 from .dicomweb import DICOM_INFO
 from .errors import BadRequest
+from .guard import client_key
 from .imageio import stat_key
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class NextSample(Strategy):
         return out
 
     def __call__(self, request, datastore):
-        client = str(request.get("client_id") or "default")
+        client = client_key(request.get("client_id"))
         label = request.get("label_name") or request.get("label") or self.board.context.names[0]
         if label not in self.board.context.label_names():
             raise BadRequest(f"unknown label '{label}'; known: {', '.join(self.board.context.label_names())}", 404)

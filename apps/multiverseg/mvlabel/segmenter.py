@@ -22,7 +22,7 @@ from mvseg import ContextSet, Predictor, Prompts
 
 from .contextstore import DatastoreContext, from_planes, planes_of, volume_slice
 from .errors import BadRequest
-from .guard import current_client
+from .guard import client_key
 from .imageio import Loaded, is_upload, read_image, read_label, stat_key
 from .interactions import InteractionStore, SliceResult
 
@@ -114,7 +114,7 @@ class Segmenter:
         t0 = time.perf_counter()
         loaded = self.load(request.get("image", ""))
         label = self.label_name(request)
-        client = str(request.get("client_id") or current_client.get())
+        client = client_key(request.get("client_id"))
         fg = _number_list(request.get("foreground"), "foreground")
         bg = _number_list(request.get("background"), "background")
         ndim = 3 if loaded.is_volume else 2
