@@ -234,9 +234,7 @@ class Predictor:
             else:
                 logits = self.model(target, context_images.to(self.device), context_labels.to(self.device))
                 prompted = target[:, 1:4].flatten(1).any(1)  # a box, clicks or strokes
-                if self.blend and prompted.all():  # a click: one target
-                    logits = torch.lerp(logits, self.fallback(target).to(logits.dtype), self.blend)
-                elif self.blend and prompted.any():
+                if self.blend and prompted.any():
                     logits[prompted] = torch.lerp(logits[prompted], self.fallback(target[prompted]).to(logits.dtype),
                                                   self.blend)
         if not use_fallback:

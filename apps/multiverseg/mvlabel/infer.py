@@ -93,4 +93,3 @@ class BatchInfer(BatchInferTask):
         if not torch.cuda.is_available():
             request = {**request, "multi_gpu": False, "device": "cpu"}
         return super().__call__(request, datastore, infer)
-

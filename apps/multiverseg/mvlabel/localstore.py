@@ -162,17 +162,17 @@ class CheckedDatastore(LocalDatastore):
     def remove_label(self, label_id, label_tag):
         """A deleted ``final`` label goes to the history first, as a replaced one does (so does every final
         label of a deleted image); a label that is not there is a 404, not a silent success."""
-        obj = self._datastore.objects.get(label_id)
-        label = obj.labels.get(label_tag) if obj else None
-        if label is None:
-            raise HTTPException(status_code=404, detail=f"image '{label_id}' has no '{label_tag}' label")
-        path = os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext))
         with self._objects_lock, FileLock(self._lock_file):
-            if label_tag == FINAL and os.path.exists(path):
-                self._keep(label_id, path, label.info)
+            obj = self._datastore.objects.get(label_id)
+            label = obj.labels.get(label_tag) if obj else None
+            if label is None:
+                raise HTTPException(status_code=404, detail=f"image '{label_id}' has no '{label_tag}' label")
+            path = os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext))
             if os.path.exists(path):
+                if label_tag == FINAL:
+                    self._keep(label_id, path, label.info)
                 os.unlink(path)
-            obj.labels.pop(label_tag, None)  # at once, not when the folder watcher notices
+            obj.labels.pop(label_tag)  # at once, not when the folder watcher notices
             self._update_datastore_file(lock=False)
 
     def _keep(self, image_id: str, path: str, info: dict) -> None:
@@ -213,6 +213,7 @@ class CheckedDatastore(LocalDatastore):
             cases = cases[:limit_cases]
         folder = os.path.join(self._datastore.base_path, ".archive")
         os.makedirs(folder, exist_ok=True)
+        dest = os.path.join(folder, "dataset.zip")
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w") as archive:
@@ -220,11 +221,11 @@ class CheckedDatastore(LocalDatastore):
                     for key, path in case.items():
                         archive.write(path, arcname=os.path.join(key, os.path.basename(path)))
                 archive.writestr("metadata.json", self._datastore.model_dump_json(exclude={"base_path"}))
-            os.replace(tmp, os.path.join(folder, "dataset.zip"))
+            os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return os.path.join(folder, "dataset.zip")
+        return dest
 
     def _update_datastore_file(self, lock=True):
         """``datastore_v2.json`` written whole, then renamed over the old one."""
