@@ -564,6 +564,10 @@ def test_batch_inference_runs_on_a_cpu_server(server):
     for images in (5, ["../../etc/passwd"], [3]):
         r = client.post("/batch/infer/multiverseg_auto?run_sync=true", json={"label_tag": "b1", "images": images})
         assert r.status_code == 422 and "images" in r.json()["detail"], r.text
+    # an image the datastore does not have started a job that failed in the background
+    r = client.post("/batch/infer/multiverseg_auto", json={"label_tag": "b2", "images": [IDS[1], "no_such_image"]})
+    assert r.status_code == 404 and "'no_such_image'" in r.json()["detail"], r.text
+    assert not (studies / "labels" / "b2").exists()
 
 
 def test_a_colour_label_is_refused_not_read_as_empty(server):
@@ -592,3 +596,48 @@ def test_a_volume_without_a_geometry_is_refused(server, tmp_path):
                    files={"file": ("flat.nrrd", path.read_bytes(), "application/octet-stream")})
     assert r.status_code == 422 and "geometry" in r.json()["detail"], r.text
     assert not app.datastore().get_image_uri("flat")
+
+
+def test_a_volume_label_on_another_grid_is_refused_and_one_on_the_image_grid_saved(server, tmp_path):
+    """A label of the right shape but another voxel size was stored as if it lay on the image's grid; the same
+    grid written the way Slicer writes it (NRRD, LPS space) is accepted."""
+    import nibabel as nib
+    import nrrd
+
+    client, app, studies = server
+    affine = np.array([[-2.0, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])
+    volume = np.random.default_rng(0).integers(0, 200, (12, 10, 6)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "vol.nii.gz"))
+    r = client.put("/datastore/image?image=vol", data={"params": "{}"},
+                   files={"file": ("vol.nii.gz", (tmp_path / "vol.nii.gz").read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    label = np.zeros(volume.shape, np.uint8)
+    label[3:8, 2:7, 1:4] = 1
+
+    def save(name: str, content: bytes):
+        return client.put("/datastore/label?image=vol&tag=final", data={"params": json.dumps({"label_info": [
+            {"name": "head", "idx": 1}]})}, files={"label": (name, content, "application/octet-stream")})
+
+    coarse = affine.copy()
+    coarse[:3, :3] *= 1.5
+    nib.save(nib.Nifti1Image(label, coarse), str(tmp_path / "coarse.nii.gz"))
+    r = save("coarse.nii.gz", (tmp_path / "coarse.nii.gz").read_bytes())
+    assert r.status_code == 422 and "not on the image's grid" in r.json()["detail"] and "voxel size 3" in r.json()["detail"]
+    assert not app.datastore().get_label_uri("vol", "final")
+
+    lps = np.diag([-1.0, -1, 1]) @ affine[:3]  # RAS -> LPS, as Slicer writes it
+    nrrd.write(str(tmp_path / "slicer.nrrd"), label, {"space": "left-posterior-superior",
+                                                      "space directions": lps[:, :3].T, "space origin": lps[:, 3]})
+    r = save("slicer.nrrd", (tmp_path / "slicer.nrrd").read_bytes())
+    assert r.status_code == 200, r.text
+    saved, _ = nrrd.read(app.datastore().get_label_uri("vol", "final"))
+    np.testing.assert_array_equal(saved, label)
+
+
+def test_a_refusal_never_echoes_a_huge_input_back(server):
+    client, _, _ = server
+    r = infer(client, IDS[1], {"foreground": [[0] * 100_000], "background": [], "label_name": "head"})
+    assert r.status_code == 422 and "coordinates" in r.json()["detail"]
+    assert len(r.content) < 1000
+    r = client.post("/batch/infer/multiverseg_auto", json={"label_tag": "b3", "max_workers": "x" * 100_000})
+    assert r.status_code == 422 and len(r.content) < 1000

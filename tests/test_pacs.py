@@ -69,9 +69,12 @@ class Site:
         """A fresh server with an empty cache (as on a new machine); returns the seconds it took."""
         self.restarts += 1
         t0 = time.perf_counter()
+        self.tmp = self.root / "tmp"  # the server's temp folder: what it leaves there is checked
+        self.tmp.mkdir(exist_ok=True)
         self.server = start_server(self.dicomweb, self.port, self.root / f"server{self.restarts}.log",
                                    {"labels": ",".join(NAMES)},
-                                   env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(self.root / f"cache{self.restarts}")})
+                                   env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(self.root / f"cache{self.restarts}"),
+                                        "TMPDIR": str(self.tmp)})
         return time.perf_counter() - t0
 
     def stop_server(self) -> None:
@@ -294,6 +297,81 @@ def test_the_pacs_is_read_only_through_the_server(site):
     assert r.status_code == 422 and "at most 16" in r.text
     assert len(segs_in_pacs(site)) == segs
     assert requests.get(f"{site.dicomweb}/studies", timeout=30).status_code == 200  # Orthanc still up
+
+
+def test_a_pacs_that_is_down_or_hangs_gets_a_quick_503_and_the_server_recovers(tmp_path):
+    """The PACS was down: every route answered a bare 500 after 30 s (the DICOMweb client's retries), and
+    /info/ held the event loop meanwhile. A PACS that accepts and never answers held it for good."""
+    import socket
+
+    pacs_port, port = free_port(), free_port()
+    server = start_server(f"http://127.0.0.1:{pacs_port}/dicom-web", port, tmp_path / "server.log",
+                          {"labels": ",".join(NAMES)}, env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")})
+    url = f"http://127.0.0.1:{port}"
+    orthanc = None
+    try:
+        for route in ("/info/", "/datastore/?output=stats", "/proxy/dicom/qido/studies"):  # nothing listens
+            t0 = time.perf_counter()
+            r = requests.get(url + route, timeout=30)
+            assert r.status_code == 503 and "PACS did not answer" in r.text, (route, r.status_code, r.text)
+            assert time.perf_counter() - t0 < 5, route
+        r = requests.post(f"{url}/activelearning/random", json={}, timeout=30)
+        assert r.status_code == 503
+
+        hung = socket.socket()  # connects, never answers
+        hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hung.bind(("127.0.0.1", pacs_port))
+        hung.listen(16)
+        answers = {}
+        waiting = threading.Thread(target=lambda: answers.update(r=requests.get(f"{url}/info/", timeout=120)))
+        waiting.start()
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        assert requests.get(f"{url}/ohif/", timeout=30).status_code == 200  # the server still serves
+        assert time.perf_counter() - t0 < 5 and waiting.is_alive()
+        hung.close()  # the PACS process dies
+        waiting.join(timeout=60)
+        assert not waiting.is_alive() and answers["r"].status_code == 503
+
+        orthanc = start_orthanc(tmp_path / "orthanc", pacs_port)  # back again
+        r = requests.get(f"{url}/info/", timeout=30)
+        assert r.status_code == 200, r.text
+        assert requests.get(f"{url}/datastore/?output=stats", timeout=30).json()["total"] == 0
+    finally:
+        stop_process(server)
+        if orthanc is not None:
+            stop_process(orthanc)
+
+
+def test_a_dicom_seg_answer_and_the_dataset_archive_leave_no_temp_files(site):
+    """output=dicom_seg left its SEG in the temp folder after every answer, and without label_info it ran the
+    model, kept the result file and answered 404; every dataset download left a new zip there."""
+    import io
+    import zipfile
+
+    import pydicom
+
+    before = set(os.listdir(site.tmp))
+    b = site.series[1]
+    params = {"foreground": [white_matter_point()], "background": [], "label_name": "white_matter",
+              "label_info": [{"name": "white_matter", "idx": 1}]}
+    r = requests.post(f"{site.url}/infer/multiverseg?image={b}&output=dicom_seg",
+                      data={"params": json.dumps(params)}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom", r.text[:300]
+    seg = pydicom.dcmread(io.BytesIO(r.content))
+    assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "white_matter"
+    del params["label_info"]
+    r = requests.post(f"{site.url}/infer/multiverseg?image={b}&output=dicom_seg",
+                      data={"params": json.dumps(params)}, timeout=120)
+    assert r.status_code == 422 and "label_info" in r.json()["detail"]
+    assert requests.post(f"{site.url}/infer/multiverseg?image={b}&output=dicom_seg", timeout=30).status_code == 422
+    for _ in range(2):
+        r = requests.get(f"{site.url}/datastore/dataset", timeout=120)
+        assert r.status_code == 200, r.text[:300]
+        names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+        assert "metadata.json" in names and any(n.startswith("label/") for n in names)
+    time.sleep(0.5)  # a removal after the answer
+    assert set(os.listdir(site.tmp)) == before
 
 
 def test_batch_results_go_to_the_pacs_as_proposals_never_as_final(site, tmp_path):

@@ -39,6 +39,7 @@ import logging
 import os
 import sys
 
+import requests
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -171,10 +172,7 @@ class MultiverSegApp(MONAILabelApp):
                 "scoring": list(getattr(self, "_scoring_methods", {}))}
 
     def _image_exists(self, image_id: str) -> bool:
-        try:
-            return bool(self.datastore().get_image_uri(image_id))
-        except Exception:
-            return False
+        return self.datastore().has_image(image_id)
 
     def init_datastore(self):
         if self._on_pacs(self.studies):
@@ -220,7 +218,11 @@ class MultiverSegApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         self.predictor.warmup()
-        read = self.context.refresh()
+        try:
+            read = self.context.refresh()
+        except (requests.ConnectionError, requests.Timeout) as e:  # the PACS is down: start, read it later
+            log.warning("the PACS did not answer (%s): the context is read at the first request it answers", e)
+            read = 0
         log.info("MultiverSeg ready: %d labels read, context sizes %s", read, self.context.sizes())
         self.scoreboard.start()
 

@@ -17,6 +17,9 @@ what an annotation server needs done differently:
   non-image modalities (SEG, SR, PR, ...) are left out, instead of MONAI Label's default of CT only.
 * **Ids are series UIDs and nothing else**: a name that is not a listed series is refused before any
   path is built from it.
+* **A PACS that is down gets a quick 503**, not a 500 after half a minute: requests to it time out (5 s to
+  connect, 30 s between bytes) and are tried three times within a second, where the DICOMweb client's
+  default retries for 30 s; the same session serves MONAI Label's ``/proxy/dicom`` (OHIF's reads).
 * **A model's proposals** (labels saved under a tag other than ``final``, e.g. batch pre-segmentations) go to
   the PACS as SEGs whose series description is ``MultiverSeg proposal: <tag>``, never read as final labels;
   their provenance stays in the local cache, where the series is linked in as an image.
@@ -24,6 +27,7 @@ what an annotation server needs done differently:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -39,6 +43,7 @@ from typing import Any, Optional
 import nibabel as nib
 import numpy as np
 import pydicom
+import requests
 import SimpleITK as sitk
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -49,7 +54,9 @@ from pydicom.dataset import Dataset
 
 from .contextstore import label_masks
 from .errors import BadRequest
+from .guard import remove_after_response
 from .imageio import check_label_values, read_image, read_label, uploads_removed_when_refused
+from .localstore import write_dataset_archive
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,17 @@ SEG_WRITER = "itkimage2segimage"
 # label: "MultiverSeg proposal: original". Any other SEG that references an image is a final label.
 PROPOSAL = "MultiverSeg proposal: "  # dcmqi's tool, which MONAI Label's SEG writer runs
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+PACS_TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds between bytes of an answer
+PACS_ATTEMPTS = 3  # tries of one request, 0.2 s then 0.4 s apart
+
+
+class PacsSession(requests.Session):
+    """A requests session whose calls time out (``PACS_TIMEOUT`` unless a call says otherwise): a PACS that
+    hangs must not hold a request, or MONAI Label's event loop, forever."""
+
+    def request(self, method, url, **kwargs):
+        kwargs.setdefault("timeout", PACS_TIMEOUT)
+        return super().request(method, url, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,7 @@ class PacsDatastore(DICOMWebDatastore):
         self.names = list(names)
         self.list_ttl = list_ttl
         # beside MONAI Label's cache folder, not in it: its file watcher need not see these writes
-        root = os.path.realpath(self._datastore_path) + "-mvseg"
+        self.root = root = os.path.realpath(self._datastore_path) + "-mvseg"
         self.series_dir = os.path.join(root, "series")
         self.labels_dir = os.path.join(root, "labels")  # one folder per tag
         for folder in (self.series_dir, self.labels_dir):
@@ -210,6 +228,14 @@ class PacsDatastore(DICOMWebDatastore):
         if image_id not in studies:
             raise BadRequest(f"series '{image_id}' is not in the PACS (or not listed by the search filter)", 404)
         return studies[image_id]["StudyInstanceUID"]
+
+    def has_image(self, image_id: str) -> bool:
+        """Whether the PACS lists the series (nothing is downloaded)."""
+        try:
+            self._check_id(image_id)
+            return True
+        except BadRequest:
+            return False
 
     # -- images -------------------------------------------------------------------------------------
 
@@ -413,6 +439,12 @@ class PacsDatastore(DICOMWebDatastore):
         return [{"image": self.get_image_uri(i), "label": self.get_label_uri(i, FINAL)}
                 for i in self.get_labeled_images()]
 
+    def get_dataset_archive(self, limit_cases):
+        """The labelled series and their final labels as NIfTI, zipped in this server's cache folder (one file,
+        as the folder datastore's; MONAI Label's left a new temp file per download)."""
+        return write_dataset_archive(self.datalist(), limit_cases, os.path.join(self.root, "archive"),
+                                     json.dumps(self.json()))
+
 
 def _read_seg(folder: str) -> dict[int, sitk.Image]:
     """``{segment number: binary sitk image}`` of the SEG file in ``folder`` (its own, cropped, grid)."""
@@ -440,17 +472,40 @@ def _write_atomic(image: sitk.Image, path: str) -> None:
             os.unlink(tmp)
 
 
+def _mend_pacs_routes() -> None:
+    """Two of MONAI Label's PACS routes, mended in place: ``/proxy/dicom`` calls ``requests.get`` without a
+    timeout (it gets a :class:`PacsSession`), and ``output=dicom_seg`` leaves its SEG file in the temp folder
+    after each answer (it is removed once the answer is sent)."""
+    import monailabel.endpoints.infer
+    import monailabel.endpoints.proxy
+
+    monailabel.endpoints.proxy.requests = PacsSession()
+    convert = monailabel.endpoints.infer.nifti_to_dicom_seg
+    if getattr(convert, "mended", False):
+        return
+
+    def nifti_to_dicom_seg_removed_after_response(*args, **kwargs):
+        path = convert(*args, **kwargs)
+        if path:
+            remove_after_response(path)
+        return path
+
+    nifti_to_dicom_seg_removed_after_response.mended = True
+    monailabel.endpoints.infer.nifti_to_dicom_seg = nifti_to_dicom_seg_removed_after_response
+
+
 def connect(url: str, names: list[str], cache: Optional[str] = None) -> PacsDatastore:
     """A :class:`PacsDatastore` on ``url`` with MONAI Label's DICOMweb settings (credentials, URL prefixes,
     cache path unless ``cache`` is given, search filter), as ``monailabel start_server --studies URL``
     would make its own."""
-    from dicomweb_client.session_utils import create_session_from_user_pass
     from monailabel.config import settings
     from monailabel.datastore.dicom import DICOMwebClientX
 
     user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
     password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
-    session = create_session_from_user_pass(user, password) if user and password else None
+    session = PacsSession()
+    if user and password:
+        session.auth = (user, password)
     client = DICOMwebClientX(
         url=url.rstrip("/"),
         session=session,
@@ -458,6 +513,8 @@ def connect(url: str, names: list[str], cache: Optional[str] = None) -> PacsData
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
+    client.set_http_retry_params(max_attempts=PACS_ATTEMPTS, wait_exponential_multiplier=100)
+    _mend_pacs_routes()
     cache = cache or (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     # MONAI Label's default filter lists CT only; unless one is set, every imaging modality is listed
     chosen = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" in settings.model_fields_set

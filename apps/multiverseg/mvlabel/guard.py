@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, unquote
 import anyio
 
 from .access import PUBLIC, ROLE_NAMES, Identity, TokenCache, required_role
-from .errors import BadRequest
+from .errors import BadRequest, shorten
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,30 @@ TASK_ROUTES = [(re.compile(r"^/batch/infer/([^/]+)$"), "infer"), (re.compile(r"^
 # info keys the server records itself (times, file names, who saved, next-sample leases and scores)
 RESERVED_INFO = {"ts", "name", "user", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored"}
 MAX_LABEL_NAME = 128
-# routes that run the model, read big files or write: off the event loop
-OFF_LOOP = re.compile(r"^/(infer|activelearning|datastore|batch|scoring|train|session)(/|$)")
+# routes that run the model, read big files, write or ask the PACS: off the event loop
+OFF_LOOP = re.compile(r"^/(info|infer|activelearning|datastore|batch|scoring|train|session|proxy)(/|$)")
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
 # who is asking, for requests that name no client_id: user and address (never one state for everyone)
 current_client: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_client", default="default")
+SEG_NEEDS_INFO = "output=dicom_seg needs params.label_info (each segment's name and idx)"
+# files a route wrote for its answer only (MONAI Label's DICOM SEG output): removed once the answer is sent
+_request_files: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("mvseg_request_files", default=None)
+
+
+def remove_after_response(path: str) -> None:
+    """Remove ``path`` once the current request's answer has been sent (at once outside a request)."""
+    files = _request_files.get()
+    if files is None:
+        _remove(path)
+    else:
+        files.append(path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def client_key(client_id: Any = None) -> str:
@@ -64,7 +83,7 @@ def client_key(client_id: Any = None) -> str:
 
 class Refusal(Exception):
     def __init__(self, status: int, message: str, headers: Optional[dict] = None):
-        super().__init__(message)
+        super().__init__(shorten(message))
         self.status = status
         self.headers = headers or {}
 
@@ -192,7 +211,8 @@ class Guard:
         inner: the router's ASGI app. tokens: verified identities when authentication is on, else None.
         tasks: ``() -> {"infer": names, "train": names, "scoring": names}``, the app's task names.
         check_upload: ``(path) -> None``; raises :class:`BadRequest` for an unusable image upload.
-        image_exists: ``(image id) -> bool`` for the routes that delete. max_body: largest request body (bytes).
+        image_exists: ``(image id) -> bool``, for the routes that delete and for batch jobs.
+        max_body: largest request body (bytes).
     """
 
     def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str], None],
@@ -232,6 +252,7 @@ class Guard:
         user = identity.username if identity else "anonymous"
         token = current_user.set(user)
         client = current_client.set(f"{user}@{(scope.get('client') or ('?',))[0]}")
+        files = _request_files.set([])
         started = False
 
         async def tracked(message):
@@ -246,12 +267,18 @@ class Guard:
                 await self.inner(scope, receive, tracked)
         except Exception as e:  # MONAI Label's "not found" and "invalid input" are the caller's mistakes
             status = _status_of(e)
+            if self.on_pacs and status is None and _pacs_unreachable(e):
+                log.warning("%s %s: the PACS did not answer: %s", method, path, e)
+                status, e = 503, BadRequest("the PACS did not answer (refused or timed out); try again once it is back", 503)
             if status is None or started:
                 raise
             await _respond(send, status, str(getattr(e, "msg", e)) or type(e).__name__)
         finally:
+            for path in _request_files.get():
+                _remove(path)
             current_user.reset(token)
             current_client.reset(client)
+            _request_files.reset(files)
             if spool is not None:
                 spool.close()
 
@@ -348,11 +375,24 @@ class Guard:
         spool.seek(0)
         return spool
 
+    async def _check_images_exist(self, images: list[str]) -> None:
+        """A batch job of images the datastore does not have would start and fail in the background."""
+        missing = [i for i in images if not await anyio.to_thread.run_sync(self.image_exists, i)]
+        if missing:
+            shown = ", ".join(repr(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise Refusal(404, f"not in the datastore: {shown}")
+
     async def _check_body(self, scope, path: str, spool) -> bool:
         """Check a request body's JSON fields and uploaded image; True when it uploads a file."""
         from starlette.requests import Request
 
         ctype = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").lower()
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        # MONAI Label refuses a DICOM SEG answer without label_info only after the model ran (and kept its file)
+        seg_output = path.startswith("/infer/") and "dicom_seg" in query.get("output", [])
+        is_form = ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
+        if seg_output and not is_form:
+            raise Refusal(422, SEG_NEEDS_INFO)
         if ctype.startswith("application/json"):
             body = spool.read()
             spool.seek(0)
@@ -360,6 +400,8 @@ class Guard:
                 data = _json_object(body.decode("utf-8", "replace"), "body")
                 if path.startswith(("/batch/", "/activelearning/")):  # the body is the job's or the request's params
                     check_params(data, path)
+                if path.startswith("/batch/infer/") and isinstance(data.get("images"), list):
+                    await self._check_images_exist(data["images"])
                 if "params" in data:
                     if not isinstance(data["params"], dict):
                         raise Refusal(422, "'params' must be a JSON object")
@@ -367,7 +409,7 @@ class Guard:
                 if path.startswith("/infer/wsi/"):
                     check_wsi(data)
             return False
-        if not (ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded")):
+        if not is_form:
             return False
         try:
             form = await Request(scope, _replay(spool, None)).form(max_files=8, max_fields=64)
@@ -382,10 +424,14 @@ class Guard:
                         check_wsi(data)
                     elif field == "params":
                         check_params(data, path)
+                        if seg_output and not data.get("label_info"):
+                            raise Refusal(422, SEG_NEEDS_INFO)
                         if path.startswith(("/datastore/image", "/datastore/updatelabelinfo")):  # info, by another name
                             check_info(data, path)
                     elif field == "info":
                         check_info(data, path)
+            if seg_output and not isinstance(form.get("params"), str):
+                raise Refusal(422, SEG_NEEDS_INFO)
             upload = form.get("file")
             if upload is not None and hasattr(upload, "read") and path.startswith(("/datastore", "/infer/")):
                 await self._check_upload(upload)
@@ -432,6 +478,18 @@ def _status_of(error: Exception) -> Optional[int]:
     if isinstance(error, BadRequest):
         return error.status
     return None
+
+
+def _pacs_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) is a request to the PACS that failed to connect or
+    timed out."""
+    import requests
+
+    while error is not None:
+        if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _replay(spool, receive):

@@ -198,11 +198,39 @@ def check_label_values(label: np.ndarray) -> np.ndarray:
     return label
 
 
+def _has_geometry(loaded: Loaded) -> bool:
+    """Whether a NIfTI or NRRD file says where its voxels are (not a bare array with a default affine)."""
+    header = loaded.header
+    if loaded.ext in NIFTI:
+        return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    return header is not None and header.get("space directions") is not None
+
+
+def check_same_grid(label: Loaded, image: Loaded) -> None:
+    """A volume label that says where its voxels are must say the image's grid (422 otherwise): a label of
+    the right shape but another voxel size, origin or orientation belongs to another image or was resampled."""
+    if not (image.is_volume and label.is_volume and _has_geometry(label)):
+        return
+    a, b = label.affine, image.affine
+    scale = max(1.0, float(np.abs(b[:3, :3]).max()))
+    if np.allclose(a, b, rtol=0, atol=1e-3 * scale):
+        return
+
+    def describe(affine):
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        return (f"voxel size {' x '.join(f'{v:.4g}' for v in spacing)} mm, "
+                f"origin ({', '.join(f'{v:.4g}' for v in affine[:3, 3])})")
+
+    raise BadRequest(f"the label is not on the image's grid: the label has {describe(a)}, the image "
+                     f"{describe(b)} (or another orientation); save the label in the image's geometry", 422)
+
+
 def read_label(path: str, like: Loaded) -> np.ndarray:
-    """A labelmap on ``like``'s grid (integer array of ``like.shape``); shape mismatches raise 422."""
+    """A labelmap on ``like``'s grid (integer array of ``like.shape``); shape or geometry mismatches raise 422."""
     ext = extension(path)
     if ext in IMAGE_2D + NIFTI + NRRD:
-        label = read_image(path).array
+        loaded = read_image(path)
+        label = loaded.array
         if label.ndim == 4 and label.shape[3] == 1:
             label = label[..., 0]
         if not like.is_volume and ext in NIFTI + NRRD:  # x first (W H [1]): Slicer's 2D label
@@ -219,6 +247,7 @@ def read_label(path: str, like: Loaded) -> np.ndarray:
         raise BadRequest(f"unsupported label format '{ext}'", 415)
     if tuple(label.shape) != like.shape:
         raise BadRequest(f"label has shape {tuple(label.shape)} but the image has shape {like.shape}", 422)
+    check_same_grid(loaded, like)
     if np.issubdtype(label.dtype, np.floating):
         if not np.isfinite(label).all():
             raise BadRequest("label contains NaN or infinite values", 422)

@@ -41,6 +41,30 @@ from .imageio import (IMAGE_2D, check_label_values, extension, read_asap, read_i
 FINAL = "final"
 
 
+def write_dataset_archive(cases: list[dict], limit_cases, folder: str, metadata: str) -> str:
+    """``GET /datastore/dataset``'s zip of ``cases`` (``{key: file}`` each, the first ``limit_cases``) and
+    ``metadata.json``, as ``folder/dataset.zip``: one file, written under a temporary name and renamed over
+    the last one, so a download still streaming keeps its own (MONAI Label wrote a new temp file each time)."""
+    if not cases:
+        raise HTTPException(status_code=404, detail="no image has a final label yet: nothing to archive")
+    if limit_cases and 0 < limit_cases < len(cases):
+        cases = cases[:limit_cases]
+    os.makedirs(folder, exist_ok=True)
+    dest = os.path.join(folder, "dataset.zip")
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w") as archive:
+            for case in cases:
+                for key, path in case.items():
+                    archive.write(path, arcname=os.path.join(key, os.path.basename(path)))
+            archive.writestr("metadata.json", metadata)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
 class CheckedDatastore(LocalDatastore):
     def __init__(self, *args, **kwargs):
         self._saving: set = set()
@@ -57,6 +81,10 @@ class CheckedDatastore(LocalDatastore):
     def list_images(self):
         with self._objects_lock:
             return super().list_images()
+
+    def has_image(self, image_id: str) -> bool:
+        with self._objects_lock:
+            return image_id in self._datastore.objects
 
     def get_labeled_images(self, label_tag=None, labels=None):
         with self._objects_lock:
@@ -204,28 +232,11 @@ class CheckedDatastore(LocalDatastore):
         return out
 
     def get_dataset_archive(self, limit_cases):
-        """MONAI Label's archive (images, final labels, ``metadata.json``), built in the datastore's
-        ``.archive/`` and renamed over the last one: one file, and a download still streaming keeps its own."""
-        cases = self.datalist()
-        if not cases:
-            raise HTTPException(status_code=404, detail="no image has a final label yet: nothing to archive")
-        if limit_cases and 0 < limit_cases < len(cases):
-            cases = cases[:limit_cases]
-        folder = os.path.join(self._datastore.base_path, ".archive")
-        os.makedirs(folder, exist_ok=True)
-        dest = os.path.join(folder, "dataset.zip")
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w") as archive:
-                for case in cases:
-                    for key, path in case.items():
-                        archive.write(path, arcname=os.path.join(key, os.path.basename(path)))
-                archive.writestr("metadata.json", self._datastore.model_dump_json(exclude={"base_path"}))
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return dest
+        """MONAI Label's archive (images, final labels, ``metadata.json``) in the datastore's ``.archive/``."""
+        with self._objects_lock:
+            metadata = self._datastore.model_dump_json(exclude={"base_path"})
+        return write_dataset_archive(self.datalist(), limit_cases, os.path.join(self._datastore.base_path, ".archive"),
+                                     metadata)
 
     def _update_datastore_file(self, lock=True):
         """``datastore_v2.json`` written whole, then renamed over the old one."""
