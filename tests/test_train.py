@@ -15,7 +15,7 @@ from mvseg.checkpoint import CheckpointError
 from mvseg.evaluate import held_out
 from mvseg.interaction import RandomPrompts
 from mvseg.network import MultiverSegConfig, MultiverSegNet
-from mvseg.tasks import Source, TaskBank, intensity_label, split_subjects
+from mvseg.tasks import Source, TaskBank, intensity_label, ridge_label, ridge_response, split_subjects
 from mvseg.train import (
     TrainConfig,
     batches,
@@ -162,6 +162,30 @@ def test_intensity_tasks_apply_one_rule_to_different_images(task_root):
     assert len({x[i].numpy().tobytes() for i in range(4)}) > 1  # not copies of one image
     assert 0.005 <= y[0].mean() <= 0.6
     xs, ys, synthetic = bank.sample(2, rng, torch.Generator().manual_seed(0), p_synthetic=1.0, p_intensity=1.0)
+    assert synthetic and ys[0].any() and xs.shape == (3, 1, 32, 32)
+
+
+def test_ridge_label_keeps_thin_lines_of_its_polarity_and_drops_speckle():
+    image = np.full((48, 48), 60, np.uint8)
+    image[10:12, 4:44] = 200  # a bright line 2 px wide
+    image[30:38, 4:44] = 200  # a bright band 8 px wide: a region, not a line at this scale
+    image[43, 20] = 200  # a bright speck
+    bright = ridge_label(ridge_response(image, 1.0, dark=False), 0.05)
+    assert bright[10:12, 8:40].all() and not bright[32:36, 8:40].any() and not bright[42:45, 18:23].any()
+    assert bright.mean() < 0.15
+    # a dark line is a bright line of the negative image
+    assert np.array_equal(ridge_label(ridge_response(255 - image, 1.0, dark=True), 0.05)[1:-1, 1:-1], bright[1:-1, 1:-1])
+    assert not ridge_response(np.zeros((8, 8), np.uint8), 1.0, False).any()
+
+
+def test_ridge_tasks_apply_one_rule_to_different_images(task_root):
+    bank = TaskBank([Source("unlab", labelled=False)], task_root, size=32, heldout=0.0, seed=0)
+    rng = np.random.default_rng(0)
+    x, y = bank._ridge(3, rng)
+    assert x.shape == y.shape == (4, 1, 32, 32) and set(torch.unique(y).tolist()) <= {0.0, 1.0}
+    assert len({x[i].numpy().tobytes() for i in range(4)}) > 1  # not copies of one image
+    assert y[0].any() and y[0].mean() <= 0.3
+    xs, ys, synthetic = bank.sample(2, rng, torch.Generator().manual_seed(0), p_synthetic=1.0, p_ridge=1.0)
     assert synthetic and ys[0].any() and xs.shape == (3, 1, 32, 32)
 
 

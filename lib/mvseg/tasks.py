@@ -12,7 +12,10 @@ with probability ``p_intensity`` among synthetic tasks, an *intensity task* (:fu
 rule, "the smoothed intensity lies in this band", applied to several different images of one source. The
 paper's copies teach matching a shape seen in the context; an intensity task's images differ, so its
 target can only be solved by reading the rule off the context, and its labels have many components, as
-cells, nuclei or lesions do. Then within-task and task augmentations (Table 5) are applied.
+cells, nuclei or lesions do. With probability ``p_ridge`` among the other synthetic tasks, a *ridge task*
+(:func:`ridge_label`): "the thin bright (or dark) lines of this width", again over several images of one
+source, whose labels are the thin branching networks of vessels, membranes or neurites. Then within-task and
+task augmentations (Table 5) are applied.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage.filters import sato
 from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
@@ -40,6 +44,8 @@ MIN_SUPERPIXEL_FRACTION = 0.002  # smaller superpixels make labels of a few mode
 # An intensity task's target label must cover this fraction of the image (else another rule is drawn).
 INTENSITY_FRACTION = (0.005, 0.6)
 INTENSITY_TRIES = 8
+# A ridge task's target label covers this fraction of the image (thin lines: a few percent).
+RIDGE_FRACTION = (0.01, 0.3)
 
 
 @dataclass
@@ -105,14 +111,41 @@ def intensity_label(image: np.ndarray, low: float, high: float, sigma: float, mi
     padding of a non-square image neither joins a label nor blurs a band of it along the padding.
     """
     label = np.zeros(image.shape, bool)
-    rows, cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
-    if len(rows) == 0:
+    box = _content_box(image)
+    if box is None:
         return label
-    box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
     content = image[box].astype(np.float32) / 255
     smooth = ndimage.gaussian_filter(content, sigma, mode="reflect") if sigma > 0 else content
     label[box] = (smooth >= low) & (smooth <= high)
     parts, n = ndimage.label(label)
+    if n:
+        label &= np.bincount(parts.ravel())[parts] >= min_size
+    return label
+
+
+def _content_box(image: np.ndarray) -> Optional[tuple[slice, slice]]:
+    """The box of an ``S S`` image's non-zero content (the rest is the zero padding of a non-square image)."""
+    rows, cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
+    if len(rows) == 0:
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def ridge_response(image: np.ndarray, sigma: float, dark: bool) -> np.ndarray:
+    """``S S`` uint8 image -> float32 ridge filter response (Sato tubeness at scale ``sigma`` px) of its
+    content box, zero on the padding: high on bright lines about ``2 sigma`` wide, or dark ones."""
+    out = np.zeros(image.shape, np.float32)
+    box = _content_box(image)
+    if box is not None:
+        out[box] = sato(image[box].astype(np.float32) / 255, sigmas=[sigma], black_ridges=dark, mode="reflect")
+    return out
+
+
+def ridge_label(response: np.ndarray, threshold: float, min_size: int = 8) -> np.ndarray:
+    """Ridge response -> bool label: the lines above ``threshold``, without pieces smaller than ``min_size``
+    pixels (speckle, not lines)."""
+    label = response > threshold
+    parts, n = ndimage.label(label, structure=np.ones((3, 3)))
     if n:
         label &= np.bincount(parts.ravel())[parts] >= min_size
     return label
@@ -226,6 +259,25 @@ class TaskBank:
         y = torch.from_numpy(np.stack(labels)).float()[:, None]
         return x, y
 
+    def _ridge(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target + ``n`` context entries of a ridge task: ``n + 1`` images of one source, one line width,
+        polarity and response threshold for all of them (the threshold keeps the target's strongest 3-20%
+        of pixels)."""
+        images = self.pool[rng.choice(sorted(self.pool))]
+        idx = rng.choice(len(images), size=n + 1, replace=len(images) < n + 1)
+        picked = [images[i] for i in idx]
+        for _ in range(INTENSITY_TRIES):
+            sigma, dark = float(rng.uniform(0.7, 3.0)), bool(rng.random() < 0.5)
+            response = ridge_response(picked[0], sigma, dark)
+            threshold = float(np.quantile(response, 1 - rng.uniform(0.03, 0.2)))
+            target = ridge_label(response, threshold)
+            if RIDGE_FRACTION[0] <= target.mean() <= RIDGE_FRACTION[1]:
+                break
+        labels = [target] + [ridge_label(ridge_response(im, sigma, dark), threshold) for im in picked[1:]]
+        x = torch.from_numpy(np.stack(picked)).float().div(255)[:, None]
+        y = torch.from_numpy(np.stack(labels)).float()[:, None]
+        return x, y
+
     def sample(
         self,
         n: int,
@@ -234,15 +286,20 @@ class TaskBank:
         p_synthetic: float = 0.5,
         superpixel_scale: tuple[float, float] = (1, 500),
         p_intensity: float = 0.0,
+        p_ridge: float = 0.0,
         retries: int = 3,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One augmented task: images and labels ``(n+1) 1 S S`` (item 0 is the target), synthetic or not;
-        ``p_intensity`` of the synthetic ones are intensity tasks."""
+        ``p_intensity`` of the synthetic ones are intensity tasks, ``p_ridge`` of the others ridge tasks."""
         synthetic = not self.tasks or (bool(self.pool) and rng.random() < p_synthetic)
         intensity = synthetic and rng.random() < p_intensity
+        # no draw at p_ridge 0, so that older configs draw the very same tasks
+        ridge = synthetic and not intensity and p_ridge > 0 and rng.random() < p_ridge
         for _ in range(retries):
             if intensity:
                 x, y = self._intensity(n, rng)
+            elif ridge:
+                x, y = self._ridge(n, rng)
             elif synthetic:
                 x, y = self._synthetic(n, rng, gen, superpixel_scale)
             else:

@@ -86,6 +86,9 @@ class TrainConfig:
     # Fraction of synthetic tasks that are intensity tasks (several images of one source, one intensity
     # rule; tasks.intensity_label) rather than the paper's augmented copies of one superpixel.
     p_intensity: float = 0.0
+    # Fraction of the other synthetic tasks that are ridge tasks (thin lines of one width and polarity over
+    # several images of one source; tasks.ridge_label): vessels, membranes, neurites.
+    p_ridge: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
     note: str = ""
@@ -242,6 +245,7 @@ def draw_batch(bank: TaskBank, cfg: TrainConfig, step: int) -> Batch:
         p_synthetic=cfg.p_synthetic,
         superpixel_scale=tuple(cfg.superpixel_scale),
         p_intensity=cfg.p_intensity,
+        p_ridge=cfg.p_ridge,
     )
     if n > 0:
         for i in np.flatnonzero(rng.random(cfg.batch_size) < cfg.p_noisy_context):
