@@ -374,6 +374,18 @@ def test_a_dicom_seg_answer_and_the_dataset_archive_leave_no_temp_files(site):
     assert set(os.listdir(site.tmp)) == before
 
 
+def test_a_session_upload_stays_in_the_servers_cache(site):
+    """Slicer's upload of a volume the PACS does not hold went to the home folder on a PACS server."""
+    r = requests.put(f"{site.url}/session/", files={"files": ("upload.nii.gz", SAMPLE.read_bytes())}, timeout=60)
+    assert r.status_code == 200, r.text
+    sessions = list((site.root / f"cache{site.restarts}").glob("*-mvseg/sessions/*"))
+    assert any(r.json()["session_id"] in p.name for p in sessions), sessions
+    r = requests.post(
+        f"{site.url}/infer/multiverseg?session_id={r.json()['session_id']}&output=json",
+        data={"params": json.dumps({"foreground": [white_matter_point()], "label_name": "white_matter"})}, timeout=120)
+    assert r.status_code == 200, r.text
+
+
 def test_batch_results_go_to_the_pacs_as_proposals_never_as_final(site, tmp_path):
     """Pre-segmenting the PACS (serially here; tests/test_batch.py runs Ray): a SEG named as a proposal
     joins the unlabelled series, and the server still counts it as unlabelled."""

@@ -162,9 +162,12 @@ class MultiverSegApp(MONAILabelApp):
 
     def _load_sessions(self, load=False):
         """Images a client uploads into a session (Slicer's, for an image not in the datastore) are kept in the
-        datastore's ``.sessions/``, not in the home folder, unless MONAI_LABEL_SESSION_PATH names a place."""
-        if load and not settings.MONAI_LABEL_SESSION_PATH.strip() and not self._on_pacs(self.studies):
-            return Sessions(os.path.join(self.studies, ".sessions"), settings.MONAI_LABEL_SESSION_EXPIRY)
+        datastore's ``.sessions/`` (on a PACS: in the server's cache folder), not in the home folder, unless
+        MONAI_LABEL_SESSION_PATH names a place."""
+        if load and not settings.MONAI_LABEL_SESSION_PATH.strip():
+            pacs = self._on_pacs(self.studies)
+            folder = os.path.join(self._datastore.root, "sessions") if pacs else os.path.join(self.studies, ".sessions")
+            return Sessions(folder, settings.MONAI_LABEL_SESSION_EXPIRY)
         return super()._load_sessions(load)
 
     def _task_names(self) -> dict:
