@@ -487,6 +487,8 @@ def test_strategies_default_first_and_explain_the_pick(server):
     assert second["id"] != first["id"]  # not handed to another annotator within the lease window
     again = client.post("/activelearning/coverage", json={"client_id": "ann-1"}).json()
     assert again["id"] == first["id"]
+    # MONAI Label merged its lease record (who was offered the image) over the strategy's name
+    assert again["strategy"] == "coverage" and again["path"].endswith(again["name"])  # Slicer loads a local path
 
 
 def test_background_scores_are_stored_in_image_info(server):

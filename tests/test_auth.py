@@ -158,3 +158,10 @@ def test_a_client_id_never_reaches_another_users_state_or_saved_record(site):
     assert r.status_code == 422, r.text
     info = requests.get(f"{url}/datastore/label/info?label={IDS[2]}&tag=final", headers=auth, timeout=30).json()
     assert info["user"] == "alice" and info["edited_by"] == "rita" and info["comment"] == "checked"
+    # remote clients get no server file paths, nor the record of who else was offered an image
+    for _ in range(2):
+        r = requests.post(f"{url}/activelearning/random", json={"client_id": "user-xyz"},
+                          headers={"Authorization": f"Bearer {bob}"}, timeout=30)
+        assert r.status_code == 200 and r.json()["strategy"] == "random" and "path" not in r.json(), r.text
+    r = requests.get(f"{url}/datastore/image/info?image={IDS[2]}", headers={"Authorization": f"Bearer {alice}"}, timeout=30)
+    assert r.status_code == 200 and "path" not in r.json() and "strategy" not in r.json(), r.text

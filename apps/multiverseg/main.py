@@ -187,6 +187,7 @@ class MultiverSegApp(MONAILabelApp):
                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             )
+        datastore.hide_paths = bool(settings.MONAI_LABEL_AUTH_ENABLE)  # remote users: no server file paths
         self.context = DatastoreContext(
             datastore,
             self.predictor.new_context,
@@ -301,6 +302,9 @@ class MultiverSegApp(MONAILabelApp):
                 status_code=404, detail=f"unknown strategy '{strategy}'; choose from {', '.join(self._strategies)}"
             )
         try:
-            return super().next_sample(request)
+            result = super().next_sample(request)
         except BadRequest as e:
             raise _http(e) from None
+        if self._datastore.hide_paths:
+            result.pop("path", None)
+        return result

@@ -56,7 +56,7 @@ from .contextstore import label_masks
 from .errors import BadRequest
 from .guard import remove_after_response
 from .imageio import check_label_values, read_image, read_label, uploads_removed_when_refused
-from .localstore import write_dataset_archive
+from .localstore import public_image_info, write_dataset_archive
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ class PacsDatastore(DICOMWebDatastore):
             MONAI Label's default). names: the app's label names, for labels saved without ``label_info``.
         list_ttl: seconds a listing of the PACS's series is reused.
     """
+
+    hide_paths = False  # the app sets it when authentication is on
 
     def __init__(self, client, search_filter: Optional[dict], cache_path: Optional[str], names: list[str],
                  fetch_by_frame: bool = False, list_ttl: float = 10.0):
@@ -291,7 +293,7 @@ class PacsDatastore(DICOMWebDatastore):
             info.update(LocalDatastore.get_image_info(self, image_id) or {})
         except Exception:  # nothing stored locally for it yet
             pass
-        return info
+        return public_image_info(info, self.hide_paths)
 
     # -- labels -------------------------------------------------------------------------------------
 

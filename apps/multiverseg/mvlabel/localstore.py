@@ -65,7 +65,20 @@ def write_dataset_archive(cases: list[dict], limit_cases, folder: str, metadata:
     return dest
 
 
+def public_image_info(info: dict, hide_paths: bool) -> dict:
+    """An image's info as the routes show it. MONAI Label's next-sample route merges it into its answer, where
+    its lease record (``strategy``: who was offered the image, when) replaced the strategy's name and showed
+    other users' client ids; the server's file ``path`` is left out where clients are remote (authentication
+    on), else Slicer on the same machine loads the file from it."""
+    info = {k: v for k, v in info.items() if k != "strategy"}
+    if hide_paths:
+        info.pop("path", None)
+    return info
+
+
 class CheckedDatastore(LocalDatastore):
+    hide_paths = False  # the app sets it when authentication is on
+
     def __init__(self, *args, **kwargs):
         self._saving: set = set()
         self._saving_lock = threading.Lock()
@@ -85,6 +98,9 @@ class CheckedDatastore(LocalDatastore):
     def has_image(self, image_id: str) -> bool:
         with self._objects_lock:
             return image_id in self._datastore.objects
+
+    def get_image_info(self, image_id):
+        return public_image_info(super().get_image_info(image_id), self.hide_paths)
 
     def get_labeled_images(self, label_tag=None, labels=None):
         with self._objects_lock:
