@@ -568,6 +568,8 @@ def test_batch_inference_runs_on_a_cpu_server(server):
     r = client.post("/batch/infer/multiverseg_auto", json={"label_tag": "b2", "images": [IDS[1], "no_such_image"]})
     assert r.status_code == 404 and "'no_such_image'" in r.json()["detail"], r.text
     assert not (studies / "labels" / "b2").exists()
+    r = client.post("/batch/infer/multiverseg_auto", json={"label_tag": "b2", "images": []})
+    assert r.status_code == 422, r.text  # it ran a whole job for nothing
 
 
 def test_a_colour_label_is_refused_not_read_as_empty(server):
@@ -633,6 +635,17 @@ def test_a_volume_label_on_another_grid_is_refused_and_one_on_the_image_grid_sav
     saved, _ = nrrd.read(app.datastore().get_label_uri("vol", "final"))
     np.testing.assert_array_equal(saved, label)
 
+    # a volume whose header does not place it (no qform, no sform) is placed differently by every reader:
+    # ITK (Slicer) puts it at the origin, nibabel centres it; its label is not compared
+    nib.save(nib.Nifti1Image(volume, None), str(tmp_path / "bare.nii.gz"))
+    r = client.put("/datastore/image?image=bare", data={"params": "{}"},
+                   files={"file": ("bare.nii.gz", (tmp_path / "bare.nii.gz").read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    nib.save(nib.Nifti1Image(label, np.diag([-1.0, -1, 1, 1])), str(tmp_path / "itk.nii.gz"))  # ITK's placing
+    r = client.put("/datastore/label?image=bare&tag=final", data={"params": "{}"},
+                   files={"label": ("itk.nii.gz", (tmp_path / "itk.nii.gz").read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+
 
 def test_a_refusal_never_echoes_a_huge_input_back(server):
     client, _, _ = server
@@ -641,3 +654,8 @@ def test_a_refusal_never_echoes_a_huge_input_back(server):
     assert len(r.content) < 1000
     r = client.post("/batch/infer/multiverseg_auto", json={"label_tag": "b3", "max_workers": "x" * 100_000})
     assert r.status_code == 422 and len(r.content) < 1000
+    for route in ("/activelearning/" + "s" * 50_000, f"/infer/multiverseg?image={IDS[1]}&output=" + "y" * 50_000):
+        r = client.post(route, json={})
+        assert r.status_code == 414 and len(r.content) < 1000
+    r = client.post("/activelearning/" + "s" * 5_000, json={})
+    assert r.status_code == 404 and len(r.content) < 1000

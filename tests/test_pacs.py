@@ -301,7 +301,9 @@ def test_the_pacs_is_read_only_through_the_server(site):
 
 def test_a_pacs_that_is_down_or_hangs_gets_a_quick_503_and_the_server_recovers(tmp_path):
     """The PACS was down: every route answered a bare 500 after 30 s (the DICOMweb client's retries), and
-    /info/ held the event loop meanwhile. A PACS that accepts and never answers held it for good."""
+    /info/ held the event loop meanwhile. A PACS that accepts and never answers held it for good; requests
+    waiting on it took every worker thread, the viewer's files included. A gateway's 502 stopped the start."""
+    import http.server
     import socket
 
     pacs_port, port = free_port(), free_port()
@@ -309,32 +311,61 @@ def test_a_pacs_that_is_down_or_hangs_gets_a_quick_503_and_the_server_recovers(t
                           {"labels": ",".join(NAMES)}, env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")})
     url = f"http://127.0.0.1:{port}"
     orthanc = None
-    try:
-        for route in ("/info/", "/datastore/?output=stats", "/proxy/dicom/qido/studies"):  # nothing listens
-            t0 = time.perf_counter()
-            r = requests.get(url + route, timeout=30)
-            assert r.status_code == 503 and "PACS did not answer" in r.text, (route, r.status_code, r.text)
-            assert time.perf_counter() - t0 < 5, route
-        r = requests.post(f"{url}/activelearning/random", json={}, timeout=30)
-        assert r.status_code == 503
 
+    def answered_503(method: str, route: str, **kw) -> float:
+        t0 = time.perf_counter()
+        r = requests.request(method, url + route, timeout=60, **kw)
+        assert r.status_code == 503 and "PACS did not answer" in r.text, (route, r.status_code, r.text)
+        return time.perf_counter() - t0
+
+    try:
+        for method, route, kw in (("GET", "/info/", {}), ("GET", "/datastore/?output=stats", {}),
+                                  ("GET", "/proxy/dicom/qido/studies", {}), ("POST", "/activelearning/random", {"json": {}}),
+                                  ("POST", "/batch/infer/multiverseg_auto", {"json": {"images": ["1.2.3"]}}),
+                                  ("DELETE", "/datastore/?id=1.2.3", {})):  # nothing listens
+            assert answered_503(method, route, **kw) < 5, route
+
+        time.sleep(5.5)  # the pause after a failure ends
         hung = socket.socket()  # connects, never answers
         hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         hung.bind(("127.0.0.1", pacs_port))
-        hung.listen(16)
-        answers = {}
-        waiting = threading.Thread(target=lambda: answers.update(r=requests.get(f"{url}/info/", timeout=120)))
-        waiting.start()
-        time.sleep(1.0)
+        hung.listen(64)
+        answers = []
+        waiting = [threading.Thread(target=lambda: answers.append(requests.get(f"{url}/info/", timeout=120)))
+                   for _ in range(45)]
+        for t in waiting:
+            t.start()
+        time.sleep(2.0)
         t0 = time.perf_counter()
-        assert requests.get(f"{url}/ohif/", timeout=30).status_code == 200  # the server still serves
-        assert time.perf_counter() - t0 < 5 and waiting.is_alive()
+        assert requests.get(f"{url}/ohif/", timeout=30).status_code == 200  # the viewer is still served
+        assert time.perf_counter() - t0 < 5 and any(t.is_alive() for t in waiting)
         hung.close()  # the PACS process dies
-        waiting.join(timeout=60)
-        assert not waiting.is_alive() and answers["r"].status_code == 503
+        for t in waiting:
+            t.join(timeout=60)
+        assert len(answers) == 45 and {r.status_code for r in answers} == {503}
+        assert answered_503("GET", "/info/") < 1  # within the pause: at once, without asking the PACS
+
+        class Gateway(http.server.BaseHTTPRequestHandler):  # a proxy in front of a PACS that is down
+            def do_GET(self):
+                self.send_response(502)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        time.sleep(5.5)
+        gateway = http.server.ThreadingHTTPServer(("127.0.0.1", pacs_port), Gateway)
+        threading.Thread(target=gateway.serve_forever, daemon=True).start()
+        try:
+            assert answered_503("GET", "/info/") < 5
+        finally:
+            gateway.shutdown()
+            gateway.server_close()
 
         orthanc = start_orthanc(tmp_path / "orthanc", pacs_port)  # back again
-        r = requests.get(f"{url}/info/", timeout=30)
+        deadline = time.monotonic() + 30
+        while (r := requests.get(f"{url}/info/", timeout=30)).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert r.status_code == 200, r.text
         assert requests.get(f"{url}/datastore/?output=stats", timeout=30).json()["total"] == 0
     finally:
@@ -365,6 +396,16 @@ def test_a_dicom_seg_answer_and_the_dataset_archive_leave_no_temp_files(site):
                       data={"params": json.dumps(params)}, timeout=120)
     assert r.status_code == 422 and "label_info" in r.json()["detail"]
     assert requests.post(f"{site.url}/infer/multiverseg?image={b}&output=dicom_seg", timeout=30).status_code == 422
+    for label_info in ([{"name": "white_matter", "idx": 1, "color": "red"}], [{"name": "white_matter", "idx": 1,
+                       "color": [300, -1, "a"]}], [{"name": "\u00e9\u2603", "idx": 1}], [{"name": "white_matter"}]):
+        r = requests.post(f"{site.url}/infer/multiverseg?image={b}&output=dicom_seg",
+                          data={"params": json.dumps({**params, "label_info": label_info})}, timeout=120)
+        assert r.status_code == 422 and "label_info" in r.json()["detail"], (label_info, r.text)
+    r = requests.post(f"{site.url}/infer/multiverseg?output=dicom_seg", files={"file": ("v.nii.gz", SAMPLE.read_bytes())},
+                      data={"params": json.dumps({**params, "label_info": [{"name": "white_matter", "idx": 1}]})}, timeout=120)
+    assert r.status_code == 422 and "series" in r.json()["detail"], r.text
+    if requests.get(f"{site.url}/datastore/dataset", timeout=120).status_code == 404:  # run on its own
+        assert save_label(site, site.series[0], np.asarray(TRUTH.dataobj) == 1, LABEL_INFO[:1]).status_code == 200
     for _ in range(2):
         r = requests.get(f"{site.url}/datastore/dataset", timeout=120)
         assert r.status_code == 200, r.text[:300]

@@ -39,7 +39,6 @@ import logging
 import os
 import sys
 
-import requests
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -52,7 +51,7 @@ from mvlabel import guard, imageio
 from mvlabel.access import TokenCache, install_monailabel_user, verifier_from_settings
 from mvlabel.contextstore import DatastoreContext
 from mvlabel.dicomweb import connect
-from mvlabel.errors import BadRequest
+from mvlabel.errors import BadRequest, shorten
 from mvlabel.imageio import is_upload, read_image, uploads_removed_when_refused
 from mvlabel.infer import BatchInfer, MultiverSegAuto, MultiverSegInfer
 from mvlabel.interactions import InteractionStore
@@ -224,7 +223,9 @@ class MultiverSegApp(MONAILabelApp):
         self.predictor.warmup()
         try:
             read = self.context.refresh()
-        except (requests.ConnectionError, requests.Timeout) as e:  # the PACS is down: start, read it later
+        except Exception as e:
+            if not guard.pacs_unreachable(e):
+                raise
             log.warning("the PACS did not answer (%s): the context is read at the first request it answers", e)
             read = 0
         log.info("MultiverSeg ready: %d labels read, context sizes %s", read, self.context.sizes())
@@ -241,7 +242,8 @@ class MultiverSegApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(
-                status_code=404, detail=f"unknown model '{model}'; this server has {', '.join(self._infers)}"
+                status_code=404,
+                detail=shorten(f"unknown model '{model}'; this server has {', '.join(self._infers)}"),
             )
 
     def infer(self, request, datastore=None):
@@ -299,7 +301,8 @@ class MultiverSegApp(MONAILabelApp):
         strategy = request.get("strategy") or next(iter(self._strategies))
         if strategy not in self._strategies:
             raise HTTPException(
-                status_code=404, detail=f"unknown strategy '{strategy}'; choose from {', '.join(self._strategies)}"
+                status_code=404,
+                detail=shorten(f"unknown strategy '{strategy}'; choose from {', '.join(self._strategies)}"),
             )
         try:
             result = super().next_sample(request)

@@ -17,9 +17,10 @@ what an annotation server needs done differently:
   non-image modalities (SEG, SR, PR, ...) are left out, instead of MONAI Label's default of CT only.
 * **Ids are series UIDs and nothing else**: a name that is not a listed series is refused before any
   path is built from it.
-* **A PACS that is down gets a quick 503**, not a 500 after half a minute: requests to it time out (5 s to
-  connect, 30 s between bytes) and are tried three times within a second, where the DICOMweb client's
-  default retries for 30 s; the same session serves MONAI Label's ``/proxy/dicom`` (OHIF's reads).
+* **A PACS that is down gets a quick 503**, not a 500 after half a minute (the DICOMweb client's retries):
+  requests to it time out (5 s to connect, 30 s between bytes), a refused connection is tried again within a
+  second, and after a failure requests fail at once for a few seconds (:class:`PacsSession`); the same
+  session serves MONAI Label's ``/proxy/dicom`` (OHIF's reads).
 * **A model's proposals** (labels saved under a tag other than ``final``, e.g. batch pre-segmentations) go to
   the PACS as SEGs whose series description is ``MultiverSeg proposal: <tag>``, never read as final labels;
   their provenance stays in the local cache, where the series is linked in as an image.
@@ -45,6 +46,8 @@ import numpy as np
 import pydicom
 import requests
 import SimpleITK as sitk
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -69,16 +72,33 @@ SEG_WRITER = "itkimage2segimage"
 PROPOSAL = "MultiverSeg proposal: "  # dcmqi's tool, which MONAI Label's SEG writer runs
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PACS_TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds between bytes of an answer
-PACS_ATTEMPTS = 3  # tries of one request, 0.2 s then 0.4 s apart
+PACS_RETRIES = 2  # more tries of a connection the PACS refused, 0.1 s then 0.2 s later (never of a timeout)
+PACS_PAUSE = 5.0  # seconds after a PACS failed to answer during which requests to it fail at once
 
 
 class PacsSession(requests.Session):
-    """A requests session whose calls time out (``PACS_TIMEOUT`` unless a call says otherwise): a PACS that
-    hangs must not hold a request, or MONAI Label's event loop, forever."""
+    """A requests session for the PACS: calls time out (``PACS_TIMEOUT`` unless a call says otherwise), a
+    refused connection is tried again twice within a second, and once the PACS has failed to answer, every
+    call fails at once for ``PACS_PAUSE`` s: a PACS that hangs holds one request per pause, not every
+    request (each for the timeout, on a worker thread) while it is down."""
+
+    def __init__(self):
+        super().__init__()
+        retry = Retry(total=PACS_RETRIES, connect=PACS_RETRIES, read=0, status=0, other=0, redirect=5,
+                      backoff_factor=0.1, allowed_methods=None, raise_on_status=False)
+        for prefix in ("http://", "https://"):
+            self.mount(prefix, HTTPAdapter(max_retries=retry))
+        self.paused_until = 0.0
 
     def request(self, method, url, **kwargs):
+        if time.monotonic() < self.paused_until:
+            raise requests.ConnectionError(f"the PACS did not answer within the last {PACS_PAUSE:g} s")
         kwargs.setdefault("timeout", PACS_TIMEOUT)
-        return super().request(method, url, **kwargs)
+        try:
+            return super().request(method, url, **kwargs)
+        except (requests.ConnectionError, requests.Timeout):
+            self.paused_until = time.monotonic() + PACS_PAUSE
+            raise
 
 
 @dataclass(frozen=True)
@@ -474,14 +494,14 @@ def _write_atomic(image: sitk.Image, path: str) -> None:
             os.unlink(tmp)
 
 
-def _mend_pacs_routes() -> None:
+def _mend_pacs_routes(session: PacsSession) -> None:
     """Two of MONAI Label's PACS routes, mended in place: ``/proxy/dicom`` calls ``requests.get`` without a
-    timeout (it gets a :class:`PacsSession`), and ``output=dicom_seg`` leaves its SEG file in the temp folder
+    timeout (it gets the datastore's :class:`PacsSession`), and ``output=dicom_seg`` leaves its SEG file in the temp folder
     after each answer (it is removed once the answer is sent)."""
     import monailabel.endpoints.infer
     import monailabel.endpoints.proxy
 
-    monailabel.endpoints.proxy.requests = PacsSession()
+    monailabel.endpoints.proxy.requests = session
     convert = monailabel.endpoints.infer.nifti_to_dicom_seg
     if getattr(convert, "mended", False):
         return
@@ -515,8 +535,8 @@ def connect(url: str, names: list[str], cache: Optional[str] = None) -> PacsData
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
-    client.set_http_retry_params(max_attempts=PACS_ATTEMPTS, wait_exponential_multiplier=100)
-    _mend_pacs_routes()
+    client.set_http_retry_params(retry=False)  # its retries waited 30 s in all; PacsSession retries instead
+    _mend_pacs_routes(session)
     cache = cache or (settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     # MONAI Label's default filter lists CT only; unless one is set, every imaging modality is listed
     chosen = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" in settings.model_fields_set

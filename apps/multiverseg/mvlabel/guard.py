@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, unquote
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from .access import PUBLIC, ROLE_NAMES, Identity, TokenCache, required_role
 from .errors import BadRequest, shorten
@@ -54,17 +55,18 @@ OFF_LOOP = re.compile(r"^/(info|infer|activelearning|datastore|batch|scoring|tra
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
 # who is asking, for requests that name no client_id: user and address (never one state for everyone)
 current_client: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_client", default="default")
+PACS_DOWN = "the PACS did not answer (refused, timed out or unreachable); try again once it is back"
+MAX_URL = 8192  # characters of path and query: a longer one is refused before it is parsed (or echoed back)
 SEG_NEEDS_INFO = "output=dicom_seg needs params.label_info (each segment's name and idx)"
 # files a route wrote for its answer only (MONAI Label's DICOM SEG output): removed once the answer is sent
 _request_files: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("mvseg_request_files", default=None)
 
 
 def remove_after_response(path: str) -> None:
-    """Remove ``path`` once the current request's answer has been sent (at once outside a request)."""
+    """Remove ``path`` once the current request's answer has been sent, or once the request failed (outside a
+    request, e.g. in a batch job's process, the caller keeps it)."""
     files = _request_files.get()
-    if files is None:
-        _remove(path)
-    else:
+    if files is not None:
         files.append(path)
 
 
@@ -117,6 +119,21 @@ def check_label_info(described: Any, what: str = "label_info") -> None:
             raise Refusal(422, f"'{what}' names a label {key} twice: {values}")
 
 
+def check_seg_label_info(described: Any) -> None:
+    """``label_info`` for a DICOM SEG answer (``output=dicom_seg``): each segment's name (DICOM text: ASCII),
+    its idx in the result, and optionally a colour ``[r, g, b]`` (0..255)."""
+    if not described:
+        raise Refusal(422, SEG_NEEDS_INFO)
+    check_label_info(described)
+    for d in described:
+        color = d.get("color")
+        if "idx" not in d or not d["name"].isascii() or (color is not None and not (
+                isinstance(color, list) and len(color) == 3
+                and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color))):
+            raise Refusal(422, "each entry of label_info for output=dicom_seg needs an ASCII 'name', its 'idx' "
+                               "and, if any, a 'color' of three values 0..255")
+
+
 def check_info(info: dict, path: str) -> None:
     """An info edit (``PUT /datastore/image/info``, ``/datastore/label/info``, ``/datastore/updatelabelinfo``)."""
     reserved = sorted(RESERVED_INFO & set(info))
@@ -167,8 +184,8 @@ def check_params(params: dict, route: str) -> None:
     if route.startswith("/batch/"):
         images = params.get("images")
         if images is not None and images not in ("all", "labeled", "unlabeled"):
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise Refusal(422, "'images' must be all, labeled, unlabeled or a list of image ids")
+            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+                raise Refusal(422, "'images' must be all, labeled, unlabeled or a list of image ids (not empty)")
             for image in images:
                 check_name(image, "images")
         for key in ("max_batch_size", "max_workers"):
@@ -232,6 +249,8 @@ class Guard:
         method, path = scope["method"], scope["path"]
         spool = None
         try:
+            if len(path) + len(scope.get("query_string", b"")) > MAX_URL:
+                raise Refusal(414, f"the URL is longer than {MAX_URL} characters")
             identity = self._authenticate(scope, method, path)
             if path.startswith("/proxy/"):
                 self._check_proxy(method, path, (scope.get("raw_path") or b"").decode("latin-1"))
@@ -245,10 +264,15 @@ class Guard:
             named = (query.get("image") or [""])[0] or (query.get("session_id") or [""])[0]
             if method == "POST" and path.startswith("/infer/") and not (named or uploads):
                 raise Refusal(422, "name an image (?image=ID) or upload one ('file')")
-        except Refusal as e:
+        except Exception as e:
             if spool is not None:
                 spool.close()
-            return await _respond(send, e.status, str(e), e.headers)
+            if isinstance(e, Refusal):
+                return await _respond(send, e.status, str(e), e.headers)
+            if self.on_pacs and pacs_unreachable(e):  # an existence check asked the PACS
+                log.warning("%s %s: the PACS did not answer: %s", method, path, e)
+                return await _respond(send, 503, PACS_DOWN)
+            raise
         user = identity.username if identity else "anonymous"
         token = current_user.set(user)
         client = current_client.set(f"{user}@{(scope.get('client') or ('?',))[0]}")
@@ -267,9 +291,9 @@ class Guard:
                 await self.inner(scope, receive, tracked)
         except Exception as e:  # MONAI Label's "not found" and "invalid input" are the caller's mistakes
             status = _status_of(e)
-            if self.on_pacs and status is None and _pacs_unreachable(e):
+            if self.on_pacs and status is None and pacs_unreachable(e):
                 log.warning("%s %s: the PACS did not answer: %s", method, path, e)
-                status, e = 503, BadRequest("the PACS did not answer (refused or timed out); try again once it is back", 503)
+                status, e = 503, BadRequest(PACS_DOWN, 503)
             if status is None or started:
                 raise
             await _respond(send, status, str(getattr(e, "msg", e)) or type(e).__name__)
@@ -393,6 +417,8 @@ class Guard:
         is_form = ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
         if seg_output and not is_form:
             raise Refusal(422, SEG_NEEDS_INFO)
+        if seg_output and not (query.get("image") or [""])[0]:
+            raise Refusal(422, "output=dicom_seg answers for a series of the PACS: name it (?image=SERIES_UID)")
         if ctype.startswith("application/json"):
             body = spool.read()
             spool.seek(0)
@@ -424,8 +450,8 @@ class Guard:
                         check_wsi(data)
                     elif field == "params":
                         check_params(data, path)
-                        if seg_output and not data.get("label_info"):
-                            raise Refusal(422, SEG_NEEDS_INFO)
+                        if seg_output:
+                            check_seg_label_info(data.get("label_info"))
                         if path.startswith(("/datastore/image", "/datastore/updatelabelinfo")):  # info, by another name
                             check_info(data, path)
                     elif field == "info":
@@ -480,13 +506,16 @@ def _status_of(error: Exception) -> Optional[int]:
     return None
 
 
-def _pacs_unreachable(error: BaseException) -> bool:
-    """Whether ``error`` (or one it was raised from) is a request to the PACS that failed to connect or
-    timed out."""
+def pacs_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) is a request to the PACS that failed to connect, timed
+    out or was answered by a gateway that could not reach it (502, 503, 504)."""
     import requests
 
     while error is not None:
         if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+            return True
+        response = getattr(error, "response", None)
+        if isinstance(error, requests.HTTPError) and response is not None and response.status_code in (502, 503, 504):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -519,7 +548,23 @@ async def _in_worker_thread(app, scope, receive, send) -> None:
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(send(message), loop))
 
     context = contextvars.copy_context()
-    await anyio.to_thread.run_sync(lambda: context.run(asyncio.run, app(scope, receive_there, send_there)))
+    await anyio.to_thread.run_sync(lambda: context.run(asyncio.run, app(scope, receive_there, send_there)),
+                                   limiter=_off_loop_threads())
+
+
+_OFF_LOOP_LIMITER = RunVar("mvseg_off_loop_limiter")
+OFF_LOOP_THREADS = 40
+
+
+def _off_loop_threads() -> anyio.CapacityLimiter:
+    """The worker threads of the off-loop routes, apart from the event loop's default ones: requests that wait
+    (on a PACS that hangs, on the model) never leave the quick routes' file reads (the viewer) without one."""
+    try:
+        return _OFF_LOOP_LIMITER.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(OFF_LOOP_THREADS)
+        _OFF_LOOP_LIMITER.set(limiter)
+        return limiter
 
 
 async def _respond(send, status: int, message: str, headers: Optional[dict] = None) -> None:

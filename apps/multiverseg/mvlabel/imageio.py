@@ -207,13 +207,16 @@ def _has_geometry(loaded: Loaded) -> bool:
 
 
 def check_same_grid(label: Loaded, image: Loaded) -> None:
-    """A volume label that says where its voxels are must say the image's grid (422 otherwise): a label of
-    the right shape but another voxel size, origin or orientation belongs to another image or was resampled."""
-    if not (image.is_volume and label.is_volume and _has_geometry(label)):
+    """A volume label must be on the image's grid where both files say where their voxels are (422
+    otherwise): a label of the right shape but another voxel size, origin or orientation belongs to another
+    image or was resampled. Within 1% of a voxel: float rounding of the headers. A file without a geometry
+    (a NIfTI with neither qform nor sform, an NRRD without space directions) is placed differently by every
+    reader (nibabel centres it, ITK puts it at the origin), so such a pair is not compared."""
+    if not (image.is_volume and label.is_volume and _has_geometry(label) and _has_geometry(image)):
         return
     a, b = label.affine, image.affine
-    scale = max(1.0, float(np.abs(b[:3, :3]).max()))
-    if np.allclose(a, b, rtol=0, atol=1e-3 * scale):
+    voxel = float(np.linalg.norm(b[:3, :3], axis=0).min())
+    if np.allclose(a, b, rtol=0, atol=0.01 * voxel):
         return
 
     def describe(affine):

@@ -11,18 +11,22 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .contextstore import volume_slice
+from .guard import remove_after_response
 from .imageio import write_label
 from .segmenter import Segmenter
 
 
 def result_file(mask: np.ndarray, loaded, request: dict) -> str:
-    """Write a result as the request asks (``result_extension``, ``result_dtype``, ``result_compress``)."""
+    """Write a result as the request asks (``result_extension``, ``result_dtype``, ``result_compress``); the file
+    goes once the request is answered, or refused after the model ran (MONAI Label removes it on success only)."""
     compress = request.get("result_compress", True)
     if isinstance(compress, str):
         compress = compress.strip().lower() not in ("false", "0", "no")
-    return write_label(
+    path = write_label(
         mask, loaded, request.get("result_extension"), request.get("result_dtype", "uint8"), bool(compress)
     )
+    remove_after_response(path)
+    return path
 
 
 def _fill_slice(shape: tuple, axis: int, index: int, plane: np.ndarray, value: int = 1) -> np.ndarray:
