@@ -659,3 +659,17 @@ def test_a_refusal_never_echoes_a_huge_input_back(server):
         assert r.status_code == 414 and len(r.content) < 1000
     r = client.post("/activelearning/" + "s" * 5_000, json={})
     assert r.status_code == 404 and len(r.content) < 1000
+
+
+def test_a_2d_nrrd_with_an_origin_is_read(server, tmp_path):
+    """Its two-value 'space origin' did not fit a 3D affine: 422 'could not broadcast'."""
+    import nrrd
+
+    client, app, _ = server
+    image = np.random.default_rng(1).integers(0, 255, (40, 30)).astype(np.uint8)
+    nrrd.write(str(tmp_path / "flat2d.nrrd"), image, {"space": "left-posterior", "space origin": [1.5, 2.0],
+                                                      "space directions": [[0.5, 0], [0, 0.5]]})
+    r = client.put("/datastore/image?image=flat2d", data={"params": "{}"},
+                   files={"file": ("flat2d.nrrd", (tmp_path / "flat2d.nrrd").read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    assert app.datastore().get_image_uri("flat2d")

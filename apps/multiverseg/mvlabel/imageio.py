@@ -79,7 +79,7 @@ def _nrrd_affine(header: dict) -> np.ndarray:
         if d.shape == (3, 3):
             affine[:3, :3] = d.T
     origin = header.get("space origin")
-    if origin is not None:
+    if origin is not None and np.size(origin) == 3:  # a 2D NRRD's origin has two values: no 3D placing
         affine[:3, 3] = np.asarray(origin, float)
     flip = np.array(_TO_RAS.get(str(header.get("space", "lps")).lower(), (-1, -1, 1)) + (1,), float)
     return flip[:, None] * affine
