@@ -624,7 +624,8 @@ def test_a_volume_label_on_another_grid_is_refused_and_one_on_the_image_grid_sav
     coarse[:3, :3] *= 1.5
     nib.save(nib.Nifti1Image(label, coarse), str(tmp_path / "coarse.nii.gz"))
     r = save("coarse.nii.gz", (tmp_path / "coarse.nii.gz").read_bytes())
-    assert r.status_code == 422 and "not on the image's grid" in r.json()["detail"] and "voxel size 3" in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "not on the image's grid" in detail and "voxel size 3" in detail
     assert not app.datastore().get_label_uri("vol", "final")
 
     lps = np.diag([-1.0, -1, 1]) @ affine[:3]  # RAS -> LPS, as Slicer writes it

@@ -308,7 +308,8 @@ def test_a_pacs_that_is_down_or_hangs_gets_a_quick_503_and_the_server_recovers(t
 
     pacs_port, port = free_port(), free_port()
     server = start_server(f"http://127.0.0.1:{pacs_port}/dicom-web", port, tmp_path / "server.log",
-                          {"labels": ",".join(NAMES)}, env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")})
+                          {"labels": ",".join(NAMES)},
+                          env={"MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache")})
     url = f"http://127.0.0.1:{port}"
     orthanc = None
 
@@ -320,7 +321,8 @@ def test_a_pacs_that_is_down_or_hangs_gets_a_quick_503_and_the_server_recovers(t
 
     try:
         for method, route, kw in (("GET", "/info/", {}), ("GET", "/datastore/?output=stats", {}),
-                                  ("GET", "/proxy/dicom/qido/studies", {}), ("POST", "/activelearning/random", {"json": {}}),
+                                  ("GET", "/proxy/dicom/qido/studies", {}),
+                                  ("POST", "/activelearning/random", {"json": {}}),
                                   ("POST", "/batch/infer/multiverseg_auto", {"json": {"images": ["1.2.3"]}}),
                                   ("DELETE", "/datastore/?id=1.2.3", {})):  # nothing listens
             assert answered_503(method, route, **kw) < 5, route
@@ -401,8 +403,10 @@ def test_a_dicom_seg_answer_and_the_dataset_archive_leave_no_temp_files(site):
         r = requests.post(f"{site.url}/infer/multiverseg?image={b}&output=dicom_seg",
                           data={"params": json.dumps({**params, "label_info": label_info})}, timeout=120)
         assert r.status_code == 422 and "label_info" in r.json()["detail"], (label_info, r.text)
-    r = requests.post(f"{site.url}/infer/multiverseg?output=dicom_seg", files={"file": ("v.nii.gz", SAMPLE.read_bytes())},
-                      data={"params": json.dumps({**params, "label_info": [{"name": "white_matter", "idx": 1}]})}, timeout=120)
+    described = [{"name": "white_matter", "idx": 1}]
+    r = requests.post(f"{site.url}/infer/multiverseg?output=dicom_seg", timeout=120,
+                      files={"file": ("v.nii.gz", SAMPLE.read_bytes())},
+                      data={"params": json.dumps({**params, "label_info": described})})
     assert r.status_code == 422 and "series" in r.json()["detail"], r.text
     if requests.get(f"{site.url}/datastore/dataset", timeout=120).status_code == 404:  # run on its own
         assert save_label(site, site.series[0], np.asarray(TRUTH.dataobj) == 1, LABEL_INFO[:1]).status_code == 200

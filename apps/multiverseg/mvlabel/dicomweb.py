@@ -46,14 +46,14 @@ import numpy as np
 import pydicom
 import requests
 import SimpleITK as sitk
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from pydicom.dataset import Dataset
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from .contextstore import label_masks
 from .errors import BadRequest
@@ -496,8 +496,8 @@ def _write_atomic(image: sitk.Image, path: str) -> None:
 
 def _mend_pacs_routes(session: PacsSession) -> None:
     """Two of MONAI Label's PACS routes, mended in place: ``/proxy/dicom`` calls ``requests.get`` without a
-    timeout (it gets the datastore's :class:`PacsSession`), and ``output=dicom_seg`` leaves its SEG file in the temp folder
-    after each answer (it is removed once the answer is sent)."""
+    timeout (it gets the datastore's :class:`PacsSession`), and ``output=dicom_seg`` leaves its SEG file in
+    the temp folder after each answer (it is removed once the answer is sent)."""
     import monailabel.endpoints.infer
     import monailabel.endpoints.proxy
 

@@ -298,8 +298,8 @@ class Guard:
                 raise
             await _respond(send, status, str(getattr(e, "msg", e)) or type(e).__name__)
         finally:
-            for path in _request_files.get():
-                _remove(path)
+            for written in _request_files.get():
+                _remove(written)
             current_user.reset(token)
             current_client.reset(client)
             _request_files.reset(files)
@@ -401,9 +401,10 @@ class Guard:
 
     async def _check_images_exist(self, images: list[str]) -> None:
         """A batch job of images the datastore does not have would start and fail in the background."""
-        missing = [i for i in images if not await anyio.to_thread.run_sync(self.image_exists, i)]
+        missing = await anyio.to_thread.run_sync(lambda: [i for i in images if not self.image_exists(i)])
         if missing:
-            shown = ", ".join(repr(i) for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            shown = ", ".join(repr(i) for i in missing[:5]) + more
             raise Refusal(404, f"not in the datastore: {shown}")
 
     async def _check_body(self, scope, path: str, spool) -> bool:
