@@ -232,7 +232,12 @@ class MultiverSegApp(MONAILabelApp):
         self.scoreboard.start()
 
     def on_save_label(self, image_id, label_id):
-        self.context.refresh_one(image_id)
+        try:
+            self.context.refresh_one(image_id)
+        except Exception as e:  # the label is saved; the context reads it at the next request
+            if not guard.pacs_unreachable(e):
+                raise
+            log.warning("label of %s saved, but the PACS did not answer to read it back: %s", image_id, e)
         self.scoreboard.poke()
         return super().on_save_label(image_id, label_id)
 

@@ -18,9 +18,10 @@ what an annotation server needs done differently:
 * **Ids are series UIDs and nothing else**: a name that is not a listed series is refused before any
   path is built from it.
 * **A PACS that is down gets a quick 503**, not a 500 after half a minute (the DICOMweb client's retries):
-  requests to it time out (5 s to connect, 30 s between bytes), a refused connection is tried again within a
-  second, and after a failure requests fail at once for a few seconds (:class:`PacsSession`); the same
-  session serves MONAI Label's ``/proxy/dicom`` (OHIF's reads).
+  requests to it time out, and after a failure they fail at once while one asks again (the circuit breaker
+  of :class:`PacsSession`, which also serves MONAI Label's ``/proxy/dicom``, OHIF's reads). Meanwhile the
+  last listings stand in, so images already downloaded stay usable; a download cut short (Orthanc sends
+  no length: a dropped connection looks complete) is caught by counting its instances, never cached.
 * **A model's proposals** (labels saved under a tag other than ``final``, e.g. batch pre-segmentations) go to
   the PACS as SEGs whose series description is ``MultiverSeg proposal: <tag>``, never read as final labels;
   their provenance stays in the local cache, where the series is linked in as an image.
@@ -57,7 +58,7 @@ from urllib3.util.retry import Retry
 
 from .contextstore import label_masks
 from .errors import BadRequest
-from .guard import remove_after_response
+from .guard import pacs_unreachable, remove_after_response
 from .imageio import check_label_values, read_image, read_label, uploads_removed_when_refused
 from .localstore import public_image_info, write_dataset_archive
 
@@ -72,15 +73,19 @@ SEG_WRITER = "itkimage2segimage"
 PROPOSAL = "MultiverSeg proposal: "  # dcmqi's tool, which MONAI Label's SEG writer runs
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PACS_TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds between bytes of an answer
-PACS_RETRIES = 2  # more tries of a connection the PACS refused, 0.1 s then 0.2 s later (never of a timeout)
-PACS_PAUSE = 5.0  # seconds after a PACS failed to answer during which requests to it fail at once
+PACS_RETRIES = 2  # more tries of a connection the PACS refused, within half a second (never of a timeout)
+PACS_PAUSE = 5.0  # seconds after a failure during which requests to the PACS fail at once
 
 
 class PacsSession(requests.Session):
-    """A requests session for the PACS: calls time out (``PACS_TIMEOUT`` unless a call says otherwise), a
-    refused connection is tried again twice within a second, and once the PACS has failed to answer, every
-    call fails at once for ``PACS_PAUSE`` s: a PACS that hangs holds one request per pause, not every
-    request (each for the timeout, on a worker thread) while it is down."""
+    """A requests session for the PACS, with a circuit breaker.
+
+    Calls time out (``PACS_TIMEOUT`` unless a call says otherwise) and a refused connection is tried again
+    twice. Once the PACS has failed (no connection, a timeout, a gateway's 502/503/504), calls fail at once
+    for ``PACS_PAUSE`` s; then one call at a time asks it again while the others keep failing at once, until
+    one gets an answer. So a PACS that hangs holds one request per pause, not every request for the
+    timeout, each on a worker thread.
+    """
 
     def __init__(self):
         super().__init__()
@@ -88,17 +93,31 @@ class PacsSession(requests.Session):
                       backoff_factor=0.1, allowed_methods=None, raise_on_status=False)
         for prefix in ("http://", "https://"):
             self.mount(prefix, HTTPAdapter(max_retries=retry))
-        self.paused_until = 0.0
+        self._state = threading.Lock()
+        self.failed_at: Optional[float] = None  # monotonic time of the last failure; None while it answers
+        self._probing = False
 
     def request(self, method, url, **kwargs):
-        if time.monotonic() < self.paused_until:
-            raise requests.ConnectionError(f"the PACS did not answer within the last {PACS_PAUSE:g} s")
+        with self._state:
+            probe = False
+            if self.failed_at is not None:
+                if self._probing or time.monotonic() - self.failed_at < PACS_PAUSE:
+                    raise requests.ConnectionError("the PACS did not answer a moment ago (asked again shortly)")
+                self._probing = probe = True
         kwargs.setdefault("timeout", PACS_TIMEOUT)
         try:
-            return super().request(method, url, **kwargs)
+            response = super().request(method, url, **kwargs)
         except (requests.ConnectionError, requests.Timeout):
-            self.paused_until = time.monotonic() + PACS_PAUSE
+            self._answered(False, probe)
             raise
+        self._answered(response.status_code not in (502, 503, 504), probe)
+        return response
+
+    def _answered(self, ok: bool, probe: bool) -> None:
+        with self._state:
+            self.failed_at = None if ok else time.monotonic()
+            if probe:
+                self._probing = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +183,7 @@ class PacsDatastore(DICOMWebDatastore):
         self._guard = threading.Lock()
         self._series_locks: dict[str, threading.RLock] = defaultdict(threading.RLock)
         self._listed: tuple[float, list[str], dict] = (0.0, [], {})  # when, image series, {uid: DICOM_INFO}
+        self._listed_once = False  # a listing that stands in while the PACS does not answer
         self._segs: dict[str, SegRecord] = {}  # every SEG seen, by its series UID
         self._segs_listed = 0.0
         self._labels: dict[tuple, tuple[tuple, str, dict]] = {}  # (image, tag) -> (SEG uids, file, label info)
@@ -179,7 +199,14 @@ class PacsDatastore(DICOMWebDatastore):
             at, series, studies = self._listed
             if time.monotonic() - at < self.list_ttl:
                 return series, studies
-        found = self._client.search_for_series(search_filters=self._filter or {})
+        try:
+            found = self._client.search_for_series(search_filters=self._filter or {})
+        except Exception as e:
+            if not (self._listed_once and pacs_unreachable(e)):
+                raise
+            log.warning("the PACS did not answer (%s): the last listing of its series stands in", e)
+            with self._guard:
+                return self._listed[1], self._listed[2]
         series, studies = [], {}
         for item in found:
             meta = Dataset.from_json(item)
@@ -190,6 +217,7 @@ class PacsDatastore(DICOMWebDatastore):
             studies[uid] = {k: _value(meta, k) for k in DICOM_INFO}
         with self._guard:
             self._listed = (time.monotonic(), series, studies)
+            self._listed_once = True
         return series, studies
 
     def list_images(self) -> list[str]:
@@ -200,7 +228,14 @@ class PacsDatastore(DICOMWebDatastore):
         with self._guard:
             fresh = time.monotonic() - self._segs_listed < self.list_ttl
         if not fresh:
-            for item in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+            try:
+                found = self._client.search_for_series(search_filters={"Modality": "SEG"})
+            except Exception as e:
+                if not (self._segs_listed and pacs_unreachable(e)):
+                    raise
+                log.warning("the PACS did not answer (%s): the SEGs seen so far stand in", e)
+                return dict(self._segs)
+            for item in found:
                 meta = Dataset.from_json(item)
                 uid, study = _value(meta, "SeriesInstanceUID"), _value(meta, "StudyInstanceUID")
                 if uid not in self._segs:
@@ -245,7 +280,7 @@ class PacsDatastore(DICOMWebDatastore):
         series, studies = self._list()
         if image_id not in studies:
             with self._guard:
-                self._listed = (0.0, [], {})  # a series stored a moment ago: look once more
+                self._listed = (0.0,) + self._listed[1:]  # a series stored a moment ago: look once more
             series, studies = self._list()
         if image_id not in studies:
             raise BadRequest(f"series '{image_id}' is not in the PACS (or not listed by the search filter)", 404)
@@ -300,6 +335,11 @@ class PacsDatastore(DICOMWebDatastore):
         partial = tempfile.mkdtemp(prefix=f"{series}.", suffix=".part", dir=self.series_dir)
         try:
             dicom_web_download_series(study, series, partial, self._client, self._fetch_by_frame)
+            # a connection that drops mid-answer can look like a complete one (Orthanc sends no length)
+            expected = len(self._client.search_for_instances(study, series, fields=["SOPInstanceUID"]))
+            arrived = len(os.listdir(partial))
+            if arrived < expected:
+                raise requests.ConnectionError(f"series {series}: {arrived} of its {expected} instances arrived")
             os.replace(partial, folder)
         finally:
             shutil.rmtree(partial, ignore_errors=True)

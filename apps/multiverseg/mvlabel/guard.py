@@ -509,11 +509,17 @@ def _status_of(error: Exception) -> Optional[int]:
 
 def pacs_unreachable(error: BaseException) -> bool:
     """Whether ``error`` (or one it was raised from) is a request to the PACS that failed to connect, timed
-    out or was answered by a gateway that could not reach it (502, 503, 504)."""
-    import requests
+    out, broke off mid-answer or was answered by a gateway that could not reach it (502, 503, 504)."""
+    import http.client
 
+    import requests
+    import urllib3
+
+    broken = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+              requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError,
+              urllib3.exceptions.ReadTimeoutError, http.client.IncompleteRead)  # refused, hung, cut mid-answer
     while error is not None:
-        if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+        if isinstance(error, broken):
             return True
         response = getattr(error, "response", None)
         if isinstance(error, requests.HTTPError) and response is not None and response.status_code in (502, 503, 504):
