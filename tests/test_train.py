@@ -154,14 +154,15 @@ def test_intensity_label_keeps_the_band_inside_the_content_box():
     assert not ground[12, 12] and not intensity_label(np.zeros((8, 8), np.uint8), 0.1, 1.0, 1.0).any()
 
 
-def test_intensity_tasks_apply_one_rule_to_different_images(task_root):
+@pytest.mark.parametrize("kind, low, high", [("intensity", 0.005, 0.6), ("ridge", 0.0, 0.3)])
+def test_rule_tasks_apply_one_rule_to_different_images(task_root, kind, low, high):
     bank = TaskBank([Source("unlab", labelled=False)], task_root, size=32, heldout=0.0, seed=0)
     rng = np.random.default_rng(0)
-    x, y = bank._intensity(3, rng)
+    x, y = getattr(bank, f"_{kind}")(3, rng)
     assert x.shape == y.shape == (4, 1, 32, 32) and set(torch.unique(y).tolist()) <= {0.0, 1.0}
     assert len({x[i].numpy().tobytes() for i in range(4)}) > 1  # not copies of one image
-    assert 0.005 <= y[0].mean() <= 0.6
-    xs, ys, synthetic = bank.sample(2, rng, torch.Generator().manual_seed(0), p_synthetic=1.0, p_intensity=1.0)
+    assert y[0].any() and low <= y[0].mean() <= high
+    xs, ys, synthetic = bank.sample(2, rng, torch.Generator().manual_seed(0), p_synthetic=1.0, **{f"p_{kind}": 1.0})
     assert synthetic and ys[0].any() and xs.shape == (3, 1, 32, 32)
 
 
@@ -174,19 +175,9 @@ def test_ridge_label_keeps_thin_lines_of_its_polarity_and_drops_speckle():
     assert bright[10:12, 8:40].all() and not bright[32:36, 8:40].any() and not bright[42:45, 18:23].any()
     assert bright.mean() < 0.15
     # a dark line is a bright line of the negative image
-    assert np.array_equal(ridge_label(ridge_response(255 - image, 1.0, dark=True), 0.05)[1:-1, 1:-1], bright[1:-1, 1:-1])
+    dark = ridge_label(ridge_response(255 - image, 1.0, dark=True), 0.05)
+    assert np.array_equal(dark[1:-1, 1:-1], bright[1:-1, 1:-1])
     assert not ridge_response(np.zeros((8, 8), np.uint8), 1.0, False).any()
-
-
-def test_ridge_tasks_apply_one_rule_to_different_images(task_root):
-    bank = TaskBank([Source("unlab", labelled=False)], task_root, size=32, heldout=0.0, seed=0)
-    rng = np.random.default_rng(0)
-    x, y = bank._ridge(3, rng)
-    assert x.shape == y.shape == (4, 1, 32, 32) and set(torch.unique(y).tolist()) <= {0.0, 1.0}
-    assert len({x[i].numpy().tobytes() for i in range(4)}) > 1  # not copies of one image
-    assert y[0].any() and y[0].mean() <= 0.3
-    xs, ys, synthetic = bank.sample(2, rng, torch.Generator().manual_seed(0), p_synthetic=1.0, p_ridge=1.0)
-    assert synthetic and ys[0].any() and xs.shape == (3, 1, 32, 32)
 
 
 def test_split_of_a_named_source_points_evaluation_at_its_folder(task_root):

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 MIN_SUPERPIXEL_FRACTION = 0.002  # smaller superpixels make labels of a few model pixels
 # An intensity task's target label must cover this fraction of the image (else another rule is drawn).
 INTENSITY_FRACTION = (0.005, 0.6)
-INTENSITY_TRIES = 8
+RULE_TRIES = 8  # rules drawn at most for one intensity or ridge task
 # A ridge task's target label covers this fraction of the image (thin lines: a few percent).
 RIDGE_FRACTION = (0.01, 0.3)
 
@@ -236,47 +236,58 @@ class TaskBank:
         y = torch.from_numpy(segments == c).float()[None, None].repeat(n + 1, 1, 1, 1)
         return augment.augment(x, y, augment.SYNTHETIC, gen)
 
-    def _intensity(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target + ``n`` context entries of an intensity task: ``n + 1`` images of one source (different
-        ones where it has enough), one intensity band and smoothing for all of them. Bright objects on
-        dark ground (a band reaching 1) half of the time, a band in between otherwise; the task
-        augmentation's intensity flip makes dark objects of either."""
+    def _rule_task(self, n: int, rng: np.random.Generator, draw_rule, fraction: tuple[float, float]):
+        """Target + ``n`` context entries of a task that one rule defines: ``n + 1`` images of one source
+        (different ones where it has enough) and the labels the rule gives each. ``draw_rule(rng, image)``
+        draws a rule and returns it (``image -> bool label``) with its label of ``image``; rules are drawn
+        until the target's label covers ``fraction`` of it (``RULE_TRIES`` at most)."""
         images = self.pool[rng.choice(sorted(self.pool))]
         idx = rng.choice(len(images), size=n + 1, replace=len(images) < n + 1)
         picked = [images[i] for i in idx]
-        for _ in range(INTENSITY_TRIES):
+        for _ in range(RULE_TRIES):
+            rule, target = draw_rule(rng, picked[0])
+            if fraction[0] <= target.mean() <= fraction[1]:
+                break
+        labels = [target] + [rule(im) for im in picked[1:]]
+        x = torch.from_numpy(np.stack(picked)).float().div(255)[:, None]
+        y = torch.from_numpy(np.stack(labels)).float()[:, None]
+        return x, y
+
+    def _intensity(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """An intensity task: one intensity band and smoothing. Bright objects on dark ground (a band reaching
+        1) half of the time, a band in between otherwise; the task augmentation's intensity flip makes dark
+        objects of either."""
+
+        def draw(rng, image):
             sigma = float(rng.uniform(0.5, 2.5))
             if rng.random() < 0.5:
                 low, high = float(rng.uniform(0.25, 0.85)), 1.0
             else:
                 low = float(rng.uniform(0.1, 0.7))
                 high = low + float(rng.uniform(0.1, 0.4))
-            target = intensity_label(picked[0], low, high, sigma)
-            if INTENSITY_FRACTION[0] <= target.mean() <= INTENSITY_FRACTION[1]:
-                break
-        labels = [target] + [intensity_label(im, low, high, sigma) for im in picked[1:]]
-        x = torch.from_numpy(np.stack(picked)).float().div(255)[:, None]
-        y = torch.from_numpy(np.stack(labels)).float()[:, None]
-        return x, y
+
+            def rule(im):
+                return intensity_label(im, low, high, sigma)
+
+            return rule, rule(image)
+
+        return self._rule_task(n, rng, draw, INTENSITY_FRACTION)
 
     def _ridge(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target + ``n`` context entries of a ridge task: ``n + 1`` images of one source, one line width,
-        polarity and response threshold for all of them (the threshold keeps the target's strongest 3-20%
-        of pixels)."""
-        images = self.pool[rng.choice(sorted(self.pool))]
-        idx = rng.choice(len(images), size=n + 1, replace=len(images) < n + 1)
-        picked = [images[i] for i in idx]
-        for _ in range(INTENSITY_TRIES):
+        """A ridge task: one line width, polarity and response threshold (the one that keeps the target's
+        strongest 3-20% of pixels)."""
+
+        def draw(rng, image):
             sigma, dark = float(rng.uniform(0.7, 3.0)), bool(rng.random() < 0.5)
-            response = ridge_response(picked[0], sigma, dark)
+            response = ridge_response(image, sigma, dark)
             threshold = float(np.quantile(response, 1 - rng.uniform(0.03, 0.2)))
-            target = ridge_label(response, threshold)
-            if RIDGE_FRACTION[0] <= target.mean() <= RIDGE_FRACTION[1]:
-                break
-        labels = [target] + [ridge_label(ridge_response(im, sigma, dark), threshold) for im in picked[1:]]
-        x = torch.from_numpy(np.stack(picked)).float().div(255)[:, None]
-        y = torch.from_numpy(np.stack(labels)).float()[:, None]
-        return x, y
+
+            def rule(im):
+                return ridge_label(ridge_response(im, sigma, dark), threshold)
+
+            return rule, ridge_label(response, threshold)
+
+        return self._rule_task(n, rng, draw, RIDGE_FRACTION)
 
     def sample(
         self,
