@@ -256,6 +256,8 @@ class Guard:
                 self._check_proxy(method, path, (scope.get("raw_path") or b"").decode("latin-1"))
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             self._check_query(method, path, query)
+            if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
+                await self._check_images_exist([(query.get("id") or [""])[0]])
             uploads = False
             if method in ("POST", "PUT", "PATCH"):
                 spool = await self._read_body(receive)
@@ -344,10 +346,6 @@ class Guard:
             for value in query.get("lines", []):
                 if not (value.isdigit() and int(value) <= 1_000_000):
                     raise Refusal(422, f"'lines' must be a whole number up to 1000000, got {value[:32]!r}")
-        if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
-            image = (query.get("id") or [""])[0]
-            if not image or not self.image_exists(image):
-                raise Refusal(404, f"image '{image}' is not in the datastore")
 
     def _check_proxy(self, method: str, path: str, raw_path: str) -> None:
         """OHIF reads the PACS through ``/proxy/dicom/[qido|wado/]...``: DICOMweb reads only. MONAI Label
@@ -400,7 +398,8 @@ class Guard:
         return spool
 
     async def _check_images_exist(self, images: list[str]) -> None:
-        """A batch job of images the datastore does not have would start and fail in the background."""
+        """The images a delete or a batch job names are in the datastore (404 otherwise: a batch job of missing
+        ones would start and fail in the background). Asked on a worker thread: on a PACS it asks the PACS."""
         missing = await anyio.to_thread.run_sync(lambda: [i for i in images if not self.image_exists(i)])
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
