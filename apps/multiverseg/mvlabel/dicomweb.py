@@ -182,8 +182,8 @@ class PacsDatastore(DICOMWebDatastore):
         self._filter = search_filter
         self._guard = threading.Lock()
         self._series_locks: dict[str, threading.RLock] = defaultdict(threading.RLock)
-        self._listed: tuple[float, list[str], dict] = (0.0, [], {})  # when, image series, {uid: DICOM_INFO}
-        self._listed_once = False  # a listing that stands in while the PACS does not answer
+        # when, image series (None before the first listing), {uid: DICOM_INFO}
+        self._listed: tuple[float, Optional[list[str]], dict] = (0.0, None, {})
         self._segs: dict[str, SegRecord] = {}  # every SEG seen, by its series UID
         self._segs_listed = 0.0
         self._labels: dict[tuple, tuple[tuple, str, dict]] = {}  # (image, tag) -> (SEG uids, file, label info)
@@ -199,14 +199,9 @@ class PacsDatastore(DICOMWebDatastore):
             at, series, studies = self._listed
             if time.monotonic() - at < self.list_ttl:
                 return series, studies
-        try:
-            found = self._client.search_for_series(search_filters=self._filter or {})
-        except Exception as e:
-            if not (self._listed_once and pacs_unreachable(e)):
-                raise
-            log.warning("the PACS did not answer (%s): the last listing of its series stands in", e)
-            with self._guard:
-                return self._listed[1], self._listed[2]
+        found = self._search_series(self._filter or {}, series is not None, "the last listing of its series")
+        if found is None:
+            return series, studies
         series, studies = [], {}
         for item in found:
             meta = Dataset.from_json(item)
@@ -217,8 +212,18 @@ class PacsDatastore(DICOMWebDatastore):
             studies[uid] = {k: _value(meta, k) for k in DICOM_INFO}
         with self._guard:
             self._listed = (time.monotonic(), series, studies)
-            self._listed_once = True
         return series, studies
+
+    def _search_series(self, filters: dict, seen: bool, stand_in: str) -> Optional[list]:
+        """A QIDO series search; None where the PACS does not answer and a listing it gave before (``seen``)
+        stands in, so images already downloaded stay usable."""
+        try:
+            return self._client.search_for_series(search_filters=filters)
+        except Exception as e:
+            if not (seen and pacs_unreachable(e)):
+                raise
+            log.warning("the PACS did not answer (%s): %s stands in", e, stand_in)
+            return None
 
     def list_images(self) -> list[str]:
         return list(self._list()[0])
@@ -228,20 +233,15 @@ class PacsDatastore(DICOMWebDatastore):
         with self._guard:
             fresh = time.monotonic() - self._segs_listed < self.list_ttl
         if not fresh:
-            try:
-                found = self._client.search_for_series(search_filters={"Modality": "SEG"})
-            except Exception as e:
-                if not (self._segs_listed and pacs_unreachable(e)):
-                    raise
-                log.warning("the PACS did not answer (%s): the SEGs seen so far stand in", e)
-                return dict(self._segs)
-            for item in found:
+            found = self._search_series({"Modality": "SEG"}, bool(self._segs_listed), "what it listed of its SEGs")
+            for item in found or ():
                 meta = Dataset.from_json(item)
                 uid, study = _value(meta, "SeriesInstanceUID"), _value(meta, "StudyInstanceUID")
                 if uid not in self._segs:
                     self._remember_seg(uid, study)
-            with self._guard:
-                self._segs_listed = time.monotonic()
+            if found is not None:
+                with self._guard:
+                    self._segs_listed = time.monotonic()
         return dict(self._segs)
 
     def _remember_seg(self, uid: str, study: str) -> None:
