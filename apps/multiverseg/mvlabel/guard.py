@@ -269,12 +269,10 @@ class Guard:
         except Exception as e:
             if spool is not None:
                 spool.close()
-            if isinstance(e, Refusal):
-                return await _respond(send, e.status, str(e), e.headers)
-            if self.on_pacs and pacs_unreachable(e):  # an existence check asked the PACS
-                log.warning("%s %s: the PACS did not answer: %s", method, path, e)
-                return await _respond(send, 503, PACS_DOWN)
-            raise
+            refusal = e if isinstance(e, Refusal) else self._pacs_down(e, method, path)  # existence checks ask it
+            if refusal is None:
+                raise
+            return await _respond(send, refusal.status, str(refusal), refusal.headers)
         user = identity.username if identity else "anonymous"
         token = current_user.set(user)
         client = current_client.set(f"{user}@{(scope.get('client') or ('?',))[0]}")
@@ -293,9 +291,8 @@ class Guard:
                 await self.inner(scope, receive, tracked)
         except Exception as e:  # MONAI Label's "not found" and "invalid input" are the caller's mistakes
             status = _status_of(e)
-            if self.on_pacs and status is None and pacs_unreachable(e):
-                log.warning("%s %s: the PACS did not answer: %s", method, path, e)
-                status, e = 503, BadRequest(PACS_DOWN, 503)
+            if status is None and (down := self._pacs_down(e, method, path)) is not None:
+                status, e = down.status, down
             if status is None or started:
                 raise
             await _respond(send, status, str(getattr(e, "msg", e)) or type(e).__name__)
@@ -307,6 +304,13 @@ class Guard:
             _request_files.reset(files)
             if spool is not None:
                 spool.close()
+
+    def _pacs_down(self, error: Exception, method: str, path: str) -> Optional[Refusal]:
+        """The 503 for a request the PACS did not answer (None for any other error)."""
+        if not (self.on_pacs and pacs_unreachable(error)):
+            return None
+        log.warning("%s %s: the PACS did not answer: %s", method, path, error)
+        return Refusal(503, PACS_DOWN)
 
     # -- who ----------------------------------------------------------------------------------------
 

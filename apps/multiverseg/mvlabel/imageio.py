@@ -192,9 +192,10 @@ def check_label_values(label: np.ndarray) -> np.ndarray:
     if values.min() < 0 or values.max() > 255:
         raise BadRequest(f"label values must be 0 (background) or 1..255, this label holds {values.min()} "
                          f"to {values.max()}", 422)
-    if len(values[values != 0]) > MAX_LABELS:
+    labels = np.count_nonzero(values)
+    if labels > MAX_LABELS:
         raise BadRequest(f"a label holds at most {MAX_LABELS} label values (1..255), this one has "
-                         f"{len(values[values != 0])} (min {values.min()}, max {values.max()})", 422)
+                         f"{labels} (min {values.min()}, max {values.max()})", 422)
     return label
 
 
