@@ -221,23 +221,15 @@ class MultiverSegApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         self.predictor.warmup()
-        try:
+        read = 0
+        with guard.unless_the_pacs_is_down("the context is read at the first request it answers"):
             read = self.context.refresh()
-        except Exception as e:
-            if not guard.pacs_unreachable(e):
-                raise
-            log.warning("the PACS did not answer (%s): the context is read at the first request it answers", e)
-            read = 0
         log.info("MultiverSeg ready: %d labels read, context sizes %s", read, self.context.sizes())
         self.scoreboard.start()
 
     def on_save_label(self, image_id, label_id):
-        try:
+        with guard.unless_the_pacs_is_down(f"the label of {image_id} is saved; the context reads it later"):
             self.context.refresh_one(image_id)
-        except Exception as e:  # the label is saved; the context reads it at the next request
-            if not guard.pacs_unreachable(e):
-                raise
-            log.warning("label of %s saved, but the PACS did not answer to read it back: %s", image_id, e)
         self.scoreboard.poke()
         return super().on_save_label(image_id, label_id)
 

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, unquote
 
@@ -529,6 +530,17 @@ def pacs_unreachable(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@contextmanager
+def unless_the_pacs_is_down(then: str):
+    """Run the block; a PACS that does not answer ends it with a warning (``then``: what happens instead)."""
+    try:
+        yield
+    except Exception as e:
+        if not pacs_unreachable(e):
+            raise
+        log.warning("the PACS did not answer (%s): %s", e, then)
 
 
 def _replay(spool, receive):
