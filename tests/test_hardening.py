@@ -165,6 +165,27 @@ def test_other_malformed_requests(server):
         assert r.status_code in (400, 422), (wsi, r.text)
 
 
+@pytest.mark.parametrize("route", [f"/infer/multiverseg?image={IDS[1]}", f"/infer/wsi_v2/multiverseg?image={IDS[1]}"])
+@pytest.mark.parametrize("ctype", ["application/json", "text/plain", None])
+def test_a_body_that_is_not_a_form_is_refused_not_ignored(server, route, ctype):
+    """MONAI Label reads these routes' fields from a form only: JSON clicks would be dropped and a zero-click
+    answer sent as if they had been seen."""
+    client, _, _ = server
+    headers = {"content-type": ctype} if ctype else {}
+    body = json.dumps({"params": {"foreground": [[10, 10]]}})
+    r = client.post(route, content=body, headers=headers)
+    assert r.status_code == 415 and "form" in r.json()["detail"], r.text
+    assert client.post(route.replace("wsi_v2/", "")).status_code == 200  # no body: the zero-click call stands
+
+
+def test_an_info_edit_that_is_not_a_form_changes_nothing(server):
+    client, _, studies = server
+    before = client.get(f"/datastore/image/info?image={IDS[2]}").json()
+    r = client.put(f"/datastore/image/info?image={IDS[2]}", json={"info": {"note": "x"}})
+    assert r.status_code == 415, r.text
+    assert client.get(f"/datastore/image/info?image={IDS[2]}").json() == before
+
+
 # -- limits ---------------------------------------------------------------------------------------------
 
 

@@ -59,6 +59,8 @@ current_client: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_clie
 PACS_DOWN = "the PACS did not answer (refused, timed out or unreachable); try again once it is back"
 MAX_URL = 8192  # characters of path and query: a longer one is refused before it is parsed (or echoed back)
 SEG_NEEDS_INFO = "output=dicom_seg needs params.label_info (each segment's name and idx)"
+# routes whose fields MONAI Label reads from a form only: any other body would be dropped and defaults used
+FORM_ROUTES = re.compile(r"^/(infer/(?!wsi/)[^/]+|infer/wsi_v2/[^/]+|datastore(/.*)?|session/?)$")
 # files a route wrote for its answer only (MONAI Label's DICOM SEG output): removed once the answer is sent
 _request_files: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("mvseg_request_files", default=None)
 
@@ -420,6 +422,10 @@ class Guard:
         # MONAI Label refuses a DICOM SEG answer without label_info only after the model ran (and kept its file)
         seg_output = path.startswith("/infer/") and "dicom_seg" in query.get("output", [])
         is_form = ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
+        if not is_form and FORM_ROUTES.match(path) and spool.read(1):
+            raise Refusal(415, f"{path} reads a multipart form (JSON goes in its 'params' field, a file in 'file'),"
+                               f" not a body sent as {ctype or 'no content type'}")
+        spool.seek(0)
         if seg_output and not is_form:
             raise Refusal(422, SEG_NEEDS_INFO)
         if seg_output and not (query.get("image") or [""])[0]:
