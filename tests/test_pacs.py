@@ -10,6 +10,7 @@ process is stopped by its PID; every wait is bounded. ``.ci/run`` installs Ortha
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import os
@@ -303,7 +304,6 @@ def test_a_pacs_that_is_down_or_hangs_gets_a_quick_503_and_the_server_recovers(t
     """The PACS was down: every route answered a bare 500 after 30 s (the DICOMweb client's retries), and
     /info/ held the event loop meanwhile. A PACS that accepts and never answers held it for good; requests
     waiting on it took every worker thread, the viewer's files included. A gateway's 502 stopped the start."""
-    import http.server
     import socket
 
     pacs_port, port = free_port(), free_port()
@@ -453,6 +453,80 @@ def test_batch_results_go_to_the_pacs_as_proposals_never_as_final(site, tmp_path
     assert r.json()["id"] == b  # a proposal is not a final label
     again = batch.plan(store, predictor, batch.weights_digest(None), "white_matter", NAMES)
     assert again.todo == [] and again.current == [b]
+
+
+class LosingRelay(http.server.BaseHTTPRequestHandler):
+    """Relays to Orthanc; while ``server.lose`` is set, the answer to a POST (a STOW) is dropped after Orthanc
+    stored it, as when the network cuts between the PACS and the server at that moment."""
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b""
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            body += self.rfile.read(size)
+            self.rfile.readline()
+        self.rfile.readline()
+        return body
+
+    def _relay(self):
+        skip = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        r = requests.request(self.command, self.server.target + self.path, data=self._body(), headers=headers,
+                             timeout=60)
+        if self.command == "POST" and self.server.lose:
+            self.server.lost += 1
+            self.close_connection = True  # no status line: the client sees the connection closed
+            return
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in skip:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_POST = _relay
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_save_whose_answer_was_lost_is_not_stored_twice(site, tmp_path, monkeypatch):
+    """The PACS stored the SEG but its answer never came: the save answers 503 and the client saves again.
+    That retry used to store a second, identical SEG; now it finds the first and answers with it."""
+    from mvlabel import dicomweb
+
+    monkeypatch.setattr(dicomweb, "PACS_PAUSE", 0.2)
+    relay = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LosingRelay)
+    relay.target, relay.lose, relay.lost = f"http://127.0.0.1:{site.orthanc_port}", True, 0
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    a = site.series[0]
+    label = np.asarray(TRUTH.dataobj).astype(np.uint8)
+
+    def save(mask: np.ndarray) -> str:
+        path = tmp_path / f"label{time.monotonic_ns()}.nii.gz"  # a refused save removes its upload
+        nib.save(nib.Nifti1Image(mask, TRUTH.affine), str(path))
+        return store.save_label(a, str(path), "final", {"label_info": LABEL_INFO})
+
+    try:
+        store = dicomweb.connect(f"http://127.0.0.1:{relay.server_port}/dicom-web", NAMES, cache=str(tmp_path))
+        before = {s["uid"] for s in segs_in_pacs(site)}
+        with pytest.raises(requests.ConnectionError):
+            save(label)
+        stored = {s["uid"] for s in segs_in_pacs(site)} - before
+        assert relay.lost == 1 and len(stored) == 1  # it reached the PACS
+        relay.lose = False
+        time.sleep(0.3)  # the pause after a failure
+        assert save(label) == stored.pop()  # the retry: the same SEG, no second one
+        assert len({s["uid"] for s in segs_in_pacs(site)} - before) == 1
+        changed = label.copy()
+        changed[tuple(np.argwhere(label == 1)[0])] = 0
+        assert save(changed) not in before  # another label is stored as ever
+        assert len({s["uid"] for s in segs_in_pacs(site)} - before) == 2
+    finally:
+        relay.shutdown()
+        relay.server_close()
 
 
 def test_a_restarted_server_rebuilds_the_context_from_the_pacs(site):

@@ -29,6 +29,7 @@ what an annotation server needs done differently:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -187,6 +188,8 @@ class PacsDatastore(DICOMWebDatastore):
         self._segs: dict[str, SegRecord] = {}  # every SEG seen, by its series UID
         self._segs_listed = 0.0
         self._labels: dict[tuple, tuple[tuple, str, dict]] = {}  # (image, tag) -> (SEG uids, file, label info)
+        # image -> (digest of the label, SEG series UID) of a store whose answer was lost: it may be in the PACS
+        self._unanswered: dict[str, tuple[str, str]] = {}
 
     def _lock(self, key: str) -> threading.RLock:
         with self._guard:
@@ -468,12 +471,20 @@ class PacsDatastore(DICOMWebDatastore):
             nib.save(nib.Nifti1Image(labelmap, image.affine), path)
             described = [{"name": n, "idx": v} for v, (n, _) in enumerate(segments, start=1)]
             described[0]["model_name"] = description  # becomes the SEG's series description
+            digest = hashlib.sha256(repr((labelmap.shape, described)).encode() + labelmap.tobytes()).hexdigest()
+            if (stored := self._stored_unanswered(image_id, digest)) is not None:
+                return stored
             seg_file = nifti_to_dicom_seg(os.path.join(self.series_dir, image_id), path, described)
             if not seg_file:
                 raise BadRequest("the label could not be written as DICOM SEG", 422)
             t1 = time.perf_counter()
             try:
                 seg_uid = dicom_web_upload_dcm(seg_file, self._client)
+            except requests.RequestException as e:
+                if not isinstance(e, requests.HTTPError):  # sent, but no answer came: it may be stored
+                    written = pydicom.dcmread(seg_file, stop_before_pixels=True).SeriesInstanceUID
+                    self._unanswered[image_id] = (digest, str(written))
+                raise
             finally:
                 os.unlink(seg_file)
         if not seg_uid:
@@ -483,6 +494,21 @@ class PacsDatastore(DICOMWebDatastore):
         log.info("label of %s stored as SEG %s (%s): written in %.2f s, stored in %.2f s", image_id, seg_uid,
                  ", ".join(n for n, _ in segments), t1 - t0, time.perf_counter() - t1)
         return seg_uid
+
+    def _stored_unanswered(self, image_id: str, digest: str) -> Optional[str]:
+        """The SEG series UID of this very label when an earlier save of it reached the PACS but its answer was
+        lost (the client saves again after a 503): that SEG is the answer, no duplicate is stored."""
+        digest_then, uid = self._unanswered.get(image_id, ("", ""))
+        if digest_then != digest:
+            self._unanswered.pop(image_id, None)  # another label now: it is stored and, being newer, counts
+            return None
+        found = self._client.search_for_series(search_filters={"SeriesInstanceUID": uid})  # may fail: kept then
+        del self._unanswered[image_id]
+        if not found:
+            return None
+        self._remember_seg(uid, self._check_id(image_id))
+        log.info("label of %s: already stored as SEG %s by a save whose answer was lost", image_id, uid)
+        return uid
 
     def json(self) -> dict:
         """The listing ``GET /datastore/`` answers: every image series and, where it has SEGs, its final label."""
