@@ -668,6 +668,17 @@ def test_a_volume_label_on_another_grid_is_refused_and_one_on_the_image_grid_sav
                    files={"label": ("itk.nii.gz", (tmp_path / "itk.nii.gz").read_bytes(), "application/octet-stream")})
     assert r.status_code == 200, r.text
 
+    # a click's NRRD answer (what Slicer asks for) lies where Slicer shows that image: ITK's placing
+    import SimpleITK as sitk
+
+    r = client.post("/infer/multiverseg?image=bare&output=image", data={"params": json.dumps({
+        "foreground": [[5, 5, 3]], "background": [], "label_name": "head", "result_extension": ".nrrd"})})
+    assert r.status_code == 200, r.text
+    (tmp_path / "answer.nrrd").write_bytes(r.content)
+    shown, answer = sitk.ReadImage(str(tmp_path / "bare.nii.gz")), sitk.ReadImage(str(tmp_path / "answer.nrrd"))
+    for placing in ("GetOrigin", "GetSpacing", "GetDirection"):
+        assert getattr(answer, placing)() == pytest.approx(getattr(shown, placing)()), placing
+
 
 def test_a_refusal_never_echoes_a_huge_input_back(server):
     client, _, _ = server

@@ -207,6 +207,17 @@ def _has_geometry(loaded: Loaded) -> bool:
     return header is not None and header.get("space directions") is not None
 
 
+def _placement(like: Loaded) -> np.ndarray:
+    """voxel -> RAS of a volume as Slicer (ITK) places it, for an answer in another format than the image's.
+    A NIfTI with neither qform nor sform lies at the origin along ITK's (LPS) axes there; nibabel's affine
+    would centre it, and an NRRD answer written with that one lands beside the image."""
+    if like.ext in NIFTI and not _has_geometry(like):
+        zooms = [float(abs(z)) or 1.0 for z in like.header.get_zooms()[:3]]
+        sx, sy, sz = zooms + [1.0] * (3 - len(zooms))  # a 2D NIfTI has two
+        return np.diag([-sx, -sy, sz, 1.0])
+    return like.affine
+
+
 def check_same_grid(label: Loaded, image: Loaded) -> None:
     """A volume label must be on the image's grid where both files say where their voxels are (422
     otherwise): a label of the right shape but another voxel size, origin or orientation belongs to another
@@ -298,7 +309,7 @@ def write_label(
         img.set_data_dtype(data.dtype)
         nib.save(img, path)
     elif suffix in NRRD:
-        _write_nrrd(path, data, like.affine if like.is_volume else None, compress)
+        _write_nrrd(path, data, _placement(like) if like.is_volume else None, compress)
     else:
         Image.fromarray(data.astype(np.uint8) if data.dtype != np.uint16 else data).save(path)
     return path
