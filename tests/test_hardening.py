@@ -680,6 +680,52 @@ def test_a_volume_label_on_another_grid_is_refused_and_one_on_the_image_grid_sav
         assert getattr(answer, placing)() == pytest.approx(getattr(shown, placing)()), placing
 
 
+def test_a_nifti_whose_sform_and_qform_differ_takes_labels_and_answers_as_slicer_places_it(server, tmp_path):
+    """nibabel places such a NIfTI by its sform, ITK (Slicer) by its qform when the sform's code is 2-4: the
+    label Slicer saves (ITK's placing) was refused as 'not on the image's grid', the NRRD answer lay beside
+    the image in Slicer."""
+    import nibabel as nib
+    import nrrd
+    import SimpleITK as sitk
+
+    client, app, _ = server
+    volume = np.random.default_rng(2).integers(0, 200, (12, 10, 6)).astype(np.int16)
+    qform, sform = np.diag([-2.0, 2, 2, 1]), np.diag([-2.0, 2, 2, 1])
+    qform[:3, 3], sform[:3, 3] = [10, 20, 30], [11, 25, 33]
+    img = nib.Nifti1Image(volume, None)
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=2)
+    nib.save(img, str(tmp_path / "qs.nii.gz"))
+    r = client.put("/datastore/image?image=qs", data={"params": "{}"},
+                   files={"file": ("qs.nii.gz", (tmp_path / "qs.nii.gz").read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    shown = sitk.ReadImage(str(tmp_path / "qs.nii.gz"))
+    label = np.zeros(volume.shape, np.uint8)
+    label[3:8, 2:7, 1:4] = 1
+    slicer = sitk.GetImageFromArray(label.transpose(2, 1, 0))  # as Slicer writes it: ITK's placing, LPS
+    slicer.CopyInformation(shown)
+    sitk.WriteImage(slicer, str(tmp_path / "slicer.nrrd"))
+    r = client.put("/datastore/label?image=qs&tag=final", data={"params": "{}"},
+                   files={"label": ("slicer.nrrd", (tmp_path / "slicer.nrrd").read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(nrrd.read(app.datastore().get_label_uri("qs", "final"))[0], label)
+
+    r = client.post("/infer/multiverseg?image=qs&output=image", data={"params": json.dumps({
+        "foreground": [[5, 5, 3]], "background": [], "label_name": "head", "result_extension": ".nrrd"})})
+    assert r.status_code == 200, r.text
+    (tmp_path / "answer.nrrd").write_bytes(r.content)
+    answer = sitk.ReadImage(str(tmp_path / "answer.nrrd"))
+    for placing in ("GetOrigin", "GetSpacing", "GetDirection"):
+        assert getattr(answer, placing)() == pytest.approx(getattr(shown, placing)()), placing
+
+    elsewhere = sform.copy()  # a label on neither placing is still refused
+    elsewhere[:3, 3] += 7
+    nib.save(nib.Nifti1Image(label, elsewhere), str(tmp_path / "elsewhere.nii.gz"))
+    r = client.put("/datastore/label?image=qs&tag=final", data={"params": "{}"}, files={"label": (
+        "elsewhere.nii.gz", (tmp_path / "elsewhere.nii.gz").read_bytes(), "application/octet-stream")})
+    assert r.status_code == 422 and "not on the image's grid" in r.text
+
+
 def test_a_refusal_never_echoes_a_huge_input_back(server):
     client, _, _ = server
     r = infer(client, IDS[1], {"foreground": [[0] * 100_000], "background": [], "label_name": "head"})

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import nibabel as nib
 import nrrd
 import numpy as np
+import SimpleITK as sitk
 from PIL import Image
 from skimage.draw import polygon as fill_polygon
 
@@ -59,6 +60,7 @@ class Loaded:
     ext: str
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))  # voxel -> RAS (volumes)
     header: Any = None  # nibabel header / NRRD header of the source
+    shown: Optional[np.ndarray] = None  # voxel -> RAS of a NIfTI as Slicer (ITK) places it (None: other formats)
 
     @property
     def is_volume(self) -> bool:
@@ -68,6 +70,23 @@ class Loaded:
     def shape(self) -> tuple[int, ...]:
         """Spatial shape (channels of a 2D colour image left out)."""
         return tuple(self.array.shape[:3] if self.is_volume else self.array.shape[:2])
+
+
+def _itk_affine(path: str) -> Optional[np.ndarray]:
+    """voxel -> RAS of a NIfTI as ITK (Slicer, SimpleITK) places it. Not always nibabel's placing: a header
+    with neither qform nor sform (ITK: at the origin; nibabel: centred), or with an sform of code 2-4 beside a
+    qform (ITK takes the qform, nibabel the sform)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    n = min(reader.GetDimension(), 3)
+    lps = np.eye(4)
+    lps[:n, :n] = np.array(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:n, :n] * reader.GetSpacing()[:n]
+    lps[:n, 3] = reader.GetOrigin()[:n]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def _nrrd_affine(header: dict) -> np.ndarray:
@@ -110,7 +129,7 @@ def read_image(path: str) -> Loaded:
             img = nib.load(path)
             _check_size(img.shape, path)
             array = np.asanyarray(img.dataobj)
-            loaded = Loaded(array, path, ext, np.asarray(img.affine, float), img.header)
+            loaded = Loaded(array, path, ext, np.asarray(img.affine, float), img.header, _itk_affine(path))
         elif ext in NRRD:
             header = nrrd.read_header(path)
             if "data file" in header or "datafile" in header:  # it would read whatever file it names
@@ -207,28 +226,19 @@ def _has_geometry(loaded: Loaded) -> bool:
     return header is not None and header.get("space directions") is not None
 
 
-def _placement(like: Loaded) -> np.ndarray:
-    """voxel -> RAS of a volume as Slicer (ITK) places it, for an answer in another format than the image's.
-    A NIfTI with neither qform nor sform lies at the origin along ITK's (LPS) axes there; nibabel's affine
-    would centre it, and an NRRD answer written with that one lands beside the image."""
-    if like.ext in NIFTI and not _has_geometry(like):
-        zooms = [float(abs(z)) or 1.0 for z in like.header.get_zooms()[:3]]
-        sx, sy, sz = zooms + [1.0] * (3 - len(zooms))  # a 2D NIfTI has two
-        return np.diag([-sx, -sy, sz, 1.0])
-    return like.affine
-
-
 def check_same_grid(label: Loaded, image: Loaded) -> None:
     """A volume label must be on the image's grid where both files say where their voxels are (422
     otherwise): a label of the right shape but another voxel size, origin or orientation belongs to another
-    image or was resampled. Within 1% of a voxel: float rounding of the headers. A file without a geometry
+    image or was resampled. Within 1% of a voxel: float rounding of the headers. Either reader's placing of a
+    NIfTI counts (nibabel's or ITK's: a label from Slicer has ITK's). A file without a geometry
     (a NIfTI with neither qform nor sform, an NRRD without space directions) is placed differently by every
     reader (nibabel centres it, ITK puts it at the origin), so such a pair is not compared."""
     if not (image.is_volume and label.is_volume and _has_geometry(label) and _has_geometry(image)):
         return
     a, b = label.affine, image.affine
     voxel = float(np.linalg.norm(b[:3, :3], axis=0).min())
-    if np.allclose(a, b, rtol=0, atol=0.01 * voxel):
+    placings = lambda x: [p for p in (x.affine, x.shown) if p is not None]  # noqa: E731 - nibabel's, ITK's
+    if any(np.allclose(p, q, rtol=0, atol=0.01 * voxel) for p in placings(label) for q in placings(image)):
         return
 
     def describe(affine):
@@ -309,7 +319,9 @@ def write_label(
         img.set_data_dtype(data.dtype)
         nib.save(img, path)
     elif suffix in NRRD:
-        _write_nrrd(path, data, _placement(like) if like.is_volume else None, compress)
+        # a NIfTI's answer in NRRD (Slicer's format) must lie where Slicer shows that image
+        placed = like.affine if like.shown is None else like.shown
+        _write_nrrd(path, data, placed if like.is_volume else None, compress)
     else:
         Image.fromarray(data.astype(np.uint8) if data.dtype != np.uint16 else data).save(path)
     return path
