@@ -370,6 +370,8 @@ def test_a_pacs_that_is_down_or_hangs_gets_a_quick_503_and_the_server_recovers(t
             time.sleep(0.5)
         assert r.status_code == 200, r.text
         assert requests.get(f"{url}/datastore/?output=stats", timeout=30).json()["total"] == 0
+        log = (tmp_path / "server.log").read_text(errors="replace")
+        assert "scoring put off" in log and "scoring pass failed" not in log  # a warning, not a traceback
     finally:
         stop_process(server)
         if orthanc is not None:

@@ -31,11 +31,12 @@ from mvseg.geometry import prepare_image
 from .contextstore import DatastoreContext, volume_slice
 from .dicomweb import DICOM_INFO
 from .errors import BadRequest
-from .guard import client_key
+from .guard import client_key, pacs_unreachable
 from .imageio import stat_key
 
 log = logging.getLogger(__name__)
 
+PACS_RETRY = 30  # seconds before a scoring pass the PACS did not answer is tried again
 DESCRIPTIONS = {
     "hybrid": "Context-aware: unsure predictions first, among images unlike anything labelled",
     "coverage": "Context-aware: the image least like anything labelled (the most typical one to start)",
@@ -161,8 +162,14 @@ class ScoreBoard:
             self._wake.clear()
             try:
                 self.score_all()
-            except Exception:  # never let a bad file kill the thread
-                log.exception("scoring pass failed")
+            except Exception as e:  # never let a bad file kill the thread
+                if not pacs_unreachable(e):
+                    log.exception("scoring pass failed")
+                    continue
+                log.warning("scoring put off for %d s: the PACS did not answer (%s)", PACS_RETRY, e)
+                again = threading.Timer(PACS_RETRY, self._wake.set)
+                again.daemon = True
+                again.start()
 
     def score_all(self) -> None:
         """One pass: every strategy, every label name, every unlabelled image. Stops early (to restart)
