@@ -90,18 +90,24 @@ def _itk_affine(path: str) -> Optional[np.ndarray]:
 
 
 def _nrrd_affine(header: dict) -> np.ndarray:
-    affine = np.eye(4)
+    """voxel -> RAS of an NRRD as ITK (Slicer) places it: along its space directions, or else its spacings,
+    from its space origin (else 0), in LPS unless its space says otherwise. A 2D NRRD lies in the plane z = 0."""
+    lps = np.eye(4)
     directions = header.get("space directions")
     if directions is not None:
         rows = [r for r in directions if r is not None and not np.isnan(np.asarray(r, float)).any()]
         d = np.array(rows, float)
-        if d.shape == (3, 3):
-            affine[:3, :3] = d.T
+        if d.ndim == 2 and d.shape[0] == d.shape[1] <= 3:
+            lps[:len(d), :len(d)] = d.T
+    elif header.get("spacings") is not None:
+        spacings = [float(v) for v in np.atleast_1d(header["spacings"])[:3]]
+        for i, v in enumerate(spacings):
+            lps[i, i] = v if np.isfinite(v) and v > 0 else 1.0
     origin = header.get("space origin")
-    if origin is not None and np.size(origin) == 3:  # a 2D NRRD's origin has two values: no 3D placing
-        affine[:3, 3] = np.asarray(origin, float)
+    if origin is not None and 1 < np.size(origin) <= 3 and np.isfinite(np.asarray(origin, float)).all():
+        lps[:np.size(origin), 3] = np.asarray(origin, float).ravel()
     flip = np.array(_TO_RAS.get(str(header.get("space", "lps")).lower(), (-1, -1, 1)) + (1,), float)
-    return flip[:, None] * affine
+    return flip[:, None] * lps
 
 
 # Largest image the server reads, in pixels (voxels for volumes); the app sets it (--conf max_pixels).
@@ -223,31 +229,33 @@ def _has_geometry(loaded: Loaded) -> bool:
     header = loaded.header
     if loaded.ext in NIFTI:
         return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
-    return header is not None and header.get("space directions") is not None
+    return header is not None and (header.get("space directions") is not None or header.get("spacings") is not None)
 
 
 def check_same_grid(label: Loaded, image: Loaded) -> None:
-    """A volume label must be on the image's grid where both files say where their voxels are (422
-    otherwise): a label of the right shape but another voxel size, origin or orientation belongs to another
-    image or was resampled. Within 1% of a voxel: float rounding of the headers. Either reader's placing of a
-    NIfTI counts (nibabel's or ITK's: a label from Slicer has ITK's). A file without a geometry
-    (a NIfTI with neither qform nor sform, an NRRD without space directions) is placed differently by every
-    reader (nibabel centres it, ITK puts it at the origin), so such a pair is not compared."""
-    if not (image.is_volume and label.is_volume and _has_geometry(label) and _has_geometry(image)):
+    """A volume label must be on the image's grid (422 otherwise): a label of the right shape but another voxel
+    size, origin or orientation belongs to another image or was resampled. Within 1% of a voxel: float
+    rounding of the headers. Either reader's placing of a NIfTI counts, nibabel's or ITK's (a label from Slicer
+    has ITK's; they differ for a header without qform and sform, which nibabel centres and ITK puts at the
+    origin, or with an sform of code 2-4 beside a qform). A label whose header does not place it (a NIfTI with
+    neither qform nor sform, an NRRD without space directions or spacings) is taken in the image's voxel order."""
+    if not (image.is_volume and label.is_volume and _has_geometry(label)):
         return
-    a, b = label.affine, image.affine
-    voxel = float(np.linalg.norm(b[:3, :3], axis=0).min())
     placings = lambda x: [p for p in (x.affine, x.shown) if p is not None]  # noqa: E731 - nibabel's, ITK's
-    if any(np.allclose(p, q, rtol=0, atol=0.01 * voxel) for p in placings(label) for q in placings(image)):
-        return
+    for q in placings(image):
+        voxel = float(np.linalg.norm(q[:3, :3], axis=0).min())
+        if any(np.allclose(p, q, rtol=0, atol=0.01 * voxel) for p in placings(label)):
+            return
 
     def describe(affine):
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         return (f"voxel size {' x '.join(f'{v:.4g}' for v in spacing)} mm, "
                 f"origin ({', '.join(f'{v:.4g}' for v in affine[:3, 3])})")
 
-    raise BadRequest(f"the label is not on the image's grid: the label has {describe(a)}, the image "
-                     f"{describe(b)} (or another orientation); save the label in the image's geometry", 422)
+    shown = lambda x: x.affine if x.shown is None else x.shown  # noqa: E731 - as Slicer shows it
+    raise BadRequest(f"the label is not on the image's grid: the label has {describe(shown(label))}, the image "
+                     f"{describe(shown(image))} (or another orientation); save the label in the image's "
+                     "geometry", 422)
 
 
 def read_label(path: str, like: Loaded) -> np.ndarray:
