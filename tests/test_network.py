@@ -1,5 +1,9 @@
 """The CPU convolution paths, the channels-last layout and the training-time compile wrapper."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +13,8 @@ from mvseg import MultiverSegNet
 from mvseg.memory import retain_for_network, retain_freed_memory
 from mvseg.network import MultiverSegConfig, conv3x3, conv3x3_concat
 from mvseg.train import CompiledNetwork
+
+from .conftest import ROOT
 
 
 @pytest.mark.parametrize("path", ["auto", "direct", "winograd"])
@@ -60,6 +66,40 @@ def test_freed_memory_is_kept_once_for_the_process():
     first = retain_freed_memory()
     assert retain_freed_memory() == first
     assert isinstance(first, bool)
+
+
+def test_a_server_process_keeps_two_malloc_heaps_however_many_threads_allocate():
+    """glibc's per-thread heaps each keep their peak: a server of many threads grew to 16 of them."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    probe = textwrap.dedent("""
+        import ctypes, sys, tempfile, threading
+        sys.path.insert(0, sys.argv[1])
+        from mvseg.memory import limit_arenas, retain_freed_memory
+        if sys.argv[2] == "limit":
+            assert limit_arenas()
+        retain_freed_memory()
+        start = threading.Barrier(12)
+        def work():
+            start.wait()
+            for _ in range(50):
+                blocks = [bytearray(1 << 20) for _ in range(8)]
+                del blocks
+        threads = [threading.Thread(target=work) for _ in range(12)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.fopen.restype = ctypes.c_void_p
+        path = tempfile.mktemp()
+        f = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, ctypes.c_void_p(f))
+        libc.fclose(ctypes.c_void_p(f))
+        print(open(path).read().count("<heap nr="))
+    """)
+    heaps = {mode: int(subprocess.run([sys.executable, "-c", probe, str(ROOT / "lib"), mode], capture_output=True,
+                                      text=True, check=True, timeout=120).stdout)
+             for mode in ("limit", "default")}
+    assert heaps["limit"] <= 2 < heaps["default"], heaps
 
 
 def test_freed_memory_is_kept_only_for_narrow_networks_on_the_cpu():

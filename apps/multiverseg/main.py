@@ -61,6 +61,7 @@ from mvlabel.ohif import serve_ohif_assets
 from mvlabel.segmenter import Segmenter
 from mvlabel.wsi import infer_region
 from mvseg import Predictor
+from mvseg.memory import limit_arenas
 
 log = logging.getLogger(__name__)
 serve_ohif_assets()  # MONAI Label 0.8.5 answers every nested /ohif/ asset with index.html
@@ -91,6 +92,7 @@ def _http(error: BadRequest) -> HTTPException:
 
 class MultiverSegApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        limit_arenas()  # before the worker threads: each would keep its own heap's peak
         names = [n.strip() for n in conf.get("labels", "foreground").split(",") if n.strip()]
         self.label_names = names or ["foreground"]
         self.axis = int(conf.get("axis", 2))

@@ -23,7 +23,9 @@ RETAIN_MAX_WIDTH = 64
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 _retained = False
+SERVER_ARENAS = 2
 
 
 def retain_freed_memory() -> bool:
@@ -32,16 +34,32 @@ def retain_freed_memory() -> bool:
     global _retained
     if _retained:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt  # glibc only (musl has none)
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     _retained = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     logger.debug("freed memory kept in the process: %s", _retained)
     return _retained
+
+
+def _mallopt():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt  # glibc only (musl has none)
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_arenas(arenas: int = SERVER_ARENAS) -> bool:
+    """Let glibc keep at most ``arenas`` heaps, for a server whose many worker threads each run forwards.
+
+    glibc gives threads up to 8 heaps per core, and each keeps the high-water mark of the forwards that ran
+    on it: under 60 clients a 2-core server grew from 0.7 to 2.1 GB, four fifths of it freed memory, and
+    more as more threads took turns. With 2 heaps it levelled off at 1.25 GB at the same clicks per second.
+    Affects heaps made after the call: call it before the server's threads start. ``False`` off glibc."""
+    mallopt = _mallopt()
+    return bool(mallopt and mallopt(_M_ARENA_MAX, int(arenas)))
 
 
 def retain_for_network(device_type: str, widths: Sequence[int]) -> bool:
