@@ -612,6 +612,84 @@ def test_a_colour_label_is_refused_not_read_as_empty(server):
     assert final_bytes(studies) == before
 
 
+def _label_image(kind: str, mask: np.ndarray) -> Image.Image:
+    """``mask`` (0/1) as a tool exports it."""
+    if kind == "rgb of equal channels":
+        return Image.fromarray(np.repeat(mask[..., None], 3, axis=2))
+    if kind == "1-bit":
+        return Image.fromarray(mask.astype(bool))
+    if kind == "0/255":
+        return Image.fromarray(mask * 255)
+    im = Image.fromarray(mask, "P")  # palette: the index is the value, whatever colour it shows
+    im.putpalette({"palette, labelme colours": [0, 0, 0, 128, 0, 0], "palette, white": [0, 0, 0, 255, 255, 255],
+                   "palette, greys": [0, 0, 0, 1, 1, 1]}[kind] + [0] * 762)
+    return im
+
+
+@pytest.mark.parametrize("kind", ["rgb of equal channels", "1-bit", "0/255", "palette, labelme colours",
+                                  "palette, white", "palette, greys"])
+def test_a_2d_label_as_tools_export_it_is_saved_and_joins_the_context(server, kind):
+    """RGB and palette labels answered 500 (and one on disk failed every click); a palette label was read as
+    its colours; a 0/255 or 1-bit label saved with label_info idx 1 was stored and never used."""
+    from mvlabel.contextstore import label_masks
+    from mvlabel.imageio import read_image, read_label
+
+    client, app, _ = server
+    image, mask = hc18_pair(IDS[1])
+    if not app.datastore().get_image_uri("exported"):
+        r = client.put("/datastore/image?image=exported", data={"params": "{}"},
+                       files={"file": ("exported.png", png_bytes(image), "image/png")})
+        assert r.status_code == 200, r.text
+    mask = (mask > 0).astype(np.uint8)
+    buf = io.BytesIO()
+    _label_image(kind, mask).save(buf, format="PNG")
+    info = {"label_info": [{"name": "head", "idx": 1}]}
+    r = client.put("/datastore/label?image=exported&tag=final", data={"params": json.dumps(info)},
+                   files={"label": ("label.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    stored = read_label(app.datastore().get_label_uri("exported", "final"),
+                        read_image(app.datastore().get_image_uri("exported")))
+    masks = label_masks(stored, info, ["head", "skull"])
+    assert list(masks) == ["head"] and np.array_equal(masks["head"], mask > 0)
+    assert infer(client, IDS[2], {"foreground": [[100, 100]], "label_name": "head"}).status_code == 200
+
+
+def test_2d_labels_that_would_be_stored_wrong_are_refused(server, tmp_path):
+    client, _, studies = server
+    before = final_bytes(studies)
+    _, mask = hc18_pair(IDS[0])
+    buf = io.BytesIO()
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(buf, format="JPEG")
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": ("label.jpg", buf.getvalue(), "image/jpeg")})
+    assert r.status_code == 415 and "losslessly" in r.json()["detail"], r.text  # JPEG changes the values
+    r = put_label(client, IDS[0], (mask > 0).astype(np.uint8) * 3, params=json.dumps(
+        {"label_info": [{"name": "head", "idx": 1}]}))
+    assert r.status_code == 422 and "names none of the label's values (3)" in r.json()["detail"], r.text
+    assert final_bytes(studies) == before
+    pages = [Image.fromarray(np.full((32, 32), v, np.uint8)) for v in (10, 20, 30)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    r = client.put("/datastore/image?image=stack", data={"params": "{}"},
+                   files={"file": ("stack.tif", buf.getvalue(), "image/tiff")})
+    assert r.status_code == 422 and "3 pages" in r.json()["detail"], r.text  # not its first page alone
+
+
+def test_a_label_the_context_cannot_read_never_fails_a_click(server, monkeypatch):
+    from mvlabel import contextstore
+
+    client, _, _ = server
+
+    def broken(path, like):
+        raise IndexError("a reader's own bug")
+
+    monkeypatch.setattr(contextstore, "read_label", broken)
+    _, mask = hc18_pair(IDS[2])
+    assert put_label(client, IDS[2], (mask > 0).astype(np.uint8)).status_code == 200  # new: read again
+    r = infer(client, IDS[1], {"foreground": [[100, 100]], "label_name": "head", "client_id": "unreadable"})
+    assert r.status_code == 200, r.text
+
+
 def test_a_volume_without_a_geometry_is_refused(server, tmp_path):
     import nrrd
 

@@ -64,26 +64,23 @@ def pick_slices(mask: np.ndarray, axis: int, cap: int) -> list[int]:
 
 
 def label_masks(label: np.ndarray, info: dict, names: list[str]) -> dict[str, np.ndarray]:
-    """Labelmap -> ``{label name: binary mask}``. ``label_info`` names the values; a binary map takes
-    ``names[0]`` (0/255 masks too); other values take ``names[value - 1]`` when configured, else
-    ``label_<value>``."""
+    """Labelmap -> ``{label name: binary mask}``. ``label_info`` names the values; a 0/255 mask, as masks are
+    often stored, is value 1 (unless ``label_info`` names 255). Without ``label_info`` a binary map takes
+    ``names[0]``, other values ``names[value - 1]`` when configured, else ``label_<value>``. A non-empty label
+    of which ``label_info`` names no value raises 422: it would be stored and never used."""
     described = info.get("label_info") if isinstance(info, dict) else None
-    out: dict[str, np.ndarray] = {}
-    if isinstance(described, list) and described:
-        for item in described:
-            if isinstance(item, dict) and "name" in item:
-                idx = int(item.get("idx", item.get("id", 1)))
-                mask = label == idx
-                if mask.any():
-                    out[str(item["name"])] = mask
-        return out
+    described = [(str(item["name"]), int(item.get("idx", item.get("id", 1))))
+                 for item in (described if isinstance(described, list) else []) if isinstance(item, dict) and "name" in item]
     values = [int(v) for v in np.unique(label) if v != 0]
-    if values == [255]:  # a 0/255 mask, as masks are often stored: binary
+    if values == [255] and 255 not in {idx for _, idx in described}:
         values, label = [1], (label != 0).astype(np.uint8)
-    for v in values:
-        name = names[v - 1] if 0 < v <= len(names) else f"label_{v}"
-        out[name] = label == v
-    return out
+    if described:
+        out = {name: label == idx for name, idx in described if idx in values}
+        if values and not out:
+            raise BadRequest(f"label_info names none of the label's values ({', '.join(map(str, values))}): "
+                             "give each label's value as its 'idx'", 422)
+        return out
+    return {names[v - 1] if 0 < v <= len(names) else f"label_{v}": label == v for v in values}
 
 
 @dataclass
@@ -172,8 +169,8 @@ class DatastoreContext:
         self.reads += 1
         try:
             entries = self.read_entries(image_id, stamp[0])
-        except (BadRequest, ValueError, OSError) as e:
-            log.warning("context: skipping label of %s: %s", image_id, e)
+        except Exception as e:  # one unreadable file must not fail every click
+            log.warning("context: skipping label of %s: %s", image_id, e, exc_info=not isinstance(e, BadRequest))
             entries = []
         self._forget(image_id)
         keys = []

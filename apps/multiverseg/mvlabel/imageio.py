@@ -123,9 +123,10 @@ def _check_size(shape, path: str) -> None:
             f"this server reads at most {MAX_PIXELS:,}", 413)
 
 
-def read_image(path: str) -> Loaded:
+def read_image(path: str, indices: bool = False) -> Loaded:
     """Read a 2D image or a volume; unreadable or empty files raise :class:`BadRequest` (415/422), images
-    over :data:`MAX_PIXELS` raise it with 413 before they are decoded."""
+    over :data:`MAX_PIXELS` raise it with 413 before they are decoded. ``indices``: a label's palette PNG is
+    read as its indices (labelme, VOC: the index is the label value), a 1-bit one as 0/1."""
     path = str(path)
     ext = extension(path)
     if not os.path.isfile(path):
@@ -148,10 +149,16 @@ def read_image(path: str) -> Loaded:
             Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check (at open), at the same limit
             with Image.open(path) as im:
                 _check_size(im.size, path)
+                if getattr(im, "n_frames", 1) > 1:  # Pillow would take the first page alone
+                    raise BadRequest(f"{os.path.basename(path)} holds {im.n_frames} pages or frames: send one 2D "
+                                     "image per file (a volume as NIfTI or NRRD)", 422)
                 im.load()
-                if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "1"):
-                    im = im.convert("RGB" if im.mode in ("P", "PA", "CMYK", "YCbCr") else "L")
-                array = np.asarray(im)
+                if indices and im.mode in ("P", "1"):
+                    array = np.asarray(im).astype(np.uint8)
+                else:
+                    if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "1"):
+                        im = im.convert("RGB" if im.mode in ("P", "PA", "CMYK", "YCbCr") else "L")
+                    array = np.asarray(im)
             loaded = Loaded(array, path, ext)
         else:
             raise BadRequest(
@@ -261,8 +268,10 @@ def check_same_grid(label: Loaded, image: Loaded) -> None:
 def read_label(path: str, like: Loaded) -> np.ndarray:
     """A labelmap on ``like``'s grid (integer array of ``like.shape``); shape or geometry mismatches raise 422."""
     ext = extension(path)
+    if ext in (".jpg", ".jpeg"):
+        raise BadRequest("a label must be stored losslessly (PNG, TIFF, NIfTI or NRRD): JPEG changes its values", 415)
     if ext in IMAGE_2D + NIFTI + NRRD:
-        loaded = read_image(path)
+        loaded = read_image(path, indices=True)
         label = loaded.array
         if label.ndim == 4 and label.shape[3] == 1:
             label = label[..., 0]
@@ -272,7 +281,7 @@ def read_label(path: str, like: Loaded) -> np.ndarray:
             label = label.T if label.ndim == 2 else label
         elif label.ndim == 3 and not like.is_volume:  # an RGB(A) PNG label: grey values only
             colour, alpha = label[..., :3], label[..., 3:]
-            if (colour != colour[..., :1]).any() or (alpha != alpha.flat[0]).any():
+            if (colour != colour[..., :1]).any() or (alpha.size and (alpha != alpha.flat[0]).any()):
                 raise BadRequest("a colour label (channels that differ, or a varying alpha) cannot be read as "
                                  "label values: send a grey labelmap, one value per pixel", 422)
             label = label[..., 0]

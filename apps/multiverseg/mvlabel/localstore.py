@@ -33,6 +33,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
+from .contextstore import label_masks
 from .errors import BadRequest
 from .guard import TAG, Refusal, check_name, current_user
 from .imageio import (IMAGE_2D, check_label_values, extension, read_asap, read_image, read_label,
@@ -141,19 +142,20 @@ class CheckedDatastore(LocalDatastore):
             raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                label_filename = self._checked(read_image(image_uri), label_filename, tmp)
+                label_filename = self._checked(read_image(image_uri), label_filename, tmp, label_info)
             except BadRequest as e:
                 raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
             with self._one_save(image_id):
                 return self._store(image_id, label_filename, label_tag, label_info)
 
     @staticmethod
-    def _checked(image, label_filename: str, tmp: str) -> str:
+    def _checked(image, label_filename: str, tmp: str, label_info: dict) -> str:
         """The label file to store (a PNG for a 2D image's NRRD/NIfTI label); raises BadRequest."""
         if extension(label_filename) == ".xml":
             read_asap(label_filename, image.shape[:2])
             return label_filename
         label = check_label_values(read_label(label_filename, image))
+        label_masks(label, label_info, [])  # refuses a label of which label_info names no value
         if image.is_volume or extension(label_filename) in IMAGE_2D:
             return label_filename
         png = os.path.join(tmp, "label.png")  # one label file per image and tag, in the image's own format
