@@ -690,6 +690,58 @@ def test_a_label_the_context_cannot_read_never_fails_a_click(server, monkeypatch
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("error", [28, 27, 30], ids=["disk full", "file size limit", "read-only"])
+def test_a_disk_that_refuses_writes_gets_a_clear_answer_and_loses_nothing(server, tmp_path, monkeypatch, error):
+    """A full or read-only disk answered a bare 500; a save whose index write failed had already replaced
+    the label file (index and file then disagreed), an upload left a truncated image the watcher registered,
+    a click's result file stayed in the temp folder."""
+    import errno
+    import tempfile
+
+    from mvlabel import imageio, localstore
+
+    client, app, studies = server
+    store = app.datastore()
+    before = (final_bytes(studies), (studies / "datastore_v2.json").read_bytes(), store.get_label_info(IDS[0], "final"))
+    images = set(os.listdir(studies))
+    status = 503 if error == errno.EROFS else 507
+
+    def refuse(*args, **kwargs):
+        raise OSError(error, os.strerror(error), str(studies / "datastore_v2.json"))
+
+    monkeypatch.setattr(localstore, "_atomic_write", refuse)  # the index: the last write of a save or upload
+    _, mask = hc18_pair(IDS[0])
+    r = put_label(client, IDS[0], (mask > 0).astype(np.uint8))
+    assert r.status_code == status and "nothing was saved" in r.json()["detail"], r.text
+    assert str(studies) not in r.text  # no path in the answer
+    r = client.put("/datastore/image?image=refused", data={"params": "{}"},
+                   files={"file": ("refused.png", png_bytes(np.full((32, 32), 9, np.uint8)), "image/png")})
+    assert r.status_code == status, r.text
+    assert (final_bytes(studies), (studies / "datastore_v2.json").read_bytes(),
+            store.get_label_info(IDS[0], "final")) == before
+    assert set(os.listdir(studies)) == images and not store.get_image_uri("refused")
+
+    monkeypatch.setattr(imageio, "_write_result", refuse)  # the temp folder fills during a click
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = infer(client, IDS[1], {"foreground": [[100, 100]], "label_name": "head"}, output="image")
+    assert r.status_code == status, r.text
+    assert not list(tmp_path.glob("mvseg-*"))
+
+    (studies / "by_hand.png").write_bytes(png_bytes(np.full((32, 32), 7, np.uint8)))  # copied in meanwhile
+    store._reconcile_datastore()  # the folder watcher's call: it raised, and its thread died for good
+    assert store.get_image_uri("by_hand")  # served from memory
+
+    monkeypatch.undo()  # space is back: the same server saves again
+    os.unlink(studies / "by_hand.png")
+    store._reconcile_datastore()
+    assert not store.get_image_uri("by_hand")
+    changed = (mask > 0).astype(np.uint8)
+    changed[0, 0] = 1
+    assert put_label(client, IDS[0], changed).status_code == 200
+    assert final_bytes(studies) != before[0]
+    assert put_label(client, IDS[0], hc18_pair(IDS[0])[1]).status_code == 200  # as the other tests expect it
+
+
 def test_a_volume_without_a_geometry_is_refused(server, tmp_path):
     import nrrd
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import json
 import logging
 import os
@@ -57,6 +58,8 @@ current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user",
 # who is asking, for requests that name no client_id: user and address (never one state for everyone)
 current_client: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_client", default="default")
 PACS_DOWN = "the PACS did not answer (refused, timed out or unreachable); try again once it is back"
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 MAX_URL = 8192  # characters of path and query: a longer one is refused before it is parsed (or echoed back)
 SEG_NEEDS_INFO = "output=dicom_seg needs params.label_info (each segment's name and idx)"
 # routes whose fields MONAI Label reads from a form only: any other body would be dropped and defaults used
@@ -294,7 +297,7 @@ class Guard:
                 await self.inner(scope, receive, tracked)
         except Exception as e:  # MONAI Label's "not found" and "invalid input" are the caller's mistakes
             status = _status_of(e)
-            if status is None and (down := self._pacs_down(e, method, path)) is not None:
+            if status is None and (down := self._pacs_down(e, method, path) or storage_refused(e)) is not None:
                 status, e = down.status, down
             if status is None or started:
                 raise
@@ -514,6 +517,23 @@ def _status_of(error: Exception) -> Optional[int]:
         return 422
     if isinstance(error, BadRequest):
         return error.status
+    return None
+
+
+def storage_refused(error: Optional[BaseException]) -> Optional[Refusal]:
+    """507 or 503 for a write the server's own disk refused (full, over quota or its file size limit;
+    read-only or not permitted), found along the error's causes; None for any other error. The datastore
+    writes all or nothing, so nothing was saved; the message names no path."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return Refusal(507, f"the server's disk is full ({error.strerror}): nothing was saved; try again "
+                                "once space is freed on the server")
+        if isinstance(error, OSError) and error.errno in NOT_WRITABLE:
+            return Refusal(503, f"the server's storage refused the write ({error.strerror}): nothing was saved; "
+                                "the datastore must be writable by the server")
+        error = error.__cause__ or error.__context__
     return None
 
 

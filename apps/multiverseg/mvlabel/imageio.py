@@ -328,6 +328,15 @@ def write_label(
         raise BadRequest(f"unknown result_dtype '{dtype}'", 422) from None
     fd, path = tempfile.mkstemp(suffix=suffix, prefix="mvseg-")
     os.close(fd)
+    try:
+        _write_result(path, suffix, data, like, compress)
+    except BaseException:  # a full temp folder: no half-written file left behind
+        os.unlink(path)
+        raise
+    return path
+
+
+def _write_result(path: str, suffix: str, data: np.ndarray, like: Loaded, compress: bool) -> None:
     if suffix in NIFTI + NRRD and not like.is_volume:
         data = data.T  # H W -> W H: x first, as a volume format holds a 2D image
     if suffix in NIFTI:
@@ -341,7 +350,6 @@ def write_label(
         _write_nrrd(path, data, placed if like.is_volume else None, compress)
     else:
         Image.fromarray(data.astype(np.uint8) if data.dtype != np.uint16 else data).save(path)
-    return path
 
 
 _NRRD_TYPES = {"uint8": "uint8", "int8": "int8", "uint16": "uint16", "int16": "int16", "uint32": "uint32",

@@ -19,6 +19,7 @@ MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from PIL import Image
 
 from .contextstore import label_masks
@@ -38,6 +39,8 @@ from .errors import BadRequest
 from .guard import TAG, Refusal, check_name, current_user
 from .imageio import (IMAGE_2D, check_label_values, extension, read_asap, read_image, read_label,
                       uploads_removed_when_refused)
+
+log = logging.getLogger(__name__)
 
 FINAL = "final"
 
@@ -90,7 +93,10 @@ class CheckedDatastore(LocalDatastore):
 
     def _reconcile_datastore(self):
         with self._objects_lock:
-            super()._reconcile_datastore()
+            try:
+                super()._reconcile_datastore()
+            except OSError as e:  # a full or read-only disk: serve what is there (the watcher's thread lives on)
+                log.warning("datastore index not updated: %s", e)
 
     def list_images(self):
         with self._objects_lock:
@@ -126,7 +132,23 @@ class CheckedDatastore(LocalDatastore):
                 if image_id in self._datastore.objects:
                     raise HTTPException(status_code=409, detail=f"image '{image_id}' is already in the datastore; "
                                                                 "upload it under another id or delete it first")
-                return super().add_image(image_id, image_filename, image_info)
+                return self._add(image_id, image_filename, image_info)
+
+    def _add(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        """MONAI Label's ``add_image``, all or nothing: it copied straight to the image's name, so a full disk
+        left a truncated image that the folder watcher then registered."""
+        ext = self._to_id(os.path.basename(image_filename))[1]
+        name = self._filename(image_id, ext)
+        with FileLock(self._lock_file), _staged(image_filename, os.path.join(self._datastore.image_path(), name)) as place:
+            info = dict(image_info or {}, ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            try:
+                self._update_datastore_file(lock=False)
+            except BaseException:
+                del self._datastore.objects[image_id]
+                raise
+            place()
+        return image_id
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         with uploads_removed_when_refused(label_filename):
@@ -186,15 +208,24 @@ class CheckedDatastore(LocalDatastore):
             os.makedirs(folder, exist_ok=True)
             old = obj.labels.get(label_tag)
             old_path = os.path.join(folder, self._filename(image_id, old.ext)) if old else None
-            if label_tag == FINAL and old_path and os.path.exists(old_path):
-                self._keep(image_id, old_path, old.info)
-            _atomic_copy(label_filename, os.path.join(folder, name))
+            # all or nothing: the new file waits beside its name until the index holds its record
+            with _staged(label_filename, os.path.join(folder, name)) as place:
+                if label_tag == FINAL and old_path and os.path.exists(old_path):
+                    self._keep(image_id, old_path, old.info)
+                info = dict(label_info)
+                info.update(ts=int(time.time()), name=name, user=current_user.get())
+                obj.labels[label_tag] = DataModel(info=info, ext=ext)
+                try:
+                    self._update_datastore_file(lock=False)
+                except BaseException:
+                    if old is None:
+                        del obj.labels[label_tag]
+                    else:
+                        obj.labels[label_tag] = old
+                    raise
+                place()
             if old_path and os.path.basename(old_path) != name and os.path.exists(old_path):
                 os.unlink(old_path)  # the same label in another format: one file per image and tag
-            info = dict(label_info)
-            info.update(ts=int(time.time()), name=name, user=current_user.get())
-            obj.labels[label_tag] = DataModel(info=info, ext=ext)
-            self._update_datastore_file(lock=False)
         return image_id
 
     def update_label_info(self, label_id, label_tag, info):
@@ -271,15 +302,23 @@ class CheckedDatastore(LocalDatastore):
             write()
 
 
-def _atomic_copy(source: str, dest: str) -> None:
+@contextmanager
+def _staged(source: str, dest: str):
+    """Copy ``source`` beside ``dest`` (a hidden temp file, which the folder watcher ignores) and yield the
+    call that renames it into place; left uncalled, or on an error, ``dest`` is untouched and the copy goes."""
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(dest))
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
+        yield lambda: os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _atomic_copy(source: str, dest: str) -> None:
+    with _staged(source, dest) as place:
+        place()
 
 
 def _atomic_write(dest: str, text: str) -> None:
