@@ -698,18 +698,19 @@ def test_a_disk_that_refuses_writes_gets_a_clear_answer_and_loses_nothing(server
     import errno
     import tempfile
 
-    from mvlabel import imageio, localstore
+    from mvlabel import imageio
 
     client, app, studies = server
     store = app.datastore()
-    before = (final_bytes(studies), (studies / "datastore_v2.json").read_bytes(), store.get_label_info(IDS[0], "final"))
+    before = (final_bytes(studies), (studies / "datastore_v2.json").read_bytes(), store.get_label_info(IDS[0], "final"),
+              len(store.label_history(IDS[0])))
     images = set(os.listdir(studies))
     status = 503 if error == errno.EROFS else 507
 
     def refuse(*args, **kwargs):
         raise OSError(error, os.strerror(error), str(studies / "datastore_v2.json"))
 
-    monkeypatch.setattr(localstore, "_atomic_write", refuse)  # the index: the last write of a save or upload
+    monkeypatch.setattr(store, "_update_datastore_file", refuse)  # the index: the last write of a save or upload
     _, mask = hc18_pair(IDS[0])
     r = put_label(client, IDS[0], (mask > 0).astype(np.uint8))
     assert r.status_code == status and "nothing was saved" in r.json()["detail"], r.text
@@ -718,7 +719,7 @@ def test_a_disk_that_refuses_writes_gets_a_clear_answer_and_loses_nothing(server
                    files={"file": ("refused.png", png_bytes(np.full((32, 32), 9, np.uint8)), "image/png")})
     assert r.status_code == status, r.text
     assert (final_bytes(studies), (studies / "datastore_v2.json").read_bytes(),
-            store.get_label_info(IDS[0], "final")) == before
+            store.get_label_info(IDS[0], "final"), len(store.label_history(IDS[0]))) == before
     assert set(os.listdir(studies)) == images and not store.get_image_uri("refused")
 
     monkeypatch.setattr(imageio, "_write_result", refuse)  # the temp folder fills during a click
@@ -726,6 +727,10 @@ def test_a_disk_that_refuses_writes_gets_a_clear_answer_and_loses_nothing(server
     r = infer(client, IDS[1], {"foreground": [[100, 100]], "label_name": "head"}, output="image")
     assert r.status_code == status, r.text
     assert not list(tmp_path.glob("mvseg-*"))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # an upload is checked from a copy in the temp folder
+    r = client.put("/datastore/image?image=refused", data={"params": "{}"},
+                   files={"file": ("refused.png", png_bytes(np.full((32, 32), 9, np.uint8)), "image/png")})
+    assert r.status_code == status, r.text
 
     (studies / "by_hand.png").write_bytes(png_bytes(np.full((32, 32), 7, np.uint8)))  # copied in meanwhile
     store._reconcile_datastore()  # the folder watcher's call: it raised, and its thread died for good

@@ -275,7 +275,8 @@ class Guard:
         except Exception as e:
             if spool is not None:
                 spool.close()
-            refusal = e if isinstance(e, Refusal) else self._pacs_down(e, method, path)  # existence checks ask it
+            # existence checks ask the PACS; an upload is spooled to the temp folder
+            refusal = e if isinstance(e, Refusal) else self._pacs_down(e, method, path) or storage_refused(e)
             if refusal is None:
                 raise
             return await _respond(send, refusal.status, str(refusal), refusal.headers)

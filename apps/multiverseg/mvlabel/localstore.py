@@ -210,8 +210,9 @@ class CheckedDatastore(LocalDatastore):
             old_path = os.path.join(folder, self._filename(image_id, old.ext)) if old else None
             # all or nothing: the new file waits beside its name until the index holds its record
             with _staged(label_filename, os.path.join(folder, name)) as place:
+                kept = []
                 if label_tag == FINAL and old_path and os.path.exists(old_path):
-                    self._keep(image_id, old_path, old.info)
+                    kept = self._keep(image_id, old_path, old.info)
                 info = dict(label_info)
                 info.update(ts=int(time.time()), name=name, user=current_user.get())
                 obj.labels[label_tag] = DataModel(info=info, ext=ext)
@@ -222,6 +223,8 @@ class CheckedDatastore(LocalDatastore):
                         del obj.labels[label_tag]
                     else:
                         obj.labels[label_tag] = old
+                    for path in kept:  # the old label stays current: no history entry for it
+                        os.unlink(path)
                     raise
                 place()
             if old_path and os.path.basename(old_path) != name and os.path.exists(old_path):
@@ -252,8 +255,9 @@ class CheckedDatastore(LocalDatastore):
             obj.labels.pop(label_tag)  # at once, not when the folder watcher notices
             self._update_datastore_file(lock=False)
 
-    def _keep(self, image_id: str, path: str, info: dict) -> None:
-        """Copy the final label about to be replaced into its history, with who saved it and when."""
+    def _keep(self, image_id: str, path: str, info: dict) -> list[str]:
+        """Copy the final label about to be replaced into its history, with who saved it and when; the two
+        files written."""
         folder = os.path.join(self._datastore.label_path(FINAL), ".history", image_id)
         os.makedirs(folder, exist_ok=True)
         saved_at = info.get("ts")
@@ -264,7 +268,12 @@ class CheckedDatastore(LocalDatastore):
         _atomic_copy(path, base + extension(path))
         record = {"saved_by": info.get("user", "unknown"), "saved_at": info.get("ts"),
                   "replaced_by": current_user.get(), "replaced_at": int(time.time()), "info": info}
-        _atomic_write(base + ".json", json.dumps(record, indent=1, default=str))
+        try:
+            _atomic_write(base + ".json", json.dumps(record, indent=1, default=str))
+        except BaseException:
+            os.unlink(base + extension(path))
+            raise
+        return [base + extension(path), base + ".json"]
 
     def label_history(self, image_id: str) -> list[dict]:
         """Earlier final labels of an image, oldest first: ``{"file", "saved_by", "saved_at", ...}``."""
