@@ -747,6 +747,34 @@ def test_a_disk_that_refuses_writes_gets_a_clear_answer_and_loses_nothing(server
     assert put_label(client, IDS[0], hc18_pair(IDS[0])[1]).status_code == 200  # as the other tests expect it
 
 
+def test_a_body_cut_off_by_a_client_that_went_away_is_not_run(server):  # the app puts mvlabel on the path
+    """A client that disconnected mid-upload had its cut body run as a request with defaults: a click
+    without its prompts, a QuPath region of the default 2048 x 2048."""
+    import asyncio
+
+    from mvlabel.guard import Guard
+
+    ran, answered = [], []
+
+    async def inner(scope, receive, send):
+        ran.append(scope["path"])
+
+    messages = iter([{"type": "http.request", "body": b"--x\r\nContent-Disposition: form-data; name=", "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        answered.append(message)
+
+    guard = Guard(inner, None, lambda path: None, lambda image: True, 1 << 20)
+    scope = {"type": "http", "method": "POST", "path": "/infer/multiverseg", "query_string": b"image=x",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=x")]}
+    asyncio.run(guard(scope, receive, send))
+    assert not ran and answered[0]["status"] == 400
+
+
 def test_a_volume_without_a_geometry_is_refused(server, tmp_path):
     import nrrd
 

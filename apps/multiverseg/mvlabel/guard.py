@@ -395,8 +395,9 @@ class Guard:
         size = 0
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                break
+            if message["type"] == "http.disconnect":  # a cut-off body would run as a request with defaults
+                spool.close()
+                raise Refusal(400, "the client went away before the request body was complete")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
