@@ -276,7 +276,7 @@ class Guard:
             if spool is not None:
                 spool.close()
             # existence checks ask the PACS; an upload is spooled to the temp folder
-            refusal = e if isinstance(e, Refusal) else self._pacs_down(e, method, path) or storage_refused(e)
+            refusal = e if isinstance(e, Refusal) else self._not_the_callers(e, method, path)
             if refusal is None:
                 raise
             return await _respond(send, refusal.status, str(refusal), refusal.headers)
@@ -298,7 +298,7 @@ class Guard:
                 await self.inner(scope, receive, tracked)
         except Exception as e:  # MONAI Label's "not found" and "invalid input" are the caller's mistakes
             status = _status_of(e)
-            if status is None and (down := self._pacs_down(e, method, path) or storage_refused(e)) is not None:
+            if status is None and (down := self._not_the_callers(e, method, path)) is not None:
                 status, e = down.status, down
             if status is None or started:
                 raise
@@ -312,12 +312,13 @@ class Guard:
             if spool is not None:
                 spool.close()
 
-    def _pacs_down(self, error: Exception, method: str, path: str) -> Optional[Refusal]:
-        """The 503 for a request the PACS did not answer (None for any other error)."""
-        if not (self.on_pacs and pacs_unreachable(error)):
-            return None
-        log.warning("%s %s: the PACS did not answer: %s", method, path, error)
-        return Refusal(503, PACS_DOWN)
+    def _not_the_callers(self, error: Exception, method: str, path: str) -> Optional[Refusal]:
+        """The answer to a failure of the PACS (503: it did not answer) or of the server's disk (507/503:
+        full or read-only); None for any other error."""
+        if self.on_pacs and pacs_unreachable(error):
+            log.warning("%s %s: the PACS did not answer: %s", method, path, error)
+            return Refusal(503, PACS_DOWN)
+        return storage_refused(error)
 
     # -- who ----------------------------------------------------------------------------------------
 

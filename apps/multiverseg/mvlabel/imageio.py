@@ -63,6 +63,11 @@ class Loaded:
     shown: Optional[np.ndarray] = None  # voxel -> RAS of a NIfTI as Slicer (ITK) places it (None: other formats)
 
     @property
+    def as_shown(self) -> np.ndarray:
+        """voxel -> RAS as Slicer places the file: ITK's placing for a NIfTI, ``affine`` otherwise."""
+        return self.affine if self.shown is None else self.shown
+
+    @property
     def is_volume(self) -> bool:
         return self.ext in NIFTI + NRRD
 
@@ -259,9 +264,8 @@ def check_same_grid(label: Loaded, image: Loaded) -> None:
         return (f"voxel size {' x '.join(f'{v:.4g}' for v in spacing)} mm, "
                 f"origin ({', '.join(f'{v:.4g}' for v in affine[:3, 3])})")
 
-    shown = lambda x: x.affine if x.shown is None else x.shown  # noqa: E731 - as Slicer shows it
-    raise BadRequest(f"the label is not on the image's grid: the label has {describe(shown(label))}, the image "
-                     f"{describe(shown(image))} (or another orientation); save the label in the image's "
+    raise BadRequest(f"the label is not on the image's grid: the label has {describe(label.as_shown)}, the image "
+                     f"{describe(image.as_shown)} (or another orientation); save the label in the image's "
                      "geometry", 422)
 
 
@@ -346,8 +350,7 @@ def _write_result(path: str, suffix: str, data: np.ndarray, like: Loaded, compre
         nib.save(img, path)
     elif suffix in NRRD:
         # a NIfTI's answer in NRRD (Slicer's format) must lie where Slicer shows that image
-        placed = like.affine if like.shown is None else like.shown
-        _write_nrrd(path, data, placed if like.is_volume else None, compress)
+        _write_nrrd(path, data, like.as_shown if like.is_volume else None, compress)
     else:
         Image.fromarray(data.astype(np.uint8) if data.dtype != np.uint16 else data).save(path)
 
