@@ -29,8 +29,15 @@ def server(tmp_path_factory):
 
 
 def put_label(client, image, mask, tag="final", params="{}", name="label.png"):
+    """``mask``: an array, sent as a uint8 PNG, or a PIL image, sent as it is in the format ``name`` says."""
+    if isinstance(mask, Image.Image):
+        buf = io.BytesIO()
+        mask.save(buf, format=Image.registered_extensions()[os.path.splitext(name)[1]])
+        content = buf.getvalue()
+    else:
+        content = png_bytes(mask.astype(np.uint8))
     return client.put(f"/datastore/label?image={image}&tag={tag}", data={"params": params},
-                      files={"label": (name, png_bytes(mask.astype(np.uint8)), "application/octet-stream")})
+                      files={"label": (name, content, "application/octet-stream")})
 
 
 def final_bytes(studies, image=IDS[0]) -> bytes:
@@ -551,10 +558,7 @@ def test_label_values_over_255_are_refused(server):
     client, _, studies = server
     before = final_bytes(studies)
     _, mask = hc18_pair(IDS[0])
-    buf = io.BytesIO()
-    Image.fromarray((mask > 0).astype(np.uint16) * 1000).save(buf, format="PNG")
-    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
-                   files={"label": ("label.png", buf.getvalue(), "image/png")})
+    r = put_label(client, IDS[0], Image.fromarray((mask > 0).astype(np.uint16) * 1000))
     assert r.status_code == 422 and "1..255" in r.json()["detail"]
     assert final_bytes(studies) == before
 
@@ -604,10 +608,7 @@ def test_a_colour_label_is_refused_not_read_as_empty(server):
     rgba = np.zeros(mask.shape + (4,), np.uint8)
     rgba[..., 1] = (mask > 0) * 255  # the mask in green
     rgba[..., 3] = 255
-    buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
-    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
-                   files={"label": ("label.png", buf.getvalue(), "image/png")})
+    r = put_label(client, IDS[0], Image.fromarray(rgba, "RGBA"))
     assert r.status_code == 422 and "grey labelmap" in r.json()["detail"]
     assert final_bytes(studies) == before
 
@@ -641,11 +642,8 @@ def test_a_2d_label_as_tools_export_it_is_saved_and_joins_the_context(server, ki
                        files={"file": ("exported.png", png_bytes(image), "image/png")})
         assert r.status_code == 200, r.text
     mask = (mask > 0).astype(np.uint8)
-    buf = io.BytesIO()
-    _label_image(kind, mask).save(buf, format="PNG")
     info = {"label_info": [{"name": "head", "idx": 1}]}
-    r = client.put("/datastore/label?image=exported&tag=final", data={"params": json.dumps(info)},
-                   files={"label": ("label.png", buf.getvalue(), "image/png")})
+    r = put_label(client, "exported", _label_image(kind, mask), params=json.dumps(info))
     assert r.status_code == 200, r.text
     stored = read_label(app.datastore().get_label_uri("exported", "final"),
                         read_image(app.datastore().get_image_uri("exported")))
@@ -658,10 +656,7 @@ def test_2d_labels_that_would_be_stored_wrong_are_refused(server, tmp_path):
     client, _, studies = server
     before = final_bytes(studies)
     _, mask = hc18_pair(IDS[0])
-    buf = io.BytesIO()
-    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(buf, format="JPEG")
-    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
-                   files={"label": ("label.jpg", buf.getvalue(), "image/jpeg")})
+    r = put_label(client, IDS[0], Image.fromarray((mask > 0).astype(np.uint8) * 255), name="label.jpg")
     assert r.status_code == 415 and "losslessly" in r.json()["detail"], r.text  # JPEG changes the values
     r = put_label(client, IDS[0], (mask > 0).astype(np.uint8) * 3, params=json.dumps(
         {"label_info": [{"name": "head", "idx": 1}]}))
