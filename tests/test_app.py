@@ -415,6 +415,7 @@ def start_app(tmp_path, conf: dict):
     [
         ({"strategy": "nope"}, "--conf strategy must be one of nearest, confident, coverage"),
         ({"axis": "3"}, "--conf axis must be 0, 1 or 2"),
+        ({"axis": "z"}, "--conf axis must be 0, 1 or 2, got 'z'"),
         ({"size": "big"}, "--conf size must be a whole number of pixels, got 'big'"),
         ({"size": "100"}, "size 100 must be a positive multiple of 8"),
         ({"refine": "maybe"}, "--conf refine must be true or false, got 'maybe'"),
@@ -422,6 +423,11 @@ def start_app(tmp_path, conf: dict):
         ({"dtype": "half"}, "--conf dtype must be auto, float32 or bfloat16, got 'half'"),
         ({"blend": "half"}, "--conf blend must be a number from 0 to 1, got 'half'"),
         ({"blend": "2", "weights": ""}, "blend must be between 0 and 1, got 2"),
+        ({"max_context": "0"}, "--conf max_context must be a positive whole number, got '0'"),
+        ({"slices_per_volume": "four"}, "--conf slices_per_volume must be a positive whole number, got 'four'"),
+        ({"state_expiry": "-5"}, "--conf state_expiry must be a positive number of seconds, got '-5'"),
+        ({"lease_window": "nan"}, "--conf lease_window must be a positive number of seconds, got 'nan'"),
+        ({"history_keep": "-1"}, "--conf history_keep must be a whole number or 'all', got '-1'"),
     ],
 )
 def test_bad_app_conf_stops_start_up(tmp_path, conf, message):

@@ -351,6 +351,33 @@ def test_a_save_killed_midway_leaves_a_datastore_that_starts(tmp_path):
     assert open(again.get_label_uri(IDS[0], "final"), "rb").read() == saved
 
 
+def test_history_keeps_the_newest_labels_it_is_told_to(tmp_path):
+    """``--conf history_keep N``: each image's history holds its N newest earlier labels, in the order they
+    were replaced, also when many saves fall in one second (names never reused); a deletion prunes too."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from monailabel.config import settings
+
+    from mvlabel.localstore import CheckedDatastore
+
+    studies = make_studies(tmp_path / "studies", IDS[:1])
+    store = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    store.history_keep = 2
+    mask = hc18_pair(IDS[0])[1].astype(np.uint8)
+    versions = [png_bytes(np.roll(mask, shift, axis=1)) for shift in range(6)]
+    for version in versions:
+        (tmp_path / "l.png").write_bytes(version)
+        store.save_label(IDS[0], str(tmp_path / "l.png"), "final", {})
+    kept = [open(h["file"], "rb").read() for h in store.label_history(IDS[0])]
+    assert kept == versions[3:5]  # versions 0-2 pruned, version 5 is the current label
+    store.remove_label(IDS[0], "final")
+    assert [open(h["file"], "rb").read() for h in store.label_history(IDS[0])] == versions[4:]
+    assert len(os.listdir(studies / "labels" / "final" / ".history" / IDS[0])) == 4  # 2 labels, 2 records
+
+
 # -- MONAI Label's own routes: what it would overwrite, leave behind or answer with a 500 -----------------
 
 

@@ -27,6 +27,8 @@ Configuration (``--conf key value``):
     review_tag        tag of batch pre-segmentations, which the 'review' strategy ranks (default: original)
     max_pixels        largest image read, in pixels or voxels (default: 100000000)
     max_upload_mb     largest request body (default: 2048)
+    history_keep      how many earlier ``final`` labels of each image ``labels/final/.history/`` keeps, the
+                      newest (default: all)
 
 ``weights`` and ``fallback`` also take the official releases by name (``multiverseg-v1``,
 ``scribbleprompt-v1``: ``mvseg.hub``). Every request passes ``mvlabel.guard`` first (authentication and roles
@@ -79,6 +81,24 @@ def _positive_int(conf: dict, key: str, default: int) -> int:
     return int(value)
 
 
+def _positive_number(conf: dict, key: str, default: float) -> float:
+    value = str(conf.get(key, default)).strip()
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < float("inf"):
+        raise ValueError(f"--conf {key} must be a positive number of seconds, got '{value}'")
+    return number
+
+
+def _count_or_all(conf: dict, key: str) -> int | None:
+    value = str(conf.get(key, "all")).strip().lower()
+    if value != "all" and not value.isdigit():
+        raise ValueError(f"--conf {key} must be a whole number or 'all', got '{value}'")
+    return None if value == "all" else int(value)
+
+
 def _flag(conf: dict, key: str, default: bool) -> bool:
     value = str(conf.get(key, default)).strip().lower()
     if value not in ("true", "false"):
@@ -95,9 +115,10 @@ class MultiverSegApp(MONAILabelApp):
         limit_arenas()  # before the worker threads: each would keep its own heap's peak
         names = [n.strip() for n in conf.get("labels", "foreground").split(",") if n.strip()]
         self.label_names = names or ["foreground"]
-        self.axis = int(conf.get("axis", 2))
-        if self.axis not in (0, 1, 2):
-            raise ValueError(f"--conf axis must be 0, 1 or 2, got {self.axis}")
+        axis = str(conf.get("axis", 2)).strip()
+        if axis not in ("0", "1", "2"):
+            raise ValueError(f"--conf axis must be 0, 1 or 2, got '{axis}'")
+        self.axis = int(axis)
         size = conf.get("size") or None
         if size is not None and not str(size).isdigit():
             raise ValueError(f"--conf size must be a whole number of pixels, got '{size}'")
@@ -115,13 +136,14 @@ class MultiverSegApp(MONAILabelApp):
             device=conf.get("device") or None,
             dtype=dtype,
             size=None if size is None else int(size),
-            max_context=int(conf.get("max_context", 64)),
+            max_context=_positive_int(conf, "max_context", 64),
             refine=_flag(conf, "refine", True),
             zoom=_flag(conf, "zoom", True),
             blend=blend,
         )
-        self.interactions = InteractionStore(expiry=float(conf.get("state_expiry", 1800)))
+        self.interactions = InteractionStore(expiry=_positive_number(conf, "state_expiry", 1800))
         imageio.MAX_PIXELS = _positive_int(conf, "max_pixels", 100_000_000)
+        self.history_keep = _count_or_all(conf, "history_keep")
         max_body = _positive_int(conf, "max_upload_mb", 2048) << 20
         tokens = None
         if settings.MONAI_LABEL_AUTH_ENABLE:
@@ -188,13 +210,14 @@ class MultiverSegApp(MONAILabelApp):
                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             )
+            datastore.history_keep = self.history_keep
         datastore.hide_paths = bool(settings.MONAI_LABEL_AUTH_ENABLE)  # remote users: no server file paths
         self.context = DatastoreContext(
             datastore,
             self.predictor.new_context,
             self.label_names,
             axis=self.axis,
-            slices_per_volume=int(self.conf.get("slices_per_volume", 4)),
+            slices_per_volume=_positive_int(self.conf, "slices_per_volume", 4),
         )
         self.segmenter = Segmenter(self.predictor, self.context, self.interactions, axis=self.axis)
         return datastore
@@ -210,7 +233,7 @@ class MultiverSegApp(MONAILabelApp):
 
     def init_strategies(self):
         self.scoreboard = ScoreBoard(self.segmenter, self._datastore)
-        leases = Leases(float(self.conf.get("lease_window", 600)))
+        leases = Leases(_positive_number(self.conf, "lease_window", 600))
         default = self.conf.get("strategy", DEFAULT_STRATEGY)
         if default not in STRATEGIES:
             raise ValueError(f"--conf strategy must be one of {', '.join(STRATEGIES)}, got '{default}'")

@@ -6,7 +6,7 @@ MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks 
   anything on disk is touched; a 2D image's label sent as NRRD/NIfTI (Slicer) is stored as PNG;
 * tags are plain names (``final`` is only written by a label save; the routes see to that);
 * a ``final`` label that is replaced or deleted is kept in ``labels/final/.history/<image>/`` with who saved
-  it and when;
+  it and when (all of them, or the newest ``history_keep`` per image);
 * two saves of one image at the same time: the second is refused with 409 instead of silently winning;
 * an image upload never replaces an image of the same id (MONAI Label's would, dropping its labels), and
   its id, given or taken from the file name, is a name;
@@ -82,6 +82,7 @@ def public_image_info(info: dict, hide_paths: bool) -> dict:
 
 class CheckedDatastore(LocalDatastore):
     hide_paths = False  # the app sets it when authentication is on
+    history_keep: int | None = None  # earlier final labels kept per image; None: all of them
 
     def __init__(self, *args, **kwargs):
         self._saving: set = set()
@@ -227,6 +228,8 @@ class CheckedDatastore(LocalDatastore):
                         os.unlink(path)
                     raise
                 place()
+            if kept:
+                self._prune_history(image_id)
             if old_path and os.path.basename(old_path) != name and os.path.exists(old_path):
                 os.unlink(old_path)  # the same label in another format: one file per image and tag
         return image_id
@@ -254,17 +257,19 @@ class CheckedDatastore(LocalDatastore):
                 os.unlink(path)
             obj.labels.pop(label_tag)  # at once, not when the folder watcher notices
             self._update_datastore_file(lock=False)
+            self._prune_history(label_id)
 
     def _keep(self, image_id: str, path: str, info: dict) -> list[str]:
         """Copy the final label about to be replaced into its history, with who saved it and when; the two
-        files written."""
+        files written. The oldest entries beyond ``history_keep`` go."""
         folder = os.path.join(self._datastore.label_path(FINAL), ".history", image_id)
         os.makedirs(folder, exist_ok=True)
         saved_at = info.get("ts")
         if not isinstance(saved_at, (int, float)) or isinstance(saved_at, bool) or not 0 <= saved_at < 2**33:
             saved_at = os.path.getmtime(path)  # an info edited by hand must not block the save
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(saved_at))
-        base = os.path.join(folder, f"{stamp}_{len(os.listdir(folder)) // 2:04d}")
+        number = max(map(_entry_number, _history_entries(folder)), default=-1) + 1
+        base = os.path.join(folder, f"{stamp}_{number:04d}")  # numbers only grow: never a name already taken
         _atomic_copy(path, base + extension(path))
         record = {"saved_by": info.get("user", "unknown"), "saved_at": info.get("ts"),
                   "replaced_by": current_user.get(), "replaced_at": int(time.time()), "info": info}
@@ -275,17 +280,31 @@ class CheckedDatastore(LocalDatastore):
             raise
         return [base + extension(path), base + ".json"]
 
+    def _prune_history(self, image_id: str) -> None:
+        """Remove an image's oldest history entries beyond the newest ``history_keep``, once a save or a
+        deletion has committed (a failed one still finds what it had)."""
+        folder = os.path.join(self._datastore.label_path(FINAL), ".history", image_id)
+        if self.history_keep is None or not os.path.isdir(folder):
+            return
+        entries = _history_entries(folder)
+        for stem in entries[: max(0, len(entries) - self.history_keep)]:
+            for name in os.listdir(folder):
+                if name == stem + ".json" or (name.startswith(stem + ".") and not name.endswith(".json")):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                    except OSError as e:  # a read-only history: it keeps more than asked, nothing else breaks
+                        log.warning("label history not pruned: %s", e)
+
     def label_history(self, image_id: str) -> list[dict]:
         """Earlier final labels of an image, oldest first: ``{"file", "saved_by", "saved_at", ...}``."""
         folder = os.path.join(self._datastore.label_path(FINAL), ".history", image_id)
         if not os.path.isdir(folder):
             return []
         out = []
-        for meta in sorted(f for f in os.listdir(folder) if f.endswith(".json")):
-            record = json.loads(open(os.path.join(folder, meta)).read())
-            stem = meta[: -len(".json")]
+        for stem in _history_entries(folder):
+            record = json.loads(open(os.path.join(folder, stem + ".json")).read())
             record["file"] = next(os.path.join(folder, f) for f in os.listdir(folder)
-                                  if f.startswith(stem) and not f.endswith(".json"))
+                                  if f.startswith(stem + ".") and not f.endswith(".json"))
             out.append(record)
         return out
 
@@ -309,6 +328,18 @@ class CheckedDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+
+def _history_entries(folder: str) -> list[str]:
+    """The entries of one image's history folder (``<saved>_<number>``, a label file and its ``.json``),
+    oldest first: in the order they were written."""
+    stems = [f[: -len(".json")] for f in os.listdir(folder) if f.endswith(".json") and not f.startswith(".")]
+    return sorted(stems, key=lambda stem: (_entry_number(stem), stem))
+
+
+def _entry_number(stem: str) -> int:
+    number = stem.rsplit("_", 1)[-1]
+    return int(number) if number.isdigit() else -1
 
 
 @contextmanager
