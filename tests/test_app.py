@@ -261,10 +261,37 @@ def test_slicer_saves_a_2d_label_as_nrrd(server, one_slice):
 
 
 def test_volume_slices_join_the_context_of_neighbouring_slices(server):
-    client, _, _ = server
+    client, app, _ = server
+    held = app.interactions.nbytes
     first = infer(client, "multiverseg", "vol_nifti", {"foreground": [[100, 150, 3]], "client_id": "vol"}).json()
     nxt = infer(client, "multiverseg", "vol_nifti", {"slice": 4, "client_id": "vol"}).json()
-    assert nxt["context_size"] >= first["context_size"]
+    assert nxt["context_size"] == first["context_size"] + 1  # slice 3's result
+    # what the session keeps of a slice is its model-grid context entry and logits, not the full-size arrays:
+    # two of each here
+    assert app.interactions.nbytes - held < 8 * 128 * 128 * 4
+
+
+def test_interaction_state_is_bounded_in_bytes():
+    """However many clients click, the state keeps at most ``max_bytes``, dropping the least recently used."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.interactions import InteractionStore
+    from mvseg.context import ContextSet
+
+    logits = torch.zeros(1, 128, 128)  # 64 KiB
+    store = InteractionStore(max_bytes=5 * logits.nbytes)
+    for client in range(20):
+        store.remember((f"c{client}", "img", "label", None), logits, 1)
+    assert store.nbytes <= 5 * logits.nbytes
+    assert store.previous(("c19", "img", "label", None), 2) is not None  # the newest are kept
+    assert store.previous(("c0", "img", "label", None), 2) is None
+    entry = ContextSet().prepare(np.random.rand(300, 300), np.eye(300))
+    for index in range(50):  # one long volume session
+        store.accept_slice(("c0", "vol", "label"), index, entry)
+    assert 0 < store.nbytes <= 5 * logits.nbytes
 
 
 def test_qupath_wsi_v2_patch_returns_polygons_inside_the_patch(server):

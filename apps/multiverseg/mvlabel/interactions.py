@@ -4,6 +4,10 @@ A click refines the previous prediction of the same (client, image, slice, label
 previous-prediction channel. The state is dropped when the client asks (``reset_state``), when the prompts
 shrink (the client removed a click: start over), and after ``expiry`` seconds without use. Slices of a
 volume predicted in the session are kept as context for the neighbouring slices.
+
+Only what is needed again is kept, on the model grid: a prediction's logits (``1 S S``), an accepted
+slice's context entry (image and mask ``1 S S``), never the full-size image, probability or mask. The
+whole store is bounded in entries and in bytes (``max_bytes``); the least recently used entries go first.
 """
 
 from __future__ import annotations
@@ -13,48 +17,69 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
+import torch
 
-from mvseg import Prediction
+from mvseg.context import ContextEntry
 
 
-@dataclass
-class SliceResult:
-    image: np.ndarray  # the 2D slice
-    mask: np.ndarray  # what the user got (and kept) on it
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.element_size() * t.nelement() for t in tensors)
 
 
 @dataclass
 class _State:
-    prediction: Optional[Prediction] = None
+    logits: torch.Tensor  # 1 S S: what the next click refines
     prompt_count: int = 0
     touched: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.logits)
 
 
 @dataclass
 class _Volume:
-    slices: dict[int, SliceResult] = field(default_factory=dict)
+    slices: dict[int, ContextEntry] = field(default_factory=dict)
     touched: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(e.image, e.label, e.descriptor) for e in self.slices.values())
 
 
 class InteractionStore:
-    def __init__(self, expiry: float = 1800.0, max_entries: int = 256):
+    def __init__(self, expiry: float = 1800.0, max_entries: int = 1024, max_bytes: int = 256 << 20):
         self.expiry = expiry
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._states: dict[tuple, _State] = {}
         self._volumes: dict[tuple, _Volume] = {}
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all states and session slices."""
+        with self._lock:
+            return self._held()
+
+    def _held(self) -> int:
+        return sum(v.nbytes for table in (self._states, self._volumes) for v in table.values())
 
     def _expire(self) -> None:
         now = time.monotonic()
         for table in (self._states, self._volumes):
             for key in [k for k, v in table.items() if now - v.touched > self.expiry]:
                 del table[key]
-            while len(table) > self.max_entries:  # least recently used first
-                del table[min(table, key=lambda k: table[k].touched)]
+        held = self._held()
+        while self._states or self._volumes:
+            if held <= self.max_bytes and len(self._states) + len(self._volumes) <= self.max_entries:
+                return
+            table, key = min(((t, k) for t in (self._states, self._volumes) for k in t),
+                             key=lambda tk: tk[0][tk[1]].touched)  # least recently used first
+            held -= table.pop(key).nbytes
 
-    def previous(self, key: tuple, prompt_count: int) -> Optional[Prediction]:
-        """The prediction to refine, or None when the prompts did not grow since it was made."""
+    def previous(self, key: tuple, prompt_count: int) -> Optional[torch.Tensor]:
+        """The logits to refine (``1 S S``), or None when the prompts did not grow since they were made."""
         with self._lock:
             self._expire()
             state = self._states.get(key)
@@ -62,11 +87,12 @@ class InteractionStore:
                 self._states.pop(key, None)
                 return None
             state.touched = time.monotonic()
-            return state.prediction
+            return state.logits
 
-    def remember(self, key: tuple, prediction: Prediction, prompt_count: int) -> None:
+    def remember(self, key: tuple, logits: torch.Tensor, prompt_count: int) -> None:
         with self._lock:
-            self._states[key] = _State(prediction, prompt_count)
+            self._states[key] = _State(logits.detach().cpu(), prompt_count)
+            self._expire()
 
     def reset(self, client: str, image: Optional[str] = None) -> int:
         """Forget a client's state (for one image or all); returns how many entries were dropped."""
@@ -78,17 +104,23 @@ class InteractionStore:
                     dropped += 1
             return dropped
 
-    def accept_slice(self, volume_key: tuple, index: int, result: SliceResult) -> None:
+    def accept_slice(self, volume_key: tuple, index: int, entry: Optional[ContextEntry]) -> None:
+        """Keep a volume slice's result (a prepared context entry) for its neighbours; None (an empty mask)
+        forgets the slice."""
         with self._lock:
             vol = self._volumes.setdefault(volume_key, _Volume())
-            vol.slices[index] = result
+            if entry is None:
+                vol.slices.pop(index, None)
+            else:
+                vol.slices[index] = entry
             vol.touched = time.monotonic()
+            self._expire()
 
-    def neighbours(self, volume_key: tuple, index: int, k: int) -> list[tuple[int, SliceResult]]:
-        """Up to ``k`` session slices nearest to ``index`` (excluding it) that have a non-empty mask."""
+    def neighbours(self, volume_key: tuple, index: int, k: int) -> list[tuple[int, ContextEntry]]:
+        """Up to ``k`` session slices nearest to ``index`` (excluding it)."""
         with self._lock:
             vol = self._volumes.get(volume_key)
             if vol is None:
                 return []
-            items = [(i, r) for i, r in vol.slices.items() if i != index and r.mask.any()]
+            items = [(i, e) for i, e in vol.slices.items() if i != index]
         return sorted(items, key=lambda item: abs(item[0] - index))[:k]

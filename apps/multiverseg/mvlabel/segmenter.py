@@ -24,7 +24,7 @@ from .contextstore import DatastoreContext, from_planes, planes_of, volume_slice
 from .errors import BadRequest
 from .guard import client_key
 from .imageio import Loaded, is_upload, read_image, read_label, stat_key
-from .interactions import InteractionStore, SliceResult
+from .interactions import InteractionStore
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,8 @@ class Segmenter:
         if target.index is None:
             return context, read
         version = context.version  # the datastore's; session slices do not count
-        for i, result in self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices):
-            try:
-                context.add(("session", i), result.image, result.mask)
-            except ValueError:
-                continue
+        for i, entry in self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices):
+            context.put(("session", i), entry)
         context.version = version
         return context, read
 
@@ -248,11 +245,13 @@ class Segmenter:
         except ValueError as e:  # prompts outside the image, wrong shapes: the core says which
             raise BadRequest(str(e), 422) from None
         t2 = time.perf_counter()
-        self.interactions.remember(key, prediction, count)
+        self.interactions.remember(key, prediction.logits, count)
         if target.index is not None:
-            self.interactions.accept_slice(
-                self._volume_key(target), target.index, SliceResult(np.array(target.image), prediction.mask)
-            )
+            try:  # kept on the model grid, as the context keeps it
+                entry = context.prepare(target.image, prediction.mask)
+            except ValueError:  # an empty mask shows the neighbours nothing
+                entry = None
+            self.interactions.accept_slice(self._volume_key(target), target.index, entry)
         info = {
             "label_names": {target.label: 1},
             "label": target.label,
