@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import threading
 
 import numpy as np
@@ -187,6 +188,36 @@ def test_a_body_that_is_not_a_form_is_refused_not_ignored(server, route, ctype):
 
     elsewhere = TestClient(asgi, client=("10.0.0.3", 50000))  # a state of its own, not the other tests' client's
     assert elsewhere.post(route.replace("wsi_v2/", "")).status_code == 200  # no body: the zero-click call stands
+
+
+@pytest.mark.parametrize("ctype", ["application/x-foo+json", "Application/JSON; charset=utf-8"])
+def test_json_by_any_of_its_names_is_checked(server, ctype, tmp_path):
+    """FastAPI reads every application/*+json body as JSON: the guard checks it as such. Before, a path in
+    'params.image' sent as application/x-foo+json reached the route, which read the temp file named and,
+    on a refusal, deleted it (it took the file for the request's own upload)."""
+    client, _, _ = server
+    victim = tempfile.NamedTemporaryFile(suffix=".txt", delete=False)
+    victim.write(b"somebody else's file")
+    victim.close()
+    try:
+        region = {"location": [10, 10], "size": [50, 50], "params": {"image": victim.name}}
+        r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=json", content=json.dumps(region),
+                        headers={"content-type": ctype})
+        assert r.status_code == 422 and "params.image" in r.json()["detail"], r.text
+        r = client.post("/batch/infer/multiverseg_auto", content=json.dumps({"images": [victim.name]}),
+                        headers={"content-type": ctype})
+        assert r.status_code in (404, 422), r.text
+        assert open(victim.name, "rb").read() == b"somebody else's file"
+    finally:
+        os.unlink(victim.name)
+
+
+def test_a_body_neither_json_nor_a_form_is_refused(server):
+    client, _, _ = server
+    region = {"location": [10, 10], "size": [50, 50], "params": {"foreground": [["a", 1]]}}
+    r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=json", content=json.dumps(region),
+                    headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "JSON" in r.json()["detail"], r.text
 
 
 def test_an_info_edit_that_is_not_a_form_changes_nothing(server):

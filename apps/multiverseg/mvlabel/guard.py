@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import email.message
 import errno
 import json
 import logging
@@ -227,6 +228,21 @@ def check_wsi(wsi: dict) -> None:
     check_params(model.params or {}, "/infer/wsi")
 
 
+def _body_kind(ctype: str) -> str:
+    """How FastAPI reads a body of this content type: "form", "json" (``application/json``, any
+    ``application/*+json``, or none given) or "other" (handed on as bytes)."""
+    if not ctype.strip():
+        return "json"
+    message = email.message.Message()
+    message["content-type"] = ctype
+    kind, subtype = message.get_content_maintype(), message.get_content_subtype()
+    if (kind, subtype) in (("multipart", "form-data"), ("application", "x-www-form-urlencoded")):
+        return "form"
+    if kind == "application" and (subtype == "json" or subtype.endswith("+json")):
+        return "json"
+    return "other"
+
+
 class Guard:
     """ASGI wrapper of MONAI Label's router (see the module docstring).
 
@@ -427,16 +443,20 @@ class Guard:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         # MONAI Label refuses a DICOM SEG answer without label_info only after the model ran (and kept its file)
         seg_output = path.startswith("/infer/") and "dicom_seg" in query.get("output", [])
-        is_form = ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
-        if not is_form and FORM_ROUTES.match(path) and spool.read(1):
+        kind = _body_kind(ctype)
+        is_form = kind == "form"
+        has_body = bool(spool.read(1))
+        spool.seek(0)
+        if not is_form and FORM_ROUTES.match(path) and has_body:
             raise Refusal(415, f"{path} reads a multipart form (JSON goes in its 'params' field, a file in 'file'),"
                                f" not a body sent as {ctype or 'no content type'}")
-        spool.seek(0)
+        if kind == "other" and has_body:  # FastAPI would hand the raw bytes on: nothing here could check them
+            raise Refusal(415, f"a request body is JSON (application/json) or a multipart form, not {ctype}")
         if seg_output and not is_form:
             raise Refusal(422, SEG_NEEDS_INFO)
         if seg_output and not (query.get("image") or [""])[0]:
             raise Refusal(422, "output=dicom_seg answers for a series of the PACS: name it (?image=SERIES_UID)")
-        if ctype.startswith("application/json"):
+        if kind == "json":
             body = spool.read()
             spool.seek(0)
             if body.strip():
