@@ -165,3 +165,30 @@ def test_a_client_id_never_reaches_another_users_state_or_saved_record(site):
         assert r.status_code == 200 and r.json()["strategy"] == "random" and "path" not in r.json(), r.text
     r = requests.get(f"{url}/datastore/image/info?image={IDS[2]}", headers={"Authorization": f"Bearer {alice}"}, timeout=30)
     assert r.status_code == 200 and "path" not in r.json() and "strategy" not in r.json(), r.text
+
+
+def test_a_session_is_its_owners_and_names_no_server_path(site):
+    """A Slicer session (an uploaded image) is seen, used and deleted by the user who uploaded it only; its
+    answers name the image file, not where the server keeps it."""
+    url, provider = site
+    alice, bob = (provider.token([ROLES["annotator"]], user=u) for u in ("alice", "bob"))
+    image = png_bytes(hc18_pair(IDS[1])[0])
+    r = requests.put(f"{url}/session/", files={"files": ("scan.png", image, "image/png")},
+                     headers={"Authorization": f"Bearer {alice}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    session = r.json()["session_id"]
+    assert "path" not in r.json()["session_info"] and r.json()["session_info"]["image"] == "scan.png"
+    as_bob = {"Authorization": f"Bearer {bob}"}
+    assert requests.get(f"{url}/session/{session}", headers=as_bob, timeout=30).status_code == 404
+    assert requests.get(f"{url}/session/{session}?image=true", headers=as_bob, timeout=30).status_code == 404
+    r = requests.post(f"{url}/infer/multiverseg?session_id={session}&output=json", data={"params": "{}"},
+                      headers=as_bob, timeout=60)
+    assert r.status_code == 404, r.text
+    assert requests.delete(f"{url}/session/{session}", headers=as_bob, timeout=30).status_code == 404
+    as_alice = {"Authorization": f"Bearer {alice}"}
+    r = requests.get(f"{url}/session/{session}", headers=as_alice, timeout=30)
+    assert r.status_code == 200 and "/" not in json.dumps(r.json()["image"]), r.text
+    r = requests.post(f"{url}/infer/multiverseg?session_id={session}&output=json", data={"params": "{}"},
+                      headers=as_alice, timeout=60)
+    assert r.status_code == 200, r.text
+    assert requests.delete(f"{url}/session/{session}", headers=as_alice, timeout=30).status_code == 200

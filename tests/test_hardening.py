@@ -547,6 +547,40 @@ def test_a_session_holds_one_readable_image_inside_the_datastore(server):
     assert os.path.realpath(app.sessions().store_path) == os.path.realpath(studies / ".sessions")
 
 
+def test_a_session_is_gone_when_it_expires_and_its_id_is_random(server):
+    """MONAI Label served an expired session until its five-minute clean-up came by, and made ids from the
+    clock and the MAC address (uuid1)."""
+    import time
+    import uuid
+
+    client, app, studies = server
+    upload = {"files": ("scan.png", png_bytes(hc18_pair(IDS[2])[0]), "image/png")}
+    r = client.put("/session/?expiry=1", files=upload)
+    assert r.status_code == 200, r.text
+    session = r.json()["session_id"]
+    assert uuid.UUID(session).version == 4
+    time.sleep(2.1)
+    r = client.post(f"/infer/multiverseg?session_id={session}&output=json", data={"params": "{}"})
+    assert r.status_code == 404 and "session" in r.json()["detail"], r.text
+    assert client.get(f"/session/{session}").status_code == 404
+    assert not (studies / ".sessions" / session).exists()
+    r = client.post(f"/infer/wsi/multiverseg?session_id={session}&output=json", json={"location": [0, 0]})
+    assert r.status_code == 404 and "session" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("name", [b"a\x00.png", b"x" * 300 + b".png", b"tab\tname.png"])
+def test_a_session_file_name_the_disk_cannot_hold_is_refused(server, name):
+    """Sent raw, as some clients do (httpx would percent-encode it): MONAI Label answered 500 and left an
+    empty folder in the temp folder."""
+    client, _, studies = server
+    before = sorted(os.listdir(tempfile.gettempdir()))
+    body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="' + name + b'"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + png_bytes(hc18_pair(IDS[2])[0]) + b"\r\n--b--\r\n")
+    r = client.put("/session/", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 422 and "file name" in r.json()["detail"], r.text
+    assert sorted(os.listdir(tempfile.gettempdir())) == before
+
+
 def test_a_detached_nrrd_header_reads_no_other_file(server):
     """An NRRD header names its data file; uploaded, it could make the server read any file it can."""
     client, app, _ = server
@@ -640,6 +674,115 @@ def test_a_qupath_region_of_the_wrong_shape_is_422(server, wsi):
     client, _, _ = server
     r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=asap", json=wsi)
     assert r.status_code == 422 and r.json()["detail"], r.text
+
+
+def _region_click(key=IDS[1]):
+    """A region of ``key`` around its head and a click at the head's centre, in image pixels."""
+    ys, xs = np.nonzero(hc18_pair(key)[1])
+    cx, cy = int(xs.mean()), int(ys.mean())
+    return [max(cx - 150, 0), max(cy - 120, 0)], [300, 240], [cx, cy]
+
+
+def test_successive_clicks_on_a_qupath_region_refine_it(server):
+    """The state of a region request is the region's: the second click refines the first (before, each
+    request cropped the region to a new temp file, and the state keyed on that file)."""
+    client, _, _ = server
+    location, size, click = _region_click()
+    answers = []
+    for points in ([click], [click, [click[0] + 40, click[1]]]):
+        region = {"location": location, "size": size, "params": {"foreground": points, "client_id": "qp"}}
+        r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=json", json=region)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["refined"])
+    assert answers == [False, True]
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_a_region_of_a_float_or_int32_image(server, mode, tmp_path):
+    """A region of a float32 or int32 TIFF answered 500 (it was cropped to a PNG, which holds neither) and
+    left an empty file in the temp folder."""
+    client, _, _ = server
+    image = hc18_pair(IDS[1])[0].astype(np.float32 if mode == "F" else np.int32) * 3
+    buf = io.BytesIO()
+    Image.fromarray(image, mode).save(buf, format="TIFF")
+    name = f"deep_{mode}"
+    r = client.put(f"/datastore/image?image={name}", data={"params": "{}"},
+                   files={"file": (f"{name}.tif", buf.getvalue(), "image/tiff")})
+    assert r.status_code == 200, r.text
+    before = sorted(os.listdir(tempfile.gettempdir()))
+    location, size, click = _region_click()
+    r = client.post(f"/infer/wsi/multiverseg?image={name}&output=asap",
+                    json={"location": location, "size": size, "params": {"foreground": [click]}})
+    assert r.status_code == 200 and b"Coordinate" in r.content, r.text
+    assert sorted(os.listdir(tempfile.gettempdir())) == before
+
+
+@pytest.mark.parametrize("params, word", [({"min_poly_area": "abc"}, "min_poly_area"), ({"min_poly_area": -1}, "min_poly_area"),
+                                          ({"color": 5}, "color"), ({"color": None}, "color"),
+                                          ({"color": "\u0001\"<x>"}, "color")])
+def test_a_region_answer_is_drawn_only_as_asked_right(server, params, word):
+    """These answered 500, or XML that is not well-formed, and left a partial file in the temp folder."""
+    client, _, _ = server
+    location, size, click = _region_click()
+    before = sorted(os.listdir(tempfile.gettempdir()))
+    r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=asap",
+                    json={"location": location, "size": size, "params": {"foreground": [click], **params}})
+    assert r.status_code == 422 and word in r.json()["detail"], r.text
+    assert sorted(os.listdir(tempfile.gettempdir())) == before
+
+
+def test_the_zero_click_model_answers_a_qupath_region_with_polygons(server):
+    """multiverseg_auto answered QuPath's region request with a PNG of the whole image."""
+    import xml.etree.ElementTree as ET
+
+    client, _, _ = server
+    location, size, _ = _region_click()
+    r = client.post(f"/infer/wsi/multiverseg_auto?image={IDS[1]}&output=asap",
+                    json={"location": location, "size": size})
+    assert r.status_code == 200 and r.headers["content-type"].startswith(("application/xml", "text/xml")), r.text
+    coords = np.array([(float(c.get("X")), float(c.get("Y"))) for c in ET.fromstring(r.content).iter("Coordinate")])
+    assert len(coords) and {a.get("PartOfGroup") for a in ET.fromstring(r.content).iter("Annotation")} <= {"head"}
+    assert (coords >= np.array(location) - 1).all() and (coords <= np.array(location) + size + 1).all()
+
+
+def test_a_mask_with_a_hole_survives_the_asap_round_trip(tmp_path):
+    """Outlines of a ring are two polygons; read back, the inner one is the hole (before: both filled)."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from mvlabel.imageio import read_asap, write_asap
+    from mvlabel.wsi import polygons
+
+    yy, xx = np.mgrid[:120, :140]
+    r = np.hypot(yy - 60, xx - 70)
+    ring = (r < 40) & (r >= 20)
+    island = r < 8  # an island inside the hole stays filled
+    overlapping = (abs(yy - 10) < 6) & (xx < 60), (abs(xx - 10) < 6) & (yy < 60)  # two that only overlap
+    mask = ring | island | overlapping[0]
+    polys = polygons(mask, (0, 0), 0) + polygons(overlapping[1], (0, 0), 0)
+    path = write_asap({"head": polys}, {"head": "#00FF00"}, str(tmp_path / "a.xml"))
+    back = read_asap(path, mask.shape, default_name="head")["head"]
+    truth = mask | overlapping[1]
+    assert (back & truth).sum() / (back | truth).sum() > 0.97
+    assert not back[60, 70 - 14] and back[60, 70] and back[10, 10]
+
+
+@pytest.mark.parametrize("groups, status, word", [
+    (["a/b"], 422, "not a label name"),
+    ([f"g{i}" for i in range(17)], 422, "at most"),
+])
+def test_an_asap_label_is_checked_like_every_label(server, groups, status, word):
+    client, _, studies = server
+    before = final_bytes(studies)
+    anns = "".join(f'<Annotation Name="x" PartOfGroup="{g}"><Coordinates><Coordinate X="1" Y="1"/>'
+                   f'<Coordinate X="30" Y="1"/><Coordinate X="30" Y="30"/></Coordinates></Annotation>' for g in groups)
+    xml = f"<ASAP_Annotations><Annotations>{anns}</Annotations></ASAP_Annotations>".encode()
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": ("label.xml", xml, "application/xml")})
+    assert r.status_code == status and word in r.json()["detail"], r.text
+    assert final_bytes(studies) == before
 
 
 def test_batch_inference_runs_on_a_cpu_server(server):

@@ -45,7 +45,6 @@ from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.utils.sessions import Sessions
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
@@ -61,7 +60,8 @@ from mvlabel.localstore import CheckedDatastore
 from mvlabel.nextsample import Leases, NextSample, ScoreBoard
 from mvlabel.ohif import serve_ohif_assets
 from mvlabel.segmenter import Segmenter
-from mvlabel.wsi import infer_region
+from mvlabel.sessions import CheckedSessions
+from mvlabel.wsi import auto_region, infer_region
 from mvseg import Predictor
 from mvseg.memory import limit_arenas
 
@@ -187,11 +187,15 @@ class MultiverSegApp(MONAILabelApp):
         """Images a client uploads into a session (Slicer's, for an image not in the datastore) are kept in the
         datastore's ``.sessions/`` (on a PACS: in the server's cache folder), not in the home folder, unless
         MONAI_LABEL_SESSION_PATH names a place."""
-        if load and not settings.MONAI_LABEL_SESSION_PATH.strip():
+        if not load:
+            return None
+        folder = settings.MONAI_LABEL_SESSION_PATH.strip()
+        if not folder:
             pacs = self._on_pacs(self.studies)
             folder = os.path.join(self._datastore.root, "sessions") if pacs else os.path.join(self.studies, ".sessions")
-            return Sessions(folder, settings.MONAI_LABEL_SESSION_EXPIRY)
-        return super()._load_sessions(load)
+        sessions = CheckedSessions(folder, settings.MONAI_LABEL_SESSION_EXPIRY)
+        sessions.hide_paths = bool(settings.MONAI_LABEL_AUTH_ENABLE)
+        return sessions
 
     def _task_names(self) -> dict:
         return {"infer": list(getattr(self, "_infers", {})), "train": list(getattr(self, "_trainers", {})),
@@ -268,6 +272,12 @@ class MultiverSegApp(MONAILabelApp):
                 detail=shorten(f"unknown model '{model}'; this server has {', '.join(self._infers)}"),
             )
 
+    @staticmethod
+    def _check_session_found(image) -> None:
+        if image == "":  # MONAI Label found no session of the request's session_id
+            raise HTTPException(status_code=404, detail="the session is unknown or has expired; upload the image "
+                                                        "again (PUT /session/) or name a datastore image")
+
     def infer(self, request, datastore=None):
         with uploads_removed_when_refused(request.get("image"), request.get("label")):
             return self._infer(request, datastore)
@@ -280,9 +290,7 @@ class MultiverSegApp(MONAILabelApp):
                 status_code=409, detail="inference never writes 'final' labels; save them with PUT /datastore/label"
             )
         collides = False
-        if image == "":  # MONAI Label found no session of that id
-            raise HTTPException(status_code=404, detail="the session is unknown or has expired; upload the image "
-                                                        "again (PUT /session/) or name a datastore image")
+        self._check_session_found(image)
         if isinstance(image, str) and not (is_upload(image) or self._in_session(image)):
             uri = self.datastore().get_image_uri(image)
             if not uri:
@@ -307,15 +315,15 @@ class MultiverSegApp(MONAILabelApp):
 
     def _infer_wsi(self, request, datastore=None):
         self._check_model(request)
-        if request.get("model") != "multiverseg":
-            return self.infer(request, datastore)
         image = request.get("image") or ""
+        self._check_session_found(image)
         uploaded = is_upload(image) or self._in_session(image)
         path = image if uploaded else self.datastore().get_image_uri(image)
         if not path:
             raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
         try:
-            return infer_region(self.segmenter, request, path, uploaded)
+            answer = infer_region if request.get("model") == "multiverseg" else auto_region
+            return answer(self.segmenter, request, path, uploaded)
         except BadRequest as e:
             raise _http(e) from None
 

@@ -185,7 +185,7 @@ class DatastoreContext:
         image = read_image(self.datastore.get_image_uri(image_id))
         info = self.datastore.get_label_info(image_id, FINAL) or {}
         if extension(label_path) == ".xml":
-            masks = read_asap(label_path, image.shape[:2])
+            masks = read_asap(label_path, image.shape[:2], default_name=self.names[0])
         else:
             masks = label_masks(read_label(label_path, image), info, self.names)
         cset = self.new_set()

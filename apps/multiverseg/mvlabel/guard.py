@@ -39,6 +39,7 @@ from anyio.lowlevel import RunVar
 
 from .access import PUBLIC, ROLE_NAMES, Identity, TokenCache, required_role
 from .errors import BadRequest, shorten
+from .imageio import MAX_LABEL_NAME, is_label_name
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ TASK_ROUTES = [(re.compile(r"^/batch/infer/([^/]+)$"), "infer"), (re.compile(r"^
                (re.compile(r"^/scoring(?:/([^/]*))?$"), "scoring")]
 # info keys the server records itself (times, file names, who saved, next-sample leases and scores)
 RESERVED_INFO = {"ts", "name", "user", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored"}
-MAX_LABEL_NAME = 128
 # routes that run the model, read big files, write or ask the PACS: off the event loop
 OFF_LOOP = re.compile(r"^/(info|infer|activelearning|datastore|batch|scoring|train|session|proxy)(/|$)")
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
@@ -112,8 +112,7 @@ def check_tag(value: str, what: str = "tag") -> None:
 def check_label_info(described: Any, what: str = "label_info") -> None:
     """``[{"name": text, "idx": 1..255}, ...]`` with distinct names and values."""
     ok = isinstance(described, list) and all(
-        isinstance(d, dict) and isinstance(d.get("name"), str) and 0 < len(d["name"]) <= MAX_LABEL_NAME
-        and not any(c in d["name"] for c in "/\\") and d["name"].isprintable()
+        isinstance(d, dict) and is_label_name(d.get("name"))
         and isinstance(d.get("idx", 1), int) and not isinstance(d.get("idx", 1), bool) and 0 < d.get("idx", 1) < 256
         for d in described
     )
@@ -503,7 +502,10 @@ class Guard:
                 files = [f for f in form.getlist("files") if hasattr(f, "read")]
                 if len(files) > 1:
                     raise Refusal(422, f"a session holds one image file, got {len(files)}")
-                for upload in files:
+                for upload in files:  # MONAI Label stores it under its own name
+                    name = os.path.basename((upload.filename or "").replace("\\", "/"))
+                    if not name.isprintable() or len(name.encode()) > 200:
+                        raise Refusal(422, "a session image's file name must be printable and at most 200 bytes")
                     await self._check_upload(upload)
                 return bool(files)
         finally:

@@ -175,7 +175,10 @@ class CheckedDatastore(LocalDatastore):
     def _checked(image, label_filename: str, tmp: str, label_info: dict) -> str:
         """The label file to store (a PNG for a 2D image's NRRD/NIfTI label); raises BadRequest."""
         if extension(label_filename) == ".xml":
-            read_asap(label_filename, image.shape[:2])
+            if image.is_volume:
+                raise BadRequest("an ASAP XML label (QuPath's) outlines a 2D image; a volume's label is a "
+                                 "NIfTI, NRRD or DICOM SEG", 415)
+            read_asap(label_filename, image.shape[:2], default_name="unclassified")  # raises what it cannot use
             return label_filename
         label = check_label_values(read_label(label_filename, image))
         label_masks(label, label_info, [])  # refuses a label of which label_info names no value

@@ -41,6 +41,7 @@ class Target:
     prompts: Prompts
     index: Optional[int] = None  # slice index for volumes
     client: str = "default"
+    region: Optional[tuple] = None  # (x0, y0, x1, y1) of a 2D image the plane is (QuPath), else the whole
     timings: dict = field(default_factory=dict)
 
 
@@ -109,10 +110,14 @@ class Segmenter:
             raise BadRequest(f"unknown label '{name}'; this server segments {', '.join(known)}", 404)
         return name
 
-    def target(self, request: dict) -> Target:
-        """Resolve image, label, plane and prompts of an interactive request (validating all of them)."""
+    def target(self, request: dict, region: Optional[tuple] = None) -> Target:
+        """Resolve image, label, plane and prompts of an interactive request (validating all of them).
+        ``region``: ``(x0, y0, x1, y1)`` of a 2D image to segment instead of all of it; the request's
+        points are then in the region's pixels."""
         t0 = time.perf_counter()
         loaded = self.load(request.get("image", ""))
+        if region is not None and loaded.is_volume:
+            raise BadRequest("a region (QuPath) request needs a 2D image", 422)
         label = self.label_name(request)
         client = client_key(request.get("client_id"))
         fg = _number_list(request.get("foreground"), "foreground")
@@ -141,11 +146,15 @@ class Segmenter:
             if request.get("slice") not in (None, 0, "0"):
                 raise BadRequest(f"a 2D image has one slice, 0; got slice {request.get('slice')!r}", 422)
             plane = loaded.array
+            if region is not None:
+                x0, y0, x1, y1 = region
+                plane = plane[y0:y1, x0:x1]
             to_xy = lambda p: (p[0], p[1])  # noqa: E731
         prompts = Prompts(positive=[to_xy(p) for p in fg], negative=[to_xy(p) for p in bg])
-        prompts.box = self._box(request.get("roi"), loaded, index)
-        self._scribbles(request, loaded, index, prompts)
-        target = Target(loaded, label, plane, prompts, index, client)
+        if region is None:  # a region request's clicks are all it takes
+            prompts.box = self._box(request.get("roi"), loaded, index)
+            self._scribbles(request, loaded, index, prompts)
+        target = Target(loaded, label, plane, prompts, index, client, region=region)
         target.timings["read"] = time.perf_counter() - t0
         return target
 
@@ -227,15 +236,16 @@ class Segmenter:
     def _volume_key(target: Target) -> tuple:
         return (target.client, target.loaded.path, target.label)
 
-    def interactive(self, request: dict) -> tuple[Target, np.ndarray, dict]:
-        """Segment one plane from the request's prompts; returns the target, the 2D mask and result info."""
-        target = self.target(request)
+    def interactive(self, request: dict, region: Optional[tuple] = None) -> tuple[Target, np.ndarray, dict]:
+        """Segment one plane (or ``region``, see :meth:`target`) from the request's prompts; returns the
+        target, the 2D mask and result info."""
+        target = self.target(request, region)
         if request.get("reset_state"):
             self.interactions.reset(target.client, target.loaded.path)
         t0 = time.perf_counter()
         context, read = self.context_for(target)
         t1 = time.perf_counter()
-        key = self._volume_key(target) + (target.index,)
+        key = self._volume_key(target) + (target.index, target.region)
         count = target.prompts.count()
         previous = self.interactions.previous(key, count) if count else None
         try:

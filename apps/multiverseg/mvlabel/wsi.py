@@ -7,7 +7,7 @@ polygons in level-0 pixels, the format QuPath's MONAI Label extension imports.
 
 from __future__ import annotations
 
-import os
+import re
 
 import numpy as np
 from skimage.measure import find_contours
@@ -17,6 +17,7 @@ from .imageio import write_asap
 from .segmenter import Segmenter
 
 DEFAULT_COLOR = "#00FF00"
+COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
 
 def polygons(mask: np.ndarray, offset: tuple[float, float], min_area: float) -> list[np.ndarray]:
@@ -78,30 +79,42 @@ def infer_region(segmenter: Segmenter, request: dict, image_path: str, uploaded:
     loaded = segmenter.load(image_path)
     if loaded.is_volume:
         raise BadRequest("region (QuPath) requests need a 2D image", 422)
+    min_area, color = _drawing(request)
     plain, (x0, y0, x1, y1) = region_request(request, image_path, uploaded, loaded.shape)
-    crop_path = image_path
-    if not uploaded and (x0, y0, x1, y1) != (0, 0, loaded.shape[1], loaded.shape[0]):
-        plain["image"] = crop_path = _crop(segmenter, loaded.array[y0:y1, x0:x1], image_path, (x0, y0, x1, y1))
-    try:
-        target, mask, info = segmenter.interactive(plain)
-    finally:
-        if crop_path != image_path:
-            os.unlink(crop_path)
-    polys = polygons(mask, (x0, y0), float(request.get("min_poly_area") or 0))
-    info.update({"location": [x0, y0], "size": [x1 - x0, y1 - y0], "polygons": len(polys)})
+    whole = uploaded or (x0, y0, x1, y1) == (0, 0, loaded.shape[1], loaded.shape[0])
+    # the region's own interaction state: the next click on the same region refines this one
+    target, mask, info = segmenter.interactive(plain, region=None if whole else (x0, y0, x1, y1))
+    return _answer(request, {target.label: mask}, (x0, y0, x1, y1), min_area, color, info)
+
+
+def auto_region(segmenter: Segmenter, request: dict, image_path: str, uploaded: bool) -> dict:
+    """The zero-click model on the region (every label with context): polygons of each label."""
+    loaded = segmenter.load(image_path)
+    if loaded.is_volume:
+        raise BadRequest("region (QuPath) requests need a 2D image", 422)
+    min_area, color = _drawing(request)
+    _, (x0, y0, x1, y1) = region_request(request, image_path, uploaded, loaded.shape)
+    _, labelmap, info = segmenter.automatic({**request, "image": image_path})
+    crop = labelmap[y0:y1, x0:x1] if not uploaded else labelmap
+    masks = {name: crop == value for name, value in info["label_names"].items()}
+    return _answer(request, masks, (x0, y0, x1, y1), min_area, color, info)
+
+
+def _drawing(request: dict) -> tuple[float, str]:
+    """The answer's smallest polygon area (pixels) and colour (``#RRGGBB``), checked."""
+    min_area = request.get("min_poly_area") or 0
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0 <= min_area < float("inf"):
+        raise BadRequest(f"'min_poly_area' must be a number of pixels, 0 or more, got {min_area!r}", 422)
+    color = request.get("color", DEFAULT_COLOR)
+    if not isinstance(color, str) or not COLOR.match(color):
+        raise BadRequest(f"'color' must be '#RRGGBB', got {str(color)[:20]!r}", 422)
+    return float(min_area), color
+
+
+def _answer(request: dict, masks: dict, box: tuple, min_area: float, color: str, info: dict) -> dict:
+    x0, y0, x1, y1 = box
+    polys = {name: polygons(mask, (x0, y0), min_area) for name, mask in masks.items()}
+    info.update({"location": [x0, y0], "size": [x1 - x0, y1 - y0], "polygons": sum(map(len, polys.values()))})
     if request.get("output") == "json":
         return {"file": None, "params": info}
-    path = write_asap({target.label: polys}, {target.label: request.get("color", DEFAULT_COLOR)})
-    return {"file": path, "params": info}
-
-
-def _crop(segmenter: Segmenter, array: np.ndarray, source: str, box: tuple) -> str:
-    """Write a region of a datastore image to a temporary PNG (the interaction state keys on the source)."""
-    import tempfile
-
-    from PIL import Image
-
-    fd, path = tempfile.mkstemp(suffix=".png", prefix="mvseg-region-")
-    os.close(fd)
-    Image.fromarray(array).save(path)
-    return path
+    return {"file": write_asap(polys, {name: color for name in polys}), "params": info}
