@@ -48,6 +48,15 @@ class Provider:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_POST(self):  # the token endpoint: no user of this provider has a password
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                data = json.dumps({"error": "invalid_grant", "error_description": "Invalid user credentials"}).encode()
+                self.send_response(401)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def log_message(self, *args):
                 pass
 
@@ -63,9 +72,9 @@ class Provider:
         self.thread.join(timeout=5)
 
     def token(self, roles: list[str], audience: str = "monailabel-app", lifetime: float = 300,
-              user: str = "someone", stranger: bool = False) -> str:
+              user: str = "someone", stranger: bool = False, kid: str | None = "test-key") -> str:
         now = int(time.time())
         claims = {"iss": self.issuer, "sub": user, "preferred_username": user, "aud": [audience, "account"],
                   "azp": audience, "iat": now, "exp": now + int(lifetime), "realm_access": {"roles": roles}}
         key = self.stranger if stranger else self.key
-        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "test-key"})
+        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid} if kid else None)

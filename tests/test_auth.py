@@ -100,7 +100,7 @@ def test_each_role_may_do_what_its_role_allows(site, route, least):
     assert call(url, method, path, None).status_code == 401
 
 
-@pytest.mark.parametrize("kind", ["expired", "forged", "other audience", "garbage"])
+@pytest.mark.parametrize("kind", ["expired", "forged", "other audience", "garbage", "unknown key", "no key id"])
 def test_invalid_tokens_are_401(site, kind):
     url, provider = site
     token = {
@@ -108,11 +108,23 @@ def test_invalid_tokens_are_401(site, kind):
         "forged": lambda: provider.token([ROLES["admin"]], stranger=True),
         "other audience": lambda: provider.token([ROLES["admin"]], audience="another-app"),
         "garbage": lambda: "not.a.token",
+        "unknown key": lambda: provider.token([ROLES["admin"]], stranger=True, kid="other-key"),
+        "no key id": lambda: provider.token([ROLES["admin"]], stranger=True, kid=None),
     }[kind]()
     for route in ("GET /info/", "POST /infer", "POST /reload"):
         method, path = route.split(" ", 1)
         r = call(url, method, path, token)
         assert r.status_code == 401, (kind, route, r.status_code, r.text)
+    # MONAI Label's own token check (its route, not the guard's): a key the provider does not have was a 500
+    r = requests.get(url + "/auth/token/valid", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 401, (kind, r.status_code, r.text)
+
+
+def test_a_login_the_provider_refuses_is_401(site):
+    """MONAI Label passes the identity provider's refusal on as an exception: it was a 500."""
+    url, _ = site
+    r = requests.post(url + "/auth/token", data={"username": "alice", "password": "wrong"}, timeout=30)
+    assert r.status_code == 401 and "identity provider" in r.json()["detail"], r.text
 
 
 def test_the_viewer_needs_a_user_and_cors_is_closed(site):

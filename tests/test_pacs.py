@@ -146,7 +146,8 @@ def segs_in_pacs(site: Site) -> list[dict]:
     for item in client.search_for_series(search_filters={"Modality": "SEG"}):
         meta = Dataset.from_json(item)
         full = Dataset.from_json(client.retrieve_series_metadata(meta.StudyInstanceUID, meta.SeriesInstanceUID)[0])
-        out.append({"uid": meta.SeriesInstanceUID, "image": full.ReferencedSeriesSequence[0].SeriesInstanceUID,
+        out.append({"uid": meta.SeriesInstanceUID, "study": meta.StudyInstanceUID,
+                    "image": full.ReferencedSeriesSequence[0].SeriesInstanceUID,
                     "labels": sorted(s.SegmentLabel for s in full.SegmentSequence),
                     "description": str(full.get("SeriesDescription", ""))})
     return out
@@ -529,6 +530,135 @@ def test_a_save_whose_answer_was_lost_is_not_stored_twice(site, tmp_path, monkey
     finally:
         relay.shutdown()
         relay.server_close()
+
+
+def _small_series(root: Path, name: str, change=None) -> str:
+    """A 12-slice 32 x 32 MR series in the PACS (its UID); ``change(k, dataset)`` edits each slice's header."""
+    import pydicom
+
+    volume = np.zeros((32, 32, 12), np.float32)
+    volume[8:24, 8:24, 2:10] = 500
+    path = root / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
+    files = _make_dicom().write_series(path, root / name, patient=name)
+    for k, file in enumerate(files):
+        if change is not None:
+            dataset = pydicom.dcmread(str(file))
+            change(k, dataset)
+            dataset.save_as(str(file))
+    return files
+
+
+def _uneven(k, dataset):
+    dataset.ImagePositionPatient[2] = [0, 2, 4, 7, 9, 11, 16, 18, 20, 22, 24, 26][k]
+
+
+def _tilted(k, dataset):
+    dataset.ImagePositionPatient[1] = float(dataset.ImagePositionPatient[1]) + 0.7 * k
+
+
+def _no_geometry(k, dataset):
+    del dataset.ImagePositionPatient
+    del dataset.ImageOrientationPatient
+
+
+@pytest.mark.parametrize("change, word", [(_uneven, "evenly spaced"), (_tilted, "tilted"), (_no_geometry, "geometry")])
+def test_a_seg_is_refused_for_a_series_off_a_regular_grid(site, tmp_path, change, word):
+    """dcmqi writes a SEG on the regular grid the volume was read on and references the nearest instance of
+    each frame: on a series with uneven spacing or a tilt the label landed on the wrong slices, and a series
+    without slice geometry answered 500 (dcmqi failed, its output file was missing)."""
+    from mvlabel import dicomweb
+    from mvlabel.errors import BadRequest
+
+    files = _small_series(tmp_path, f"off_{word.split()[0]}", change)
+    upload(site.dicomweb, files)
+    series = _series_uid(files[0])
+    store = dicomweb.connect(site.dicomweb, NAMES, cache=str(tmp_path / "cache"))
+    volume = nib.load(store.get_image_uri(series))
+    label = np.zeros(volume.shape, np.uint8)
+    label[10:20, 10:20, 3:8] = 1
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, volume.affine), str(path))
+    before = segs_in_pacs(site)
+    with pytest.raises(Exception) as refused:
+        store.save_label(series, str(path), "final", {"label_info": LABEL_INFO[:1]})
+    assert getattr(refused.value, "status_code", None) == 422 and word in refused.value.detail, refused.value
+    assert segs_in_pacs(site) == before
+    with pytest.raises(BadRequest, match=word):  # OHIF's output=dicom_seg goes through the same check
+        dicomweb.check_seg_grid(str(Path(store.series_dir) / series))
+
+
+def _stored_seg_copy(site: Site, seg_uid: str, change) -> str:
+    """Another system's SEG: a copy of ``seg_uid`` with new UIDs, edited by ``change(dataset)``, stored."""
+    from dicomweb_client import DICOMwebClient
+    from pydicom.uid import generate_uid
+
+    client = DICOMwebClient(site.dicomweb)
+    seg = next(s for s in segs_in_pacs(site) if s["uid"] == seg_uid)
+    dataset = client.retrieve_series(seg["study"], seg_uid)[0]
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.SeriesTime = "235959"  # the newest
+    change(dataset)
+    client.store_instances([dataset])
+    return str(dataset.SeriesInstanceUID)
+
+
+def _duplicate_segment(dataset):
+    dataset.SegmentSequence.append(dataset.SegmentSequence[0])
+
+
+def _fractional(dataset):
+    frames = dataset.pixel_array.reshape(-1, dataset.Rows, dataset.Columns).astype(np.uint8)
+    dataset.SegmentationType, dataset.SegmentationFractionalType = "FRACTIONAL", "PROBABILITY"
+    dataset.MaximumFractionalValue = 255
+    dataset.BitsAllocated = dataset.BitsStored = 8
+    dataset.HighBit = 7
+    dataset.PixelData = (frames * 200).tobytes()
+
+
+def _rows_halved(dataset):
+    dataset.Rows = dataset.Rows // 2
+
+
+def test_segs_other_systems_stored_badly_or_deleted(site, tmp_path):
+    """A SEG that cannot be read made every click, label read and start-up fail; a fractional one was read as
+    empty; a deleted one stayed the label until a restart."""
+    from mvlabel import dicomweb
+
+    b = site.series[1]
+    truth = np.asarray(TRUTH.dataobj)
+    r = save_label(site, b, (truth == 1).astype(np.uint8), LABEL_INFO[:1])
+    assert r.status_code == 200, r.text
+    good = r.json()["label"] if isinstance(r.json(), dict) and "label" in r.json() else None
+    good = good or next(s["uid"] for s in segs_in_pacs(site) if s["image"] == b)
+    store = dicomweb.connect(site.dicomweb, NAMES, cache=str(tmp_path / "cache"))
+    store.list_ttl = 0.0
+
+    def white_matter() -> np.ndarray:
+        uri = store.get_label_uri(b, "final")
+        info = store.get_label_info(b, "final")
+        value = {i["name"]: i["idx"] for i in info["label_info"]}["white_matter"]
+        return np.asarray(nib.load(uri).dataobj) == value
+
+    np.testing.assert_array_equal(white_matter(), truth == 1)
+    for change in (_duplicate_segment, _rows_halved):  # unreadable: the good SEG stays the label
+        bad = _stored_seg_copy(site, good, change)
+        np.testing.assert_array_equal(white_matter(), truth == 1)
+        assert bad in store._unusable
+        assert click(site, site.series[0], white_matter_point()).status_code == 200  # the server lives on
+    fractional = _stored_seg_copy(site, good, _fractional)
+    np.testing.assert_array_equal(white_matter(), truth == 1)  # 200/255 is in (it was read as empty)
+    assert fractional in store.get_label_info(b, "final")["segs"]
+    import requests as http
+
+    orthanc = f"http://127.0.0.1:{site.orthanc_port}"
+    found = http.post(f"{orthanc}/tools/find", json={"Level": "Series", "Query": {"SeriesInstanceUID": fractional}},
+                      timeout=30).json()
+    assert http.delete(f"{orthanc}/series/{found[0]}", timeout=30).ok
+    assert fractional not in store._seg_index()  # deleted from the PACS: gone here too
+    assert fractional not in store.get_label_info(b, "final")["segs"]
+    np.testing.assert_array_equal(white_matter(), truth == 1)
 
 
 def test_a_restarted_server_rebuilds_the_context_from_the_pacs(site):

@@ -100,7 +100,12 @@ class TokenVerifier:
     def verify(self, token: str) -> dict:
         """The token's claims; raises ``jwt.InvalidTokenError`` (or a ``requests`` error) when it is not valid."""
         discovery, jwks = self._provider()
-        key = jwks.get_signing_key_from_jwt(token)
+        try:
+            key = jwks.get_signing_key_from_jwt(token)
+        except jwt.PyJWKClientConnectionError:
+            raise
+        except jwt.PyJWKClientError as e:  # no key of the provider signed it: as invalid as a bad signature
+            raise jwt.InvalidTokenError(str(e)) from None
         claims = jwt.decode(
             token, key.key, algorithms=ALGORITHMS, issuer=discovery.get("issuer", self.realm_uri),
             options={"verify_aud": False, "require": ["exp", "iat"]},

@@ -25,6 +25,7 @@ import numpy as np
 from mvseg import ContextSet
 
 from .errors import BadRequest
+from .guard import pacs_unreachable
 from .imageio import Loaded, extension, read_asap, read_image, read_label, stat_key
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,13 @@ class DatastoreContext:
     # -- freshness ----------------------------------------------------------------------------------
 
     def _stamp(self, image_id: str) -> Optional[tuple]:
-        uri = self.datastore.get_label_uri(image_id, FINAL)
+        try:
+            uri = self.datastore.get_label_uri(image_id, FINAL)
+        except Exception as e:  # one label that cannot be had must not fail every click, nor the start
+            if pacs_unreachable(e):
+                raise
+            log.warning("context: no label of %s: %s", image_id, e, exc_info=not isinstance(e, BadRequest))
+            return None
         if not uri:
             return None
         try:

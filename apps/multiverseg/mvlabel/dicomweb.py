@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -185,8 +186,11 @@ class PacsDatastore(DICOMWebDatastore):
         self._series_locks: dict[str, threading.RLock] = defaultdict(threading.RLock)
         # when, image series (None before the first listing), {uid: DICOM_INFO}
         self._listed: tuple[float, Optional[list[str]], dict] = (0.0, None, {})
-        self._segs: dict[str, SegRecord] = {}  # every SEG seen, by its series UID
+        self._segs: dict[str, SegRecord] = {}  # every SEG the PACS holds, by its series UID
         self._segs_listed = 0.0
+        self._seg_seen: dict[str, float] = {}  # when each SEG entered the index (monotonic)
+        self._seg_count = 0  # SEGs remembered so far: each record's ``order``
+        self._unusable: set[str] = set()  # SEGs that could not be read: never a label
         self._labels: dict[tuple, tuple[tuple, str, dict]] = {}  # (image, tag) -> (SEG uids, file, label info)
         # image -> (digest of the label, SEG series UID) of a store whose answer was lost: it may be in the PACS
         self._unanswered: dict[str, tuple[str, str]] = {}
@@ -236,14 +240,21 @@ class PacsDatastore(DICOMWebDatastore):
         with self._guard:
             fresh = time.monotonic() - self._segs_listed < self.list_ttl
         if not fresh:
+            started = time.monotonic()
             found = self._search_series({"Modality": "SEG"}, bool(self._segs_listed), "what it listed of its SEGs")
+            listed = set()
             for item in found or ():
                 meta = Dataset.from_json(item)
                 uid, study = _value(meta, "SeriesInstanceUID"), _value(meta, "StudyInstanceUID")
+                listed.add(uid)
                 if uid not in self._segs:
                     self._remember_seg(uid, study)
             if found is not None:
                 with self._guard:
+                    # a SEG deleted from the PACS is no label any more (one stored during the search stays)
+                    for uid in [u for u in self._segs if u not in listed and self._seg_seen.get(u, 0) < started]:
+                        log.info("SEG %s is no longer in the PACS: its label is gone", uid)
+                        del self._segs[uid]
                     self._segs_listed = time.monotonic()
         return dict(self._segs)
 
@@ -256,13 +267,15 @@ class PacsDatastore(DICOMWebDatastore):
         record = _seg_record(uid, study, meta)
         if record is not None:
             with self._guard:
-                self._segs[uid] = replace(record, order=len(self._segs))
+                self._segs[uid] = replace(record, order=self._seg_count)
+                self._seg_count += 1
+                self._seg_seen[uid] = time.monotonic()
 
     def _current_segs(self, image_id: str, tag: str = FINAL) -> dict[str, SegRecord]:
         """``{segment label: newest SEG holding it}`` for one image and tag."""
         newest: dict[str, SegRecord] = {}
         for record in sorted(self._seg_index().values(), key=lambda r: (r.when, r.order)):
-            if record.image == image_id and record.tag == tag:
+            if record.image == image_id and record.tag == tag and record.uid not in self._unusable:
                 for _, name in record.segments:
                     newest[name] = record
         return newest
@@ -382,7 +395,17 @@ class PacsDatastore(DICOMWebDatastore):
         return obj is not None and tag in obj.labels
 
     def _build_label(self, image_id: str, tag: str = FINAL) -> Optional[tuple[tuple, str, dict]]:
-        """(SEG uids, NIfTI path, label info) of an image's current label of ``tag``, rebuilt when its SEGs change."""
+        """(SEG uids, NIfTI path, label info) of an image's current label of ``tag``, rebuilt when its SEGs
+        change. A SEG that cannot be read (malformed, stored by another system) is logged and left out for
+        good: the label is built from the others, an older SEG of its segment if there is one."""
+        while True:
+            try:
+                return self._assemble_label(image_id, tag)
+            except _UnusableSeg as e:
+                log.warning("SEG %s of %s cannot be read, it is left out: %s", e.uid, image_id, e.reason)
+                self._unusable.add(e.uid)
+
+    def _assemble_label(self, image_id: str, tag: str) -> Optional[tuple[tuple, str, dict]]:
         current = self._current_segs(image_id, tag)
         if not current:
             return None
@@ -398,10 +421,15 @@ class PacsDatastore(DICOMWebDatastore):
             for idx, name in enumerate(names, start=1):
                 record = current[name]
                 number = next(n for n, label in record.segments if label == name)
-                if record.uid not in segments:
-                    segments[record.uid] = _read_seg(self._download(record.study, record.uid))
-                mask = _on_grid(segments[record.uid][number], image)
-                labelmap[mask > 0] = idx
+                try:
+                    if record.uid not in segments:
+                        segments[record.uid] = _read_seg(self._download(record.study, record.uid))
+                    mask = _on_grid(segments[record.uid][number], image)
+                except Exception as e:
+                    if pacs_unreachable(e):
+                        raise
+                    raise _UnusableSeg(record.uid, f"{type(e).__name__}: {e}") from None
+                labelmap[mask] = idx
             out = sitk.GetImageFromArray(labelmap)
             out.CopyInformation(image)
             os.makedirs(os.path.join(self.labels_dir, tag), exist_ok=True)
@@ -474,8 +502,10 @@ class PacsDatastore(DICOMWebDatastore):
             digest = hashlib.sha256(repr((labelmap.shape, described)).encode() + labelmap.tobytes()).hexdigest()
             if (stored := self._stored_unanswered(image_id, digest)) is not None:
                 return stored
-            seg_file = nifti_to_dicom_seg(os.path.join(self.series_dir, image_id), path, described)
-            if not seg_file:
+            series_dir = os.path.join(self.series_dir, image_id)
+            check_seg_grid(series_dir)
+            seg_file = nifti_to_dicom_seg(series_dir, path, described)
+            if not seg_file or not os.path.exists(seg_file):  # dcmqi failed, and MONAI Label names its file anyway
                 raise BadRequest("the label could not be written as DICOM SEG", 422)
             t1 = time.perf_counter()
             try:
@@ -486,7 +516,8 @@ class PacsDatastore(DICOMWebDatastore):
                     self._unanswered[image_id] = (digest, str(written))
                 raise
             finally:
-                os.unlink(seg_file)
+                with suppress(OSError):
+                    os.unlink(seg_file)
         if not seg_uid:
             raise BadRequest("the PACS did not accept the DICOM SEG", 502)
         study = self._check_id(image_id)
@@ -534,19 +565,72 @@ class PacsDatastore(DICOMWebDatastore):
                                      json.dumps(self.json()))
 
 
+class _UnusableSeg(Exception):
+    def __init__(self, uid: str, reason: str):
+        super().__init__(reason)
+        self.uid, self.reason = uid, reason
+
+
 def _read_seg(folder: str) -> dict[int, sitk.Image]:
-    """``{segment number: binary sitk image}`` of the SEG file in ``folder`` (its own, cropped, grid)."""
+    """``{segment number: sitk image}`` of the SEG instances in ``folder`` (their own, cropped, grid; binary
+    0/1, fractional in [0, 1]). Raises ValueError for pixel data that does not hold the frames it declares."""
     import pydicom_seg
 
-    files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
-    result = pydicom_seg.SegmentReader().read(pydicom.dcmread(files[0]))
-    return {n: result.segment_image(n) for n in result.available_segments}
+    segments: dict[int, sitk.Image] = {}
+    for name in sorted(os.listdir(folder)):
+        dataset = pydicom.dcmread(os.path.join(folder, name))
+        pixels = int(dataset.Rows) * int(dataset.Columns) * int(getattr(dataset, "NumberOfFrames", 1))
+        expected = (pixels + 7) // 8 if dataset.SegmentationType == "BINARY" else pixels
+        if not expected <= len(dataset.PixelData) <= expected + 1:  # + 1: padded to an even length
+            raise ValueError(f"pixel data of {len(dataset.PixelData)} bytes for {dataset.Rows} x {dataset.Columns}"
+                             f" x {getattr(dataset, 'NumberOfFrames', 1)} frames")
+        result = pydicom_seg.SegmentReader().read(dataset)
+        for number in result.available_segments:
+            segments.setdefault(number, result.segment_image(number))
+    return segments
 
 
-def _on_grid(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    """A SEG segment resampled (nearest neighbour, same physical space) onto the image's grid."""
-    resampled = sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(resampled)
+def _on_grid(segment: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """A SEG segment resampled (nearest neighbour, same physical space) onto the image's grid, as a mask:
+    binary segments as they are, fractional ones at 0.5."""
+    resampled = sitk.Resample(segment, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled) >= 0.5
+
+
+def check_seg_grid(series_dir: str) -> None:
+    """Refuse (422) to write a DICOM SEG for a series whose slices do not lie on one regular grid: dcmqi
+    places the label's slices on the evenly spaced, untilted grid the volume was read on and references the
+    instance nearest each, so a series with uneven spacing or a gantry tilt gets frames on the wrong slices,
+    and one without slice geometry (secondary captures) cannot be written at all."""
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(series_dir)
+    positions, orientations = [], set()
+    for name in files:
+        header = pydicom.dcmread(name, stop_before_pixels=True)
+        position = getattr(header, "ImagePositionPatient", None)
+        orientation = getattr(header, "ImageOrientationPatient", None)
+        if position is None or orientation is None:
+            raise BadRequest("this series has no slice geometry (image position and orientation): it cannot "
+                             "hold a DICOM SEG; save the label as NIfTI or NRRD to another tag", 422)
+        positions.append([float(v) for v in position])
+        orientations.add(tuple(round(float(v), 4) for v in orientation))
+    if len(orientations) > 1:
+        raise BadRequest("the slices of this series are not all oriented alike: a DICOM SEG of it would place "
+                         "the label on the wrong slices", 422)
+    if len(positions) < 2:
+        return
+    row, col = np.array(next(iter(orientations))[:3]), np.array(next(iter(orientations))[3:])
+    normal = np.cross(row, col)
+    steps = np.diff(np.array(positions), axis=0)
+    along = steps @ normal
+    across = np.linalg.norm(steps - np.outer(along, normal), axis=1)
+    tolerance = max(1e-3, 0.01 * float(np.median(np.abs(along))))
+    if (across > tolerance).any():
+        raise BadRequest("this series is tilted (its slices shift sideways from one to the next, as with a gantry "
+                         "tilt): a DICOM SEG of it would place the label on the wrong slices", 422)
+    if np.ptp(along) > tolerance:
+        raise BadRequest("the slices of this series are not evenly spaced: a DICOM SEG of it would place the "
+                         "label on the wrong slices", 422)
 
 
 def _write_atomic(image: sitk.Image, path: str) -> None:
@@ -572,10 +656,12 @@ def _mend_pacs_routes(session: PacsSession) -> None:
     if getattr(convert, "mended", False):
         return
 
-    def nifti_to_dicom_seg_removed_after_response(*args, **kwargs):
-        path = convert(*args, **kwargs)
-        if path:
-            remove_after_response(path)
+    def nifti_to_dicom_seg_removed_after_response(series_dir, *args, **kwargs):
+        check_seg_grid(series_dir)
+        path = convert(series_dir, *args, **kwargs)
+        if not path or not os.path.exists(path):  # dcmqi failed, and MONAI Label names its file anyway
+            raise BadRequest("the result could not be written as DICOM SEG", 422)
+        remove_after_response(path)
         return path
 
     nifti_to_dicom_seg_removed_after_response.mended = True

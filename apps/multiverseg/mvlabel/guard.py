@@ -328,11 +328,14 @@ class Guard:
                 spool.close()
 
     def _not_the_callers(self, error: Exception, method: str, path: str) -> Optional[Refusal]:
-        """The answer to a failure of the PACS (503: it did not answer) or of the server's disk (507/503:
-        full or read-only); None for any other error."""
+        """The answer to a failure of the PACS (503: it did not answer), of the server's disk (507/503:
+        full or read-only) or of the identity provider at login (401: it refused; 503: it did not answer);
+        None for any other error."""
         if self.on_pacs and pacs_unreachable(error):
             log.warning("%s %s: the PACS did not answer: %s", method, path, error)
             return Refusal(503, PACS_DOWN)
+        if path == "/auth/token":
+            return _login_refused(error)
         return storage_refused(error)
 
     # -- who ----------------------------------------------------------------------------------------
@@ -542,6 +545,18 @@ def _status_of(error: Exception) -> Optional[int]:
         return 422
     if isinstance(error, BadRequest):
         return error.status
+    return None
+
+
+def _login_refused(error: Exception) -> Optional[Refusal]:
+    """MONAI Label's ``POST /auth/token`` passes the identity provider's refusal on as an exception."""
+    import requests
+
+    if isinstance(error, requests.HTTPError) and error.response is not None and error.response.status_code < 500:
+        return Refusal(401, "the identity provider refused the login: wrong user name or password")
+    if isinstance(error, requests.RequestException):
+        log.warning("login: the identity provider did not answer: %s", error)
+        return Refusal(503, "the identity provider did not answer; try again later")
     return None
 
 
