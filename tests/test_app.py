@@ -544,3 +544,18 @@ def test_next_sample_for_an_unknown_label_is_404(server):
     client, _, _ = server
     r = client.post("/activelearning/hybrid", json={"label": "liver"})
     assert r.status_code == 404
+
+
+def test_next_sample_leases_that_ran_out_are_forgotten():
+    """Every image ever handed out stayed in the lease table, deleted ones included."""
+    import sys
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.nextsample import Leases
+
+    leases = Leases(window=0.05)
+    leases.give("a", "alice")
+    assert not leases.free_for("a", "bob")
+    time.sleep(0.1)
+    leases.give("b", "bob")
+    assert leases.free_for("a", "bob") and list(leases._given) == ["b"]

@@ -64,7 +64,10 @@ class Leases:
 
     def give(self, image_id: str, client: str) -> None:
         with self._lock:
-            self._given[image_id] = (client, time.monotonic())
+            now = time.monotonic()
+            for old in [i for i, (_, when) in self._given.items() if now - when > self.window]:
+                del self._given[old]  # run out: holds nobody back (and a deleted image's goes too)
+            self._given[image_id] = (client, now)
 
 
 class ScoreBoard:
@@ -177,6 +180,8 @@ class ScoreBoard:
         self.context.refresh()
         unlabelled = sorted(self.datastore.get_unlabeled_images())
         labelled = sorted(self.datastore.get_labeled_images())
+        for gone in set(self._descriptors) - set(unlabelled) - set(labelled):  # images deleted since
+            self._descriptors.pop(gone, None)
         # image likeness: the same for every label name
         cover, near = (self.likeness(s, unlabelled, labelled) for s in ("coverage", "nearest"))
         new: dict[str, dict[str, dict[str, float]]] = {}
