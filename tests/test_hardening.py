@@ -246,6 +246,7 @@ def test_a_corrupt_image_never_enters_the_datastore(server):
     r = client.put("/datastore/image?image=corrupt", data={"params": "{}"},
                    files={"file": ("corrupt.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")})
     assert r.status_code == 422
+    assert "'corrupt.png'" in r.json()["detail"] and "tmp" not in r.json()["detail"], r.text  # the client's name
     assert not app.datastore().get_image_uri("corrupt")
 
 

@@ -528,8 +528,11 @@ class Guard:
             await upload.seek(0)
             try:
                 await anyio.to_thread.run_sync(self.check_upload, tmp)
-            except BadRequest as e:
-                raise Refusal(e.status, f"upload refused: {e}") from None
+            except BadRequest as e:  # named as the client sent it, not by the server's temp copy
+                sent = os.path.basename((upload.filename or "").replace("\\", "/"))
+                sent = repr(sent[:100]) if sent and sent.isprintable() else "the upload"
+                message = str(e).replace(tmp, sent).replace(os.path.basename(tmp), sent)
+                raise Refusal(e.status, f"upload refused: {message}") from None
         finally:
             os.unlink(tmp)
 
