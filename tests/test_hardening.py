@@ -250,6 +250,27 @@ def test_a_corrupt_image_never_enters_the_datastore(server):
     assert not app.datastore().get_image_uri("corrupt")
 
 
+def test_transparent_pixels_of_an_image_are_black(tmp_path):
+    """What a transparent pixel's colour channels hold is not what the image shows: it is read as black."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from mvlabel.imageio import read_image
+
+    rgba = np.full((20, 30, 4), 255, np.uint8)  # white, opaque
+    rgba[:, :10, 3] = 0  # ... except a transparent band that still holds white
+    rgba[:, 10:20, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(tmp_path / "la.png")
+    for name in ("a.png", "la.png"):
+        array = read_image(str(tmp_path / name)).array
+        grey = array if array.ndim == 2 else array[..., 0]
+        assert (grey[:, :10] == 0).all() and (abs(grey[:, 10:20].astype(int) - 128) <= 1).all()
+        assert (grey[:, 20:] == 255).all(), name
+
+
 def test_a_label_with_too_many_values_is_refused(server):
     client, app, studies = server
     _, mask = hc18_pair(IDS[1])

@@ -131,7 +131,8 @@ def _check_size(shape, path: str) -> None:
 def read_image(path: str, indices: bool = False) -> Loaded:
     """Read a 2D image or a volume; unreadable or empty files raise :class:`BadRequest` (415/422), images
     over :data:`MAX_PIXELS` raise it with 413 before they are decoded. ``indices``: a label's palette PNG is
-    read as its indices (labelme, VOC: the index is the label value), a 1-bit one as 0/1."""
+    read as its indices (labelme, VOC: the index is the label value), a 1-bit one as 0/1; else (an image)
+    transparent pixels are black."""
     path = str(path)
     ext = extension(path)
     if not os.path.isfile(path):
@@ -161,7 +162,13 @@ def read_image(path: str, indices: bool = False) -> Loaded:
                 if indices and im.mode in ("P", "1"):
                     array = np.asarray(im).astype(np.uint8)
                 else:
-                    if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "1"):
+                    transparent = im.mode in ("LA", "PA", "RGBA") or (im.mode == "P" and "transparency" in im.info)
+                    if transparent and not indices:  # an image; a label's alpha is checked by read_label
+                        # what shows through transparent pixels is black, not whatever colour they hold
+                        grey = im.mode == "LA"
+                        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+                        im = im.convert("L" if grey else "RGB")
+                    elif im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "1"):
                         im = im.convert("RGB" if im.mode in ("P", "PA", "CMYK", "YCbCr") else "L")
                     array = np.asarray(im)
             loaded = Loaded(array, path, ext)
