@@ -212,6 +212,25 @@ def test_json_by_any_of_its_names_is_checked(server, ctype, tmp_path):
         os.unlink(victim.name)
 
 
+def test_qupath_json_without_a_content_type_is_read(server):
+    """QuPath's plugin sends its region request as JSON without a content type, which FastAPI (strict about
+    content types) would not read: every QuPath click was a 422."""
+    client, _, _ = server
+    location, size, click = _region_click()
+    region = {"location": location, "size": size, "params": {"foreground": [click]}}
+    r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=json", content=json.dumps(region))
+    assert r.status_code == 200 and r.json()["polygons"] >= 1, r.text
+
+
+def test_two_content_types_are_refused(server, tmp_path):
+    """The guard read the last Content-Type and FastAPI the first: a JSON body sent as 'form' passed unchecked."""
+    client, _, _ = server
+    region = {"location": [10, 10], "size": [50, 50], "params": {"image": str(tmp_path / "x.png")}}
+    headers = [("content-type", "application/json"), ("content-type", "multipart/form-data; boundary=zz")]
+    r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=json", content=json.dumps(region), headers=headers)
+    assert r.status_code == 400 and "Content-Type" in r.json()["detail"], r.text
+
+
 def test_a_body_neither_json_nor_a_form_is_refused(server):
     client, _, _ = server
     region = {"location": [10, 10], "size": [50, 50], "params": {"foreground": [["a", 1]]}}

@@ -228,8 +228,8 @@ def check_wsi(wsi: dict) -> None:
 
 
 def _body_kind(ctype: str) -> str:
-    """How FastAPI reads a body of this content type: "form", "json" (``application/json``, any
-    ``application/*+json``, or none given) or "other" (handed on as bytes)."""
+    """How a body of this content type is read: "form", "json" (``application/json``, any
+    ``application/*+json``, or none given: the guard then names it JSON for FastAPI) or "other"."""
     if not ctype.strip():
         return "json"
     message = email.message.Message()
@@ -272,6 +272,9 @@ class Guard:
         try:
             if len(path) + len(scope.get("query_string", b"")) > MAX_URL:
                 raise Refusal(414, f"the URL is longer than {MAX_URL} characters")
+            types = sum(name.lower() == b"content-type" for name, _ in scope.get("headers") or [])
+            if types > 1:  # the guard and FastAPI could each read another one
+                raise Refusal(400, f"a request has one Content-Type header, this one has {types}")
             identity = self._authenticate(scope, method, path)
             if path.startswith("/proxy/"):
                 self._check_proxy(method, path, (scope.get("raw_path") or b"").decode("latin-1"))
@@ -331,11 +334,11 @@ class Guard:
         """The answer to a failure of the PACS (503: it did not answer), of the server's disk (507/503:
         full or read-only) or of the identity provider at login (401: it refused; 503: it did not answer);
         None for any other error."""
+        if path == "/auth/token":
+            return _login_refused(error)
         if self.on_pacs and pacs_unreachable(error):
             log.warning("%s %s: the PACS did not answer: %s", method, path, error)
             return Refusal(503, PACS_DOWN)
-        if path == "/auth/token":
-            return _login_refused(error)
         return storage_refused(error)
 
     # -- who ----------------------------------------------------------------------------------------
@@ -449,6 +452,9 @@ class Guard:
         is_form = kind == "form"
         has_body = bool(spool.read(1))
         spool.seek(0)
+        if has_body and not ctype.strip() and not FORM_ROUTES.match(path):
+            # QuPath sends its JSON without a content type, which FastAPI then would not read as JSON
+            scope["headers"] = [*(scope.get("headers") or []), (b"content-type", b"application/json")]
         if not is_form and FORM_ROUTES.match(path) and has_body:
             raise Refusal(415, f"{path} reads a multipart form (JSON goes in its 'params' field, a file in 'file'),"
                                f" not a body sent as {ctype or 'no content type'}")
