@@ -29,6 +29,12 @@ def server(tmp_path_factory):
         yield client, app, studies
 
 
+def server_temp_files() -> set:
+    """What the server and MONAI Label name their temporary files and folders in the temp folder (other
+    programs may write there meanwhile)."""
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(("tmp", "mvseg-"))}
+
+
 def put_label(client, image, mask, tag="final", params="{}", name="label.png"):
     """``mask``: an array, sent as a uint8 PNG, or a PIL image, sent as it is in the format ``name`` says."""
     if isinstance(mask, Image.Image):
@@ -614,12 +620,12 @@ def test_a_session_file_name_the_disk_cannot_hold_is_refused(server, name):
     """Sent raw, as some clients do (httpx would percent-encode it): MONAI Label answered 500 and left an
     empty folder in the temp folder."""
     client, _, studies = server
-    before = sorted(os.listdir(tempfile.gettempdir()))
+    before = server_temp_files()
     body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="' + name + b'"\r\n'
             b"Content-Type: image/png\r\n\r\n" + png_bytes(hc18_pair(IDS[2])[0]) + b"\r\n--b--\r\n")
     r = client.put("/session/", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 422 and "file name" in r.json()["detail"], r.text
-    assert sorted(os.listdir(tempfile.gettempdir())) == before
+    assert server_temp_files() - before == set()
 
 
 def test_a_detached_nrrd_header_reads_no_other_file(server):
@@ -750,12 +756,12 @@ def test_a_region_of_a_float_or_int32_image(server, mode, tmp_path):
     r = client.put(f"/datastore/image?image={name}", data={"params": "{}"},
                    files={"file": (f"{name}.tif", buf.getvalue(), "image/tiff")})
     assert r.status_code == 200, r.text
-    before = sorted(os.listdir(tempfile.gettempdir()))
+    before = server_temp_files()
     location, size, click = _region_click()
     r = client.post(f"/infer/wsi/multiverseg?image={name}&output=asap",
                     json={"location": location, "size": size, "params": {"foreground": [click]}})
     assert r.status_code == 200 and b"Coordinate" in r.content, r.text
-    assert sorted(os.listdir(tempfile.gettempdir())) == before
+    assert server_temp_files() - before == set()
 
 
 @pytest.mark.parametrize("params, word", [({"min_poly_area": "abc"}, "min_poly_area"), ({"min_poly_area": -1}, "min_poly_area"),
@@ -765,11 +771,11 @@ def test_a_region_answer_is_drawn_only_as_asked_right(server, params, word):
     """These answered 500, or XML that is not well-formed, and left a partial file in the temp folder."""
     client, _, _ = server
     location, size, click = _region_click()
-    before = sorted(os.listdir(tempfile.gettempdir()))
+    before = server_temp_files()
     r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=asap",
                     json={"location": location, "size": size, "params": {"foreground": [click], **params}})
     assert r.status_code == 422 and word in r.json()["detail"], r.text
-    assert sorted(os.listdir(tempfile.gettempdir())) == before
+    assert server_temp_files() - before == set()
 
 
 def test_the_zero_click_model_answers_a_qupath_region_with_polygons(server):
@@ -808,6 +814,31 @@ def test_a_mask_with_a_hole_survives_the_asap_round_trip(tmp_path):
     truth = mask | overlapping[1]
     assert (back & truth).sum() / (back | truth).sum() > 0.97
     assert not back[60, 70 - 14] and back[60, 70] and back[10, 10]
+
+
+def test_a_qupath_round_trip_of_many_polygons_is_one_label(server):
+    """QuPath names each imported annotation's class after its Name and writes that class back as its
+    group: the answer's polygons were named 'head 0', 'head 1', ..., so a save of 17 of them was refused as
+    17 labels, and none of them was 'head'."""
+    import xml.etree.ElementTree as ET
+
+    client, app, studies = server
+    shape = hc18_pair(IDS[3])[0].shape
+    blobs = np.zeros(shape, bool)
+    for k in range(20):
+        blobs[20 + 25 * (k // 5) : 35 + 25 * (k // 5), 20 + 25 * (k % 5) : 35 + 25 * (k % 5)] = True
+    from mvlabel.imageio import write_asap
+    from mvlabel.wsi import polygons
+
+    answer = ET.parse(write_asap({"head": polygons(blobs, (0, 0), 0)}, {"head": "#00FF00"}))
+    for ann in answer.getroot().iter("Annotation"):  # what QuPath sends back: class = the Name it imported
+        ann.set("PartOfGroup", ann.get("Name"))
+    back = ET.tostring(answer.getroot())
+    r = client.put(f"/datastore/label?image={IDS[3]}&tag=final", data={"params": "{}"},
+                   files={"label": ("label.xml", back, "application/xml")})
+    assert r.status_code == 200, r.text
+    app.context.refresh()
+    assert any(key[0] == IDS[3] for key in app.context.get("head").ids())
 
 
 @pytest.mark.parametrize("groups, status, word", [

@@ -444,16 +444,12 @@ def write_asap(polygons: dict[str, list[np.ndarray]], colors: dict[str, str], pa
     """``{group: [N 2 (x, y) arrays]}`` -> ASAP XML file (what QuPath's MONAI Label plugin reads)."""
     root = ET.Element("ASAP_Annotations")
     anns = ET.SubElement(root, "Annotations")
-    k = 0
     for group, polys in polygons.items():
-        for poly in polys:
-            a = ET.SubElement(
-                anns, "Annotation", Name=f"{group} {k}", Type="Polygon", PartOfGroup=group, Color=colors[group]
-            )
+        for poly in polys:  # QuPath's plugin takes an annotation's class from its Name: the label's name
+            a = ET.SubElement(anns, "Annotation", Name=group, Type="Polygon", PartOfGroup=group, Color=colors[group])
             coords = ET.SubElement(a, "Coordinates")
             for order, (x, y) in enumerate(poly):
                 ET.SubElement(coords, "Coordinate", Order=str(order), X=f"{x:.1f}", Y=f"{y:.1f}")
-            k += 1
     groups = ET.SubElement(root, "AnnotationGroups")
     for group in polygons:
         g = ET.SubElement(groups, "Group", Name=group, PartOfGroup="None", Color=colors[group])
