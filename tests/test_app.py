@@ -282,16 +282,22 @@ def test_interaction_state_is_bounded_in_bytes():
     from mvseg.context import ContextSet
 
     logits = torch.zeros(1, 128, 128)  # 64 KiB
-    store = InteractionStore(max_bytes=5 * logits.nbytes)
+    store = InteractionStore(max_bytes=6 * logits.nbytes)
     for client in range(20):
         store.remember((f"c{client}", "img", "label", None), logits, 1)
-    assert store.nbytes <= 5 * logits.nbytes
+    assert store.nbytes <= 6 * logits.nbytes
     assert store.previous(("c19", "img", "label", None), 2) is not None  # the newest are kept
     assert store.previous(("c0", "img", "label", None), 2) is None
-    entry = ContextSet().prepare(np.random.rand(300, 300), np.eye(300))
-    for index in range(50):  # one long volume session
-        store.accept_slice(("c0", "vol", "label"), index, entry)
-    assert 0 < store.nbytes <= 5 * logits.nbytes
+    entry = ContextSet().prepare(np.random.rand(300, 300), np.eye(300))  # 128 KiB and a little
+    volume = ("c0", "vol", "label")
+    for index in range(50):  # one long volume session: each click's state and slice are kept, ...
+        state = volume + (index, None)
+        store.remember(state, logits, 1)
+        store.accept_slice(volume, index, entry, state_key=state)
+        assert store.previous(state, 2) is not None
+        assert store.nbytes <= 6 * logits.nbytes
+    # ... and of the earlier slices those nearest the one being worked on
+    assert [i for i, _ in store.neighbours(volume, 49, 10)] == [48]
 
 
 def test_qupath_wsi_v2_patch_returns_polygons_inside_the_patch(server):

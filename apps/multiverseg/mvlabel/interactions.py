@@ -44,7 +44,7 @@ class _Volume:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(e.image, e.label, e.descriptor) for e in self.slices.values())
+        return sum(_nbytes(*vars(e).values()) for e in self.slices.values())
 
 
 class InteractionStore:
@@ -65,18 +65,26 @@ class InteractionStore:
     def _held(self) -> int:
         return sum(v.nbytes for table in (self._states, self._volumes) for v in table.values())
 
-    def _expire(self) -> None:
+    def _expire(self, spare: tuple = (), near: Optional[int] = None) -> None:
+        """Drop idle entries, then the least recently used until the store is within its bounds. The entries
+        ``spare`` (those the current call works on) go last: a volume among them that alone is over the
+        bounds loses its slices farthest from ``near`` instead."""
         now = time.monotonic()
         for table in (self._states, self._volumes):
             for key in [k for k, v in table.items() if now - v.touched > self.expiry]:
                 del table[key]
         held = self._held()
-        while self._states or self._volumes:
-            if held <= self.max_bytes and len(self._states) + len(self._volumes) <= self.max_entries:
-                return
-            table, key = min(((t, k) for t in (self._states, self._volumes) for k in t),
-                             key=lambda tk: tk[0][tk[1]].touched)  # least recently used first
-            held -= table.pop(key).nbytes
+        while held > self.max_bytes or len(self._states) + len(self._volumes) > self.max_entries:
+            others = [(t, k) for t in (self._states, self._volumes) for k in t if k not in spare]
+            if others:
+                table, key = min(others, key=lambda tk: tk[0][tk[1]].touched)
+                held -= table.pop(key).nbytes
+                continue
+            volume = next((self._volumes[k] for k in spare if k in self._volumes and self._volumes[k].slices), None)
+            if volume is None or len(volume.slices) == 1:
+                return  # what this call needs stays, whatever it holds
+            far = max(volume.slices, key=lambda i: abs(i - (near or 0)))
+            held -= _nbytes(*vars(volume.slices.pop(far)).values())
 
     def previous(self, key: tuple, prompt_count: int) -> Optional[torch.Tensor]:
         """The logits to refine (``1 S S``), or None when the prompts did not grow since they were made."""
@@ -92,7 +100,7 @@ class InteractionStore:
     def remember(self, key: tuple, logits: torch.Tensor, prompt_count: int) -> None:
         with self._lock:
             self._states[key] = _State(logits.detach().cpu(), prompt_count)
-            self._expire()
+            self._expire(spare=(key,))
 
     def reset(self, client: str, image: Optional[str] = None) -> int:
         """Forget a client's state (for one image or all); returns how many entries were dropped."""
@@ -104,9 +112,10 @@ class InteractionStore:
                     dropped += 1
             return dropped
 
-    def accept_slice(self, volume_key: tuple, index: int, entry: Optional[ContextEntry]) -> None:
+    def accept_slice(self, volume_key: tuple, index: int, entry: Optional[ContextEntry],
+                     state_key: Optional[tuple] = None) -> None:
         """Keep a volume slice's result (a prepared context entry) for its neighbours; None (an empty mask)
-        forgets the slice."""
+        forgets the slice. ``state_key``: the click's state, kept with it."""
         with self._lock:
             vol = self._volumes.setdefault(volume_key, _Volume())
             if entry is None:
@@ -114,7 +123,7 @@ class InteractionStore:
             else:
                 vol.slices[index] = entry
             vol.touched = time.monotonic()
-            self._expire()
+            self._expire(spare=(volume_key, state_key), near=index)
 
     def neighbours(self, volume_key: tuple, index: int, k: int) -> list[tuple[int, ContextEntry]]:
         """Up to ``k`` session slices nearest to ``index`` (excluding it)."""

@@ -261,7 +261,7 @@ class Segmenter:
                 entry = context.prepare(target.image, prediction.mask)
             except ValueError:  # an empty mask shows the neighbours nothing
                 entry = None
-            self.interactions.accept_slice(self._volume_key(target), target.index, entry)
+            self.interactions.accept_slice(self._volume_key(target), target.index, entry, state_key=key)
         info = {
             "label_names": {target.label: 1},
             "label": target.label,
