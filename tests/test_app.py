@@ -461,6 +461,8 @@ def start_app(tmp_path, conf: dict):
         ({"state_expiry": "-5"}, "--conf state_expiry must be a positive number of seconds, got '-5'"),
         ({"lease_window": "nan"}, "--conf lease_window must be a positive number of seconds, got 'nan'"),
         ({"history_keep": "-1"}, "--conf history_keep must be a whole number or 'all', got '-1'"),
+        ({"history_keep": "\u00b2"}, "--conf history_keep must be a whole number or 'all'"),
+        ({"max_pixels": "\u00b2"}, "--conf max_pixels must be a positive whole number"),
     ],
 )
 def test_bad_app_conf_stops_start_up(tmp_path, conf, message):

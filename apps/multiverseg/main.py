@@ -76,7 +76,7 @@ DEFAULT_STRATEGY = "nearest"
 
 def _positive_int(conf: dict, key: str, default: int) -> int:
     value = str(conf.get(key, default))
-    if not value.isdigit() or int(value) <= 0:
+    if not (value.isascii() and value.isdigit()) or int(value) <= 0:
         raise ValueError(f"--conf {key} must be a positive whole number, got '{value}'")
     return int(value)
 
@@ -94,7 +94,7 @@ def _positive_number(conf: dict, key: str, default: float) -> float:
 
 def _count_or_all(conf: dict, key: str) -> int | None:
     value = str(conf.get(key, "all")).strip().lower()
-    if value != "all" and not value.isdigit():
+    if value != "all" and not (value.isascii() and value.isdigit()):
         raise ValueError(f"--conf {key} must be a whole number or 'all', got '{value}'")
     return None if value == "all" else int(value)
 
@@ -120,7 +120,7 @@ class MultiverSegApp(MONAILabelApp):
             raise ValueError(f"--conf axis must be 0, 1 or 2, got '{axis}'")
         self.axis = int(axis)
         size = conf.get("size") or None
-        if size is not None and not str(size).isdigit():
+        if size is not None and not (str(size).isascii() and str(size).isdigit()):
             raise ValueError(f"--conf size must be a whole number of pixels, got '{size}'")
         dtype = str(conf.get("dtype", "auto")).strip().lower()
         if dtype not in ("auto", "float32", "bfloat16"):

@@ -225,7 +225,8 @@ class PacsDatastore(DICOMWebDatastore):
         """A QIDO series search; None where the PACS does not answer and a listing it gave before (``seen``)
         stands in, so images already downloaded stay usable."""
         try:
-            return self._client.search_for_series(search_filters=filters)
+            # every page: a SEG missing from a capped listing would be taken for deleted
+            return self._client.search_for_series(search_filters=filters, get_remaining=True)
         except Exception as e:
             if not (seen and pacs_unreachable(e)):
                 raise
@@ -421,13 +422,14 @@ class PacsDatastore(DICOMWebDatastore):
             for idx, name in enumerate(names, start=1):
                 record = current[name]
                 number = next(n for n, label in record.segments if label == name)
+                folder = self._download(record.study, record.uid)  # its failures are the PACS's, not the SEG's
                 try:
                     if record.uid not in segments:
-                        segments[record.uid] = _read_seg(self._download(record.study, record.uid))
+                        segments[record.uid] = _read_seg(folder)
                     mask = _on_grid(segments[record.uid][number], image)
+                except (MemoryError, OSError):
+                    raise
                 except Exception as e:
-                    if pacs_unreachable(e):
-                        raise
                     raise _UnusableSeg(record.uid, f"{type(e).__name__}: {e}") from None
                 labelmap[mask] = idx
             out = sitk.GetImageFromArray(labelmap)
@@ -473,7 +475,12 @@ class PacsDatastore(DICOMWebDatastore):
         check_label_values(label)
         if label_tag != FINAL:  # a model's proposal: in the PACS to view, its provenance in the local cache
             if label.any():
-                self._store_seg(image_id, image, label, label_info, PROPOSAL + label_tag)
+                try:
+                    self._store_seg(image_id, image, label, label_info, PROPOSAL + label_tag)
+                except BadRequest as e:
+                    if e.status != 422:
+                        raise
+                    log.warning("proposal for %s kept here only, not in the PACS: %s", image_id, e)
             fd, path = tempfile.mkstemp(suffix=".nii.gz")
             os.close(fd)
             try:
@@ -581,7 +588,8 @@ def _read_seg(folder: str) -> dict[int, sitk.Image]:
         dataset = pydicom.dcmread(os.path.join(folder, name))
         pixels = int(dataset.Rows) * int(dataset.Columns) * int(getattr(dataset, "NumberOfFrames", 1))
         expected = (pixels + 7) // 8 if dataset.SegmentationType == "BINARY" else pixels
-        if not expected <= len(dataset.PixelData) <= expected + 1:  # + 1: padded to an even length
+        compressed = dataset.file_meta.TransferSyntaxUID.is_compressed  # its size says nothing: the decoder checks
+        if not compressed and not expected <= len(dataset.PixelData) <= expected + 1:  # + 1: an even length
             raise ValueError(f"pixel data of {len(dataset.PixelData)} bytes for {dataset.Rows} x {dataset.Columns}"
                              f" x {getattr(dataset, 'NumberOfFrames', 1)} frames")
         result = pydicom_seg.SegmentReader().read(dataset)
@@ -601,10 +609,12 @@ def check_seg_grid(series_dir: str) -> None:
     """Refuse (422) to write a DICOM SEG for a series whose slices do not lie on one regular grid: dcmqi
     places the label's slices on the evenly spaced, untilted grid the volume was read on and references the
     instance nearest each, so a series with uneven spacing or a gantry tilt gets frames on the wrong slices,
-    and one without slice geometry (secondary captures) cannot be written at all."""
-    reader = sitk.ImageSeriesReader()
-    files = reader.GetGDCMSeriesFileNames(series_dir)
-    positions, orientations = [], set()
+    and one without slice geometry (secondary captures) cannot be written at all. Positions may stray from
+    the grid by a tenth of the spacing (rounded header values), far from where the nearest slice changes."""
+    files = sitk.ImageSeriesReader().GetGDCMSeriesFileNames(series_dir)
+    if not files:
+        raise BadRequest("the series has no images this server can read: it cannot hold a DICOM SEG", 422)
+    positions, orientations = [], []
     for name in files:
         header = pydicom.dcmread(name, stop_before_pixels=True)
         position = getattr(header, "ImagePositionPatient", None)
@@ -613,22 +623,23 @@ def check_seg_grid(series_dir: str) -> None:
             raise BadRequest("this series has no slice geometry (image position and orientation): it cannot "
                              "hold a DICOM SEG; save the label as NIfTI or NRRD to another tag", 422)
         positions.append([float(v) for v in position])
-        orientations.add(tuple(round(float(v), 4) for v in orientation))
-    if len(orientations) > 1:
+        orientations.append([float(v) for v in orientation])
+    orientations = np.array(orientations)
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
         raise BadRequest("the slices of this series are not all oriented alike: a DICOM SEG of it would place "
                          "the label on the wrong slices", 422)
     if len(positions) < 2:
         return
-    row, col = np.array(next(iter(orientations))[:3]), np.array(next(iter(orientations))[3:])
-    normal = np.cross(row, col)
-    steps = np.diff(np.array(positions), axis=0)
-    along = steps @ normal
-    across = np.linalg.norm(steps - np.outer(along, normal), axis=1)
-    tolerance = max(1e-3, 0.01 * float(np.median(np.abs(along))))
-    if (across > tolerance).any():
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    offsets = np.array(positions) - positions[0]
+    along = offsets @ normal
+    across = np.linalg.norm(offsets - np.outer(along, normal), axis=1)
+    spacing = abs(along[-1]) / (len(positions) - 1)
+    tolerance = max(1e-3, 0.1 * spacing)
+    if across.max() > tolerance:
         raise BadRequest("this series is tilted (its slices shift sideways from one to the next, as with a gantry "
                          "tilt): a DICOM SEG of it would place the label on the wrong slices", 422)
-    if np.ptp(along) > tolerance:
+    if spacing == 0 or np.abs(along - np.linspace(0, along[-1], len(positions))).max() > tolerance:
         raise BadRequest("the slices of this series are not evenly spaced: a DICOM SEG of it would place the "
                          "label on the wrong slices", 422)
 
@@ -659,6 +670,8 @@ def _mend_pacs_routes(session: PacsSession) -> None:
     def nifti_to_dicom_seg_removed_after_response(series_dir, *args, **kwargs):
         check_seg_grid(series_dir)
         path = convert(series_dir, *args, **kwargs)
+        if path == "":  # MONAI Label's answer for a result without any segment
+            raise BadRequest("the result is empty: there is no DICOM SEG to answer with", 422)
         if not path or not os.path.exists(path):  # dcmqi failed, and MONAI Label names its file anyway
             raise BadRequest("the result could not be written as DICOM SEG", 422)
         remove_after_response(path)

@@ -305,10 +305,10 @@ class CheckedDatastore(LocalDatastore):
             return []
         out = []
         for stem in _history_entries(folder):
-            record = json.loads(open(os.path.join(folder, stem + ".json")).read())
-            record["file"] = next(os.path.join(folder, f) for f in os.listdir(folder)
-                                  if f.startswith(stem + ".") and not f.endswith(".json"))
-            out.append(record)
+            files = [f for f in os.listdir(folder) if f.startswith(stem + ".") and not f.endswith(".json")]
+            if files:  # a record whose label file is gone (removed by hand) is no version to show
+                record = json.loads(open(os.path.join(folder, stem + ".json")).read())
+                out.append({**record, "file": os.path.join(folder, files[0])})
         return out
 
     def get_dataset_archive(self, limit_cases):

@@ -65,8 +65,11 @@ class CheckedSessions(Sessions):
             return 0
         count = 0
         for session_id in os.listdir(self.store_path):
-            if os.path.isdir(os.path.join(self.store_path, session_id)):
+            folder = os.path.join(self.store_path, session_id)
+            if os.path.isdir(folder):
                 info = Sessions.get_session(self, session_id, update_ts=False, fetch_cache=False)
+                if info is None and time.time() - os.path.getmtime(folder) < self.expiry:
+                    continue  # an upload still being moved in: its meta file comes last
                 if info is None or self._expired(info):
                     self.remove_session(session_id)
                     count += 1
