@@ -214,14 +214,14 @@ def is_label_name(name) -> bool:
 
 def read_asap(path: str, shape: tuple[int, int], default_name: str) -> dict[str, np.ndarray]:
     """ASAP XML polygons -> one ``H W`` mask per annotation group (``PartOfGroup``; an unclassified
-    annotation, group ``None`` or none, is ``default_name``). A polygon lying wholly inside another of its
-    group is a hole in it (an island in a hole is filled again), as outlines of a mask with holes are
-    written; polygons that only overlap are joined. Raises 422 for what cannot be a label."""
+    annotation, group ``None`` or none, is ``default_name``): the polygons of a group joined, each filled
+    even-odd (a hole is a cut into its outline, as :func:`mvlabel.wsi.polygons` writes it). Raises 422 for
+    what cannot be a label."""
     try:
         root = ET.parse(path).getroot()
     except Exception as e:
         raise BadRequest(f"cannot parse ASAP XML label: {e}", 422) from None
-    fills: dict[str, list[np.ndarray]] = {}
+    masks: dict[str, np.ndarray] = {}
     for ann in root.iter("Annotation"):
         name = ann.get("PartOfGroup") or "None"
         name = default_name if name == "None" else name
@@ -234,44 +234,13 @@ def read_asap(path: str, shape: tuple[int, int], default_name: str) -> dict[str,
             raise BadRequest(f"ASAP annotation '{name}' has a coordinate that is not a number: {e}", 422) from None
         if not np.isfinite(pts).all():
             raise BadRequest(f"ASAP annotation '{name}' has a coordinate that is not finite", 422)
-        fills.setdefault(name, [])
+        mask = masks.setdefault(name, np.zeros(shape, bool))
+        if len(masks) > MAX_LABELS:
+            raise BadRequest(f"a label holds at most {MAX_LABELS} labels, this ASAP file has more groups", 422)
         if len(pts) >= 3:
             xs, ys = np.array(pts).T
-            rr, cc = fill_polygon(ys, xs, shape)
-            if len(rr):
-                fills[name].append(_Fill(rr, cc))
-        if len(fills) > MAX_LABELS:
-            raise BadRequest(f"a label holds at most {MAX_LABELS} labels, this ASAP file has more groups", 422)
-    return {name: _nested_fill(polys, shape) for name, polys in fills.items()}
-
-
-class _Fill:
-    """The pixels of one filled polygon, as a mask of its bounding box."""
-
-    def __init__(self, rr: np.ndarray, cc: np.ndarray):
-        self.r0, self.c0 = int(rr.min()), int(cc.min())
-        self.mask = np.zeros((int(rr.max()) - self.r0 + 1, int(cc.max()) - self.c0 + 1), bool)
-        self.mask[rr - self.r0, cc - self.c0] = True
-        self.area = len(rr)
-
-    def contains(self, other: "_Fill") -> bool:
-        """Whether ``other`` lies wholly inside this polygon, which is larger (equal ones only overlap)."""
-        r, c = other.r0 - self.r0, other.c0 - self.c0
-        h, w = other.mask.shape
-        if r < 0 or c < 0 or r + h > self.mask.shape[0] or c + w > self.mask.shape[1] or other.area >= self.area:
-            return False
-        return not (other.mask & ~self.mask[r : r + h, c : c + w]).any()
-
-
-def _nested_fill(polys: list[_Fill], shape: tuple[int, int]) -> np.ndarray:
-    """Filled polygons of one group: each pixel takes the parity of the deepest polygon covering it, where a
-    polygon's depth is how many others of the group contain it wholly."""
-    depths = [sum(other.contains(poly) for other in polys) for poly in polys]
-    out = np.zeros(shape, bool)
-    for depth, poly in sorted(zip(depths, polys), key=lambda dp: dp[0]):
-        h, w = poly.mask.shape
-        out[poly.r0 : poly.r0 + h, poly.c0 : poly.c0 + w][poly.mask] = depth % 2 == 0
-    return out
+            mask[fill_polygon(ys, xs, shape)] = True
+    return masks
 
 
 MAX_LABELS = 16  # distinct label values one labelmap may hold

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from skimage.measure import find_contours
+from skimage.measure import find_contours, points_in_poly
 
 from .errors import BadRequest
 from .imageio import write_asap
@@ -21,15 +21,35 @@ COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
 
 def polygons(mask: np.ndarray, offset: tuple[float, float], min_area: float) -> list[np.ndarray]:
-    """Outlines of a binary ``H W`` mask as ``N 2`` ``(x, y)`` arrays shifted by ``offset``; tiny ones dropped."""
+    """Outlines of a binary ``H W`` mask as ``N 2`` ``(x, y)`` arrays shifted by ``offset``; tiny ones dropped.
+
+    A hole is joined to the outline around it by a cut there and back (one polygon, filled even-odd), as
+    QuPath reads a polygon: outlines written apart would come back as two filled annotations."""
     padded = np.pad(mask.astype(np.float32), 1)
-    out = []
+    outers, holes = [], []
     for contour in find_contours(padded, 0.5):
-        ys, xs = contour[:, 0] - 1, contour[:, 1] - 1
-        area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
-        if area >= min_area:
-            out.append(np.stack([xs + offset[0], ys + offset[1]], 1))
-    return out
+        xy = np.stack([contour[:, 1] - 1, contour[:, 0] - 1], 1)
+        area = _signed_area(xy)
+        if abs(area) >= min_area:  # find_contours turns outlines and holes opposite ways
+            (outers if area < 0 else holes).append(xy)
+    for hole in holes:
+        around = [k for k, outer in enumerate(outers) if points_in_poly(hole[:1], outer)[0]]
+        if around:
+            k = min(around, key=lambda k: abs(_signed_area(outers[k])))  # the innermost outline holding it
+            outers[k] = _joined(outers[k], hole)
+    return [outer + np.array(offset, float) for outer in outers]
+
+
+def _signed_area(xy: np.ndarray) -> float:
+    return 0.5 * float(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1)))
+
+
+def _joined(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """``outer`` with ``hole`` spliced in at their nearest vertices: out along the cut, round the hole, back."""
+    gaps = np.linalg.norm(outer[:, None, :] - hole[None, :, :], axis=2)
+    j, i = np.unravel_index(np.argmin(gaps), gaps.shape)
+    around = np.concatenate([hole[i:], hole[: i + 1]])
+    return np.concatenate([outer[: j + 1], around, outer[j:]])
 
 
 def _pair(value, name: str, n: int = 2) -> list[int]:
