@@ -281,11 +281,14 @@ class Segmenter:
             info["slice"] = target.index
         return target, prediction.mask, info
 
-    def automatic(self, request: dict) -> tuple[Loaded, np.ndarray, dict]:
+    def automatic(self, request: dict, region: Optional[tuple] = None) -> tuple[Loaded, np.ndarray, dict]:
         """Zero-click segmentation of a whole 2D image, or of every slice of a volume, for every label that
-        has context. Returns the labelmap (values = positions in ``label_names``) and result info."""
+        has context (or of ``region``, ``(x0, y0, x1, y1)`` of a 2D image). Returns the labelmap (values =
+        positions in ``label_names``) and result info."""
         t0 = time.perf_counter()
         loaded = self.load(request.get("image", ""))
+        if region is not None and loaded.is_volume:
+            raise BadRequest("a region (QuPath) request needs a 2D image", 422)
         self.context.refresh()
         wanted = request.get("label_name") or request.get("labels")
         names = [n for n in self.context.label_names() if len(self.context.get(n))]
@@ -300,7 +303,11 @@ class Segmenter:
             raise BadRequest(
                 "no saved ('final') labels to learn from yet: segment and save one image interactively first", 409
             )
-        planes = planes_of(loaded, self.axis)
+        if region is None:
+            planes = planes_of(loaded, self.axis)
+        else:  # the region on its own grid, at its own scale
+            x0, y0, x1, y1 = region
+            planes = [loaded.array[y0:y1, x0:x1]]
         t1 = time.perf_counter()
         best = np.zeros((len(planes),) + planes[0].shape[:2], np.float32)
         labelmap = np.zeros(best.shape, np.uint8)
@@ -317,7 +324,7 @@ class Segmenter:
             sizes[name] = len(predictions[0].context_ids)
             versions[name] = predictions[0].context_version
         t2 = time.perf_counter()
-        out = from_planes(labelmap, loaded, self.axis)
+        out = from_planes(labelmap, loaded, self.axis) if region is None else labelmap[0]
         info = {
             "label_names": {name: i for i, name in enumerate(names, start=1)},
             "context_size": sizes,

@@ -114,9 +114,10 @@ def auto_region(segmenter: Segmenter, request: dict, image_path: str, uploaded: 
         raise BadRequest("region (QuPath) requests need a 2D image", 422)
     min_area, color = _drawing(request)
     _, (x0, y0, x1, y1) = region_request(request, image_path, uploaded, loaded.shape)
-    _, labelmap, info = segmenter.automatic({**request, "image": image_path})
-    crop = labelmap[y0:y1, x0:x1] if not uploaded else labelmap
-    masks = {name: crop == value for name, value in info["label_names"].items()}
+    whole = uploaded or (x0, y0, x1, y1) == (0, 0, loaded.shape[1], loaded.shape[0])
+    region = None if whole else (x0, y0, x1, y1)  # segmented on its own grid, at its own scale
+    _, labelmap, info = segmenter.automatic({**request, "image": image_path}, region=region)
+    masks = {name: labelmap == value for name, value in info["label_names"].items()}
     return _answer(request, masks, (x0, y0, x1, y1), min_area, color, info)
 
 
