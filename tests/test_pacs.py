@@ -646,6 +646,8 @@ def test_segs_other_systems_stored_badly_or_deleted(site, tmp_path):
         value = {i["name"]: i["idx"] for i in info["label_info"]}["white_matter"]
         return np.asarray(nib.load(store.get_label_uri(a, "final")).dataobj) == value
 
+    if not store.get_label_info(a, "final"):  # run alone
+        assert save_label(site, a, np.asarray(TRUTH.dataobj)).status_code == 200
     before = white_matter()
     assert before.any()
     newest = store.get_label_info(a, "final")["segs"][NAMES.index("white_matter")]
@@ -661,6 +663,21 @@ def test_segs_other_systems_stored_badly_or_deleted(site, tmp_path):
     assert fractional not in store._seg_index()  # deleted from the PACS: gone here too
     assert fractional not in store.get_label_info(a, "final")["segs"]
     np.testing.assert_array_equal(white_matter(), before)
+
+
+def test_a_save_while_another_save_of_the_series_runs_is_refused(site, tmp_path):
+    """Both were stored, and which one became the label depended on the second the PACS gave each."""
+    from fastapi import HTTPException
+    from mvlabel import dicomweb
+
+    store = dicomweb.connect(site.dicomweb, NAMES, cache=str(tmp_path / "cache"))
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(TRUTH.dataobj) == 1).astype(np.uint8), TRUTH.affine), str(path))
+    before = segs_in_pacs(site)
+    with store._one_save(site.series[0]), pytest.raises(HTTPException) as refused:  # a save in progress
+        store.save_label(site.series[0], str(path), "final", {"label_info": LABEL_INFO[:1]})
+    assert refused.value.status_code == 409 and "in progress" in refused.value.detail
+    assert segs_in_pacs(site) == before
 
 
 def test_a_restarted_server_rebuilds_the_context_from_the_pacs(site):

@@ -62,7 +62,7 @@ from .contextstore import label_masks
 from .errors import BadRequest
 from .guard import pacs_unreachable, remove_after_response
 from .imageio import check_label_values, read_image, read_label, uploads_removed_when_refused
-from .localstore import public_image_info, write_dataset_archive
+from .localstore import OneSavePerImage, public_image_info, write_dataset_archive
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class PacsDatastore(DICOMWebDatastore):
         self._seg_seen: dict[str, float] = {}  # when each SEG entered the index (monotonic)
         self._seg_count = 0  # SEGs remembered so far: each record's ``order``
         self._unusable: set[str] = set()  # SEGs that could not be read: never a label
+        self._one_save = OneSavePerImage()  # two saves of one image at once: the second is refused (409)
         self._labels: dict[tuple, tuple[tuple, str, dict]] = {}  # (image, tag) -> (SEG uids, file, label info)
         # image -> (digest of the label, SEG series UID) of a store whose answer was lost: it may be in the PACS
         self._unanswered: dict[str, tuple[str, str]] = {}
@@ -450,7 +451,7 @@ class PacsDatastore(DICOMWebDatastore):
         """``final``: stored in the PACS as a new DICOM SEG (segment labels = label names); other tags stay
         in the local cache. The label is checked against the image before anything is stored."""
         try:
-            with uploads_removed_when_refused(label_filename):
+            with uploads_removed_when_refused(label_filename), self._one_save(image_id):
                 return self._save(image_id, label_filename, label_tag, label_info)
         except BadRequest as e:  # the datastore endpoint calls this directly: answer 4xx, not 500
             raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None

@@ -80,13 +80,34 @@ def public_image_info(info: dict, hide_paths: bool) -> dict:
     return info
 
 
+class OneSavePerImage:
+    """``with gate(image_id):`` around a save; a second save of the image meanwhile is refused (409) instead
+    of silently winning."""
+
+    def __init__(self):
+        self._saving: set = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, image_id: str):
+        with self._lock:
+            if image_id in self._saving:
+                raise HTTPException(status_code=409, detail=f"another save of '{image_id}' is in progress; "
+                                                            "reload the label and save again")
+            self._saving.add(image_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._saving.discard(image_id)
+
+
 class CheckedDatastore(LocalDatastore):
     hide_paths = False  # the app sets it when authentication is on
     history_keep: int | None = None  # earlier final labels kept per image; None: all of them
 
     def __init__(self, *args, **kwargs):
-        self._saving: set = set()
-        self._saving_lock = threading.Lock()
+        self._one_save = OneSavePerImage()
         # MONAI Label's folder watcher reconciles the image table on its own thread while requests and the
         # scorer iterate it ("dictionary changed size during iteration"): both sides take this lock
         self._objects_lock = threading.RLock()
@@ -187,19 +208,6 @@ class CheckedDatastore(LocalDatastore):
         png = os.path.join(tmp, "label.png")  # one label file per image and tag, in the image's own format
         Image.fromarray(label.astype(np.uint8)).save(png)
         return png
-
-    @contextmanager
-    def _one_save(self, image_id: str):
-        with self._saving_lock:
-            if image_id in self._saving:
-                raise HTTPException(status_code=409, detail=f"another save of '{image_id}' is in progress; "
-                                                            "reload the label and save again")
-            self._saving.add(image_id)
-        try:
-            yield
-        finally:
-            with self._saving_lock:
-                self._saving.discard(image_id)
 
     def _store(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         obj = self._datastore.objects.get(image_id)
