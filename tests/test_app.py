@@ -471,6 +471,14 @@ def test_bad_app_conf_stops_start_up(tmp_path, conf, message):
         start_app(tmp_path, conf)
 
 
+def test_a_datastore_folder_the_server_cannot_write_stops_start_up_with_a_reason(tmp_path):
+    """(Here the lock file cannot be written because a folder has its name; on a read-only mount it is the
+    same failure.) MONAI Label stopped with a traceback about '.lock'."""
+    (tmp_path / "studies" / ".lock").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="datastore folder .* is not writable"):
+        start_app(tmp_path, {})
+
+
 def test_conf_size_sets_the_model_grid(tmp_path):
     """``--conf size`` is the grid the network and every context set work on."""
     app = start_app(tmp_path, {"size": "64"})

@@ -99,6 +99,18 @@ def _count_or_all(conf: dict, key: str) -> int | None:
     return None if value == "all" else int(value)
 
 
+def _check_writable(folder: str) -> None:
+    """MONAI Label keeps its lock, index and labels in the datastore folder: say so at start-up when it
+    cannot write there, instead of a traceback about '.lock'."""
+    try:
+        with open(os.path.join(folder, ".lock"), "a"):
+            pass
+    except OSError as e:
+        raise RuntimeError(f"the datastore folder {folder} is not writable ({e.strerror}): MONAI Label keeps its "
+                           "index, lock file and labels there; mount it read-write, or copy the images to a "
+                           "folder the server can write") from None
+
+
 def _flag(conf: dict, key: str, default: bool) -> bool:
     value = str(conf.get(key, default)).strip().lower()
     if value not in ("true", "false"):
@@ -208,6 +220,7 @@ class MultiverSegApp(MONAILabelApp):
         if self._on_pacs(self.studies):
             datastore = connect(self.studies, self.label_names)
         else:
+            _check_writable(self.studies)
             datastore = CheckedDatastore(
                 self.studies,
                 extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
