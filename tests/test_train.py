@@ -329,6 +329,37 @@ def test_training_learns_and_resumes(task_root, tmp_path):
     assert load_checkpoint(tmp_path / "resumed" / "model.pt").meta["steps"] == 40
 
 
+def test_resume_reads_plain_data_only_and_refuses_what_it_cannot_resume(task_root, tmp_path):
+    """``--resume`` ran code pickled into last.pt; without a last.pt it started afresh and emptied the log;
+    a line a kill cut short in log.jsonl stopped every resume."""
+    import pickle
+
+    from mvseg.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(small_config(task_root, 2), run)
+    log_before = (run / "log.jsonl").read_text()
+    state = torch.load(run / "last.pt", weights_only=True)
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    torch.save({**state, "init": Payload()}, run / "last.pt", pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        train(small_config(task_root, 3), run, resume=True)
+    assert not (tmp_path / "ran").exists()
+    (run / "last.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(small_config(task_root, 3), run, resume=True)
+    assert (run / "log.jsonl").read_text() == log_before
+    torch.save(state, run / "last.pt")
+    with (run / "log.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # killed while writing
+    train(small_config(task_root, 3), run, resume=True)
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_init_starts_from_given_weights(task_root, tmp_path):
     """``init`` loads the weights before the first step; a mismatched architecture is refused."""
     first = train(small_config(task_root, 2), tmp_path / "first")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import perturb_labels
-from .checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from .geometry import Geometry, binarize_resampled
 from .interaction import RandomPrompts
 from .network import MultiverSegConfig, MultiverSegNet, count_parameters
@@ -325,10 +325,16 @@ def batches(bank: TaskBank, cfg: TrainConfig, start: int, workers: int = 0):
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step``: the steps about to be run (again)."""
+    """Drop log lines past ``step``: the steps about to be run (again), and a line a kill cut short."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(
@@ -349,6 +355,9 @@ def train(
     bfloat16 autocast (GPUs, and CPUs with AVX512-BF16); the loss stays in float32. ``compile``: the network under ``torch.compile``
     (:class:`CompiledNetwork`; pays on runs longer than a few hundred steps).
     """
+    state_path = out / "last.pt"
+    if resume and not state_path.exists():  # a fresh run here would empty the old run's log
+        raise FileNotFoundError(f"nothing to resume: {state_path} does not exist (leave out --resume to start)")
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     retain_for_network(dev.type, cfg.encoder_widths)
@@ -361,12 +370,16 @@ def train(
     model = MultiverSegNet(MultiverSegConfig(encoder_widths=list(cfg.encoder_widths))).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, seconds = 0, 0.0
-    state_path = out / "last.pt"
     init_record = None  # where the weights started, kept in every checkpoint
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location=dev, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if resume:
+        try:  # plain data only: nothing in the file is run
+            state = torch.load(state_path, map_location=dev, weights_only=True)
+            load_state_strict(model, state["model"], str(state_path))
+            optimizer.load_state_dict(state["optimizer"])
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot resume from {state_path}: {type(e).__name__}: {e}") from None
         start, seconds, init_record = state["step"], state.get("seconds", 0.0), state.get("init")
         log.info("resuming %s at step %d", out, start)
     elif init is not None:
@@ -454,7 +467,10 @@ def main(argv=None) -> None:
     cfg.override(args.set)
     if args.data_root:
         cfg.data_root = str(Path(args.data_root).resolve())
-    path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16, args.compile)
+    try:
+        path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16, args.compile)
+    except (FileNotFoundError, CheckpointError) as e:
+        parser.error(str(e))
     print(f"weights: {path}")
 
 
