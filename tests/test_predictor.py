@@ -111,6 +111,29 @@ def test_context_is_capped_by_selection(tiny_models):
     assert len(p.context_ids) == 3
 
 
+def test_a_context_changed_by_another_thread_meanwhile(tiny_models, monkeypatch):
+    """The predictor picked ids, then asked for their tensors: an entry another thread removed in between
+    was a KeyError. Now it works on one state of the set, and reports that state's version."""
+    import mvseg.context
+
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu", max_context=3)
+    ctx = pred.new_context()
+    rng = np.random.default_rng(4)
+    for i in range(7):
+        ctx.add(i, rng.random((32, 32)), disk((32, 32), (16, 16), 5))
+    version, describe = ctx.version, mvseg.context.describe
+
+    def describe_while_another_thread_edits(image):
+        for key in ctx.ids():  # the other thread empties the set while this one ranks its entries
+            ctx.remove(key)
+        return describe(image)
+
+    monkeypatch.setattr(mvseg.context, "describe", describe_while_another_thread_edits)
+    p = pred.predict(rng.random((32, 32)), Prompts(positive=[(16, 16)]), ctx)
+    assert len(p.context_ids) == 3 and p.context_version == version and len(ctx) == 0
+
+
 def test_bfloat16_runs(tiny_models):
     mvs, _ = tiny_models
     pred = Predictor(mvs, device="cpu", dtype=torch.bfloat16)

@@ -145,22 +145,38 @@ class ContextSet:
 
         All entries (in insertion order) when there are no more than ``k``; ``k`` defaults to ``max_size``.
         """
-        k = self.max_size if k is None else k
+        return [key for key, _ in self._best(self._items(exclude)[0], target, k)]
+
+    def choose(
+        self, target: torch.Tensor, k: Optional[int] = None, exclude: Iterable[Hashable] = ()
+    ) -> tuple[list, torch.Tensor, torch.Tensor, int]:
+        """:meth:`select` and :meth:`tensors` on one state of the set, whatever other threads change
+        meanwhile: ``(ids, images S 1 H W, labels S 1 H W, version)``."""
+        items, version = self._items(exclude)
+        chosen = self._best(items, target, k)
+        return [key for key, _ in chosen], *self._stack([e for _, e in chosen]), version
+
+    def _items(self, exclude: Iterable[Hashable]) -> tuple[list, int]:
         exclude = set(exclude)
         with self._lock:
-            items = [(key, e) for key, e in self._entries.items() if key not in exclude]
+            return [(key, e) for key, e in self._entries.items() if key not in exclude], self.version
+
+    def _best(self, items: list, target: torch.Tensor, k: Optional[int]) -> list:
+        k = self.max_size if k is None else k
         if len(items) <= k:
-            return [key for key, _ in items]
+            return items
         if k <= 0:
             return []
         scores = torch.stack([e.descriptor for _, e in items]) @ describe(target)
-        best = torch.topk(scores, k).indices.tolist()
-        return [items[i][0] for i in best]
+        return [items[i] for i in torch.topk(scores, k).indices.tolist()]
 
     def tensors(self, ids: Iterable[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack entries: images and labels ``S 1 H W`` (``S`` may be 0)."""
         with self._lock:
             entries = [self._entries[i] for i in ids]
+        return self._stack(entries)
+
+    def _stack(self, entries: list) -> tuple[torch.Tensor, torch.Tensor]:
         if not entries:
             empty = torch.zeros((0, 1, self.size, self.size))
             return empty, empty.clone()

@@ -351,10 +351,8 @@ class Predictor:
             return [], empty, empty, 0
         if context.size != self.size:
             raise ValueError(f"context set is on a {context.size} grid but the predictor works at {self.size}")
-        version = context.version
-        ids = context.select(model_image, min(self.max_context, context.max_size), exclude)
-        images, labels = context.tensors(ids)
-        return ids, images, labels, version
+        # one state of the set: another thread may add or remove entries meanwhile
+        return context.choose(model_image, min(self.max_context, context.max_size), exclude)
 
     def _finish(
         self,
