@@ -68,6 +68,13 @@ def test_prepared_tensors_are_binarised():
     assert set(ctx.get("p").label.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="32x32"):
         ctx.add_prepared("q", torch.rand(1, 16, 16), torch.rand(1, 16, 16))
+    with pytest.raises(ValueError, match="32x32"):  # three channels: a torch error before
+        ctx.add_prepared("q", torch.rand(3, 32, 32), torch.rand(1, 32, 32))
+    with pytest.raises(ValueError, match="NaN"):  # every later prediction with the set was NaN
+        ctx.add_prepared("q", torch.full((1, 32, 32), float("nan")), torch.ones(1, 32, 32))
+    with pytest.raises(ValueError, match="empty"):  # add() refuses one too
+        ctx.add_prepared("q", torch.rand(1, 32, 32), torch.zeros(1, 32, 32))
+    assert ctx.ids() == ["p"]
 
 
 @pytest.mark.parametrize(
@@ -78,6 +85,7 @@ def test_prepared_tensors_are_binarised():
         (np.zeros((20, 20)), np.ones((20, 21)), r"shape \(20, 21\)"),
         (np.zeros((20, 20)), np.zeros((20, 20)), "empty"),
         (np.full((20, 20), np.inf), np.ones((20, 20)), "NaN or infinite"),
+        (np.zeros((20, 20)), np.full((20, 20), "0"), "numbers or booleans"),  # "0" != 0: all inside before
     ],
 )
 def test_bad_entries_are_rejected_and_nothing_changes(image, mask, message):

@@ -134,6 +134,18 @@ def test_a_context_changed_by_another_thread_meanwhile(tiny_models, monkeypatch)
     assert len(p.context_ids) == 3 and p.context_version == version and len(ctx) == 0
 
 
+@pytest.mark.parametrize("previous, message", [
+    (torch.full((1, 32, 32), float("nan")), "NaN"),  # a NaN probability and an empty mask before
+    (torch.zeros(1, 16, 16), "model-grid logits"),
+    (np.zeros((1, 32, 32), np.float32), "model-grid logits"),
+])
+def test_a_previous_prediction_that_is_not_one_is_refused(tiny_models, previous, message):
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu", size=32)
+    with pytest.raises(ValueError, match=message):
+        pred.predict(np.random.default_rng(5).random((32, 32)), Prompts(positive=[(3, 3)]), previous=previous)
+
+
 def test_bfloat16_runs(tiny_models):
     mvs, _ = tiny_models
     pred = Predictor(mvs, device="cpu", dtype=torch.bfloat16)

@@ -98,10 +98,14 @@ class ContextSet:
     def add_prepared(self, key: Hashable, image: torch.Tensor, label: torch.Tensor) -> None:
         """Add model-grid tensors (``1 S S`` image in [0, 1], ``1 S S`` label, thresholded at 0.5)."""
         for name, t in (("image", image), ("label", label)):
-            if tuple(t.shape[-2:]) != (self.size, self.size):
-                raise ValueError(f"prepared context {name} must be {self.size}x{self.size}, got {tuple(t.shape)}")
+            if t.numel() != self.size * self.size:
+                raise ValueError(f"prepared context {name} must be 1x{self.size}x{self.size}, got {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"prepared context {name} contains NaN or infinite values")
         image = image.reshape(1, self.size, self.size).float().cpu()
         label = (label.reshape(1, self.size, self.size).float().cpu() >= 0.5).float()
+        if not label.any():
+            raise ValueError("context mask is empty: an example must show the structure")
         self.put(key, ContextEntry(image, label, describe(image)))
 
     def copy(self, max_size: Optional[int] = None) -> "ContextSet":

@@ -64,6 +64,8 @@ def as_mask(mask: np.ndarray, shape: tuple[int, int], name: str = "mask") -> np.
         raise ValueError(f"{name} must be 2D, got shape {mask.shape}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but the image has shape {tuple(shape)}")
+    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+        raise ValueError(f"{name} must hold numbers or booleans, got dtype {mask.dtype}")  # "0" != 0: all inside
     if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return (mask != 0).astype(np.float32)

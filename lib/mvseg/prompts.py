@@ -140,7 +140,12 @@ def encode_for_model(
             if s is not None:
                 scribbles[0, ch] = geometry.scribble_forward(s)[0]
     if previous_logits is not None:
+        if not isinstance(previous_logits, torch.Tensor) or previous_logits.numel() != size * size:
+            got = tuple(previous_logits.shape) if hasattr(previous_logits, "shape") else type(previous_logits).__name__
+            raise ValueError(f"previous must be a prediction or its model-grid logits (1 {size} {size}), got {got}")
         previous_logits = previous_logits.reshape(1, 1, size, size).float().cpu()
+        if not torch.isfinite(previous_logits).all():
+            raise ValueError("previous logits contain NaN or infinite values")
     return encode_prompts(
         image.reshape(1, 1, size, size),
         torch.from_numpy(np.concatenate(coords))[None] if coords else None,
