@@ -49,6 +49,30 @@ def test_cli_end_to_end(tmp_path, tiny_task, tiny_models):
     assert (out / "noi90.png").stat().st_size > 1000 and "| task |" in (out / "summary.md").read_text()
 
 
+def test_an_image_with_an_empty_mask_is_left_out_not_fatal(tmp_path, tiny_task, tiny_models):
+    """It stopped the whole evaluation once drawn ('cannot click on an empty mask'), with nothing written."""
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(tiny_task / "masks" / "case0.png")
+    out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "3", "--runs", "2", "--modes", "none")
+    runs = json.loads((out / "runs.json").read_text())["task"]["none"]
+    assert all(r["id"] != "case0" for run in runs for r in run) and all(len(run) == 4 for run in runs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--images", "-1"], "--images must be at least 1"),
+    (["--budget", "-3"], "--budget must be at least 0"),
+    (["--ids", "LIST"], "must hold a JSON object"),
+    (["--ids", "STRING"], "must be a list of names"),
+])
+def test_arguments_that_cannot_be_measured_are_refused(tmp_path, tiny_task, tiny_models, capsys, args, message):
+    (tmp_path / "list.json").write_text('["case1"]')
+    (tmp_path / "string.json").write_text('{"task": "case1case2"}')  # was read letter by letter
+    args = [{"LIST": str(tmp_path / "list.json"), "STRING": str(tmp_path / "string.json")}.get(a, a) for a in args]
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, tiny_task, tiny_models, *args)
+    assert message in capsys.readouterr().err
+
+
 def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
     out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "3", "--runs", "1",
                   "--modes", "context", "oracle", "--order", "random", "coverage", "--budget", "0")

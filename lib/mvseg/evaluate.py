@@ -263,12 +263,16 @@ def runs_of(modes: list[str], orders: list[str]) -> list[tuple[str, str]]:
 def held_out(subsets: dict) -> dict:
     """``{folder: [ids]}`` as given, or from a training ``split.json``: ``{"source/task": {"folder": name,
     "heldout": ids}}`` (older files have no ``folder``; their source is the folder name)."""
+    if not isinstance(subsets, dict):
+        raise ValueError("--ids must hold a JSON object: {folder: [ids]} or a training split.json")
     out: dict = {}
     for key, value in subsets.items():
         if isinstance(value, dict):
-            out.setdefault(value.get("folder", key.split("/")[0]), []).extend(value.get("heldout", []))
-        else:
-            out[key] = list(value)
+            value = value.get("heldout", [])
+            key = subsets[key].get("folder", key.split("/")[0])
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise ValueError(f"--ids: the ids of '{key}' must be a list of names, got {json.dumps(value)[:80]}")
+        out.setdefault(key, []).extend(value)
     return out
 
 
@@ -330,6 +334,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.size is not None and args.size < 16:
         parser.error(f"--size must be at least 16 pixels, got {args.size}")
+    for name, least in (("runs", 1), ("images", 1), ("budget", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    names = [folder.name for folder in args.task]
+    if len(set(names)) < len(names):  # results are kept by folder name
+        parser.error(f"two --task folders have one name: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
@@ -345,7 +355,10 @@ def main(argv=None) -> None:
         )
     except ValueError as e:
         parser.error(str(e))
-    subsets = held_out(json.loads(args.ids.read_text())) if args.ids else {}
+    try:
+        subsets = held_out(json.loads(args.ids.read_text())) if args.ids else {}
+    except (OSError, ValueError) as e:
+        parser.error(f"--ids {args.ids}: {e}")
     budget = BUDGET[args.protocol] if args.budget is None else args.budget
     records: dict = {}
     total = len(args.task) * args.runs * len(runs_of(args.modes, args.order))
@@ -354,6 +367,10 @@ def main(argv=None) -> None:
         if args.ids and folder.name not in subsets:
             log.warning("%s: --ids lists none of its images, so all of them are used", folder.name)
         examples = load_task(folder, subsets.get(folder.name))
+        empty = [e.id for e in examples if not e.mask.any()]
+        if empty:  # nothing to click on: it would stop the whole evaluation once drawn
+            log.warning("%s: %d images with an empty mask left out (%s)", folder.name, len(empty), ", ".join(empty[:5]))
+            examples = [e for e in examples if e.mask.any()]
         if args.size:
             examples = [on_grid(e, args.size) for e in examples]
         if len(examples) < 2:
