@@ -575,3 +575,27 @@ def test_next_sample_leases_that_ran_out_are_forgotten():
     time.sleep(0.1)
     leases.give("b", "bob")
     assert leases.free_for("a", "bob") and list(leases._given) == ["b"]
+
+
+def test_two_annotators_asking_at_once_never_get_one_image():
+    """The lease was checked, the image ranked, then given: between the two another annotator got it too."""
+    import sys
+    import threading
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.nextsample import Leases
+
+    leases, got, barrier = Leases(window=600), [], threading.Barrier(8)
+
+    def ask(client):
+        barrier.wait()
+        got.append(leases.claim(["a", "b", "c", "d", "e", "f", "g", "h"], client))
+
+    threads = [threading.Thread(target=ask, args=(f"annotator{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list("abcdefgh")
+    assert leases.claim(["a"], "annotator9") is None and leases.claim(["a", "z"], "annotator9") == "z"
+

@@ -59,15 +59,30 @@ class Leases:
 
     def free_for(self, image_id: str, client: str) -> bool:
         with self._lock:
-            holder = self._given.get(image_id)
-            return holder is None or holder[0] == client or time.monotonic() - holder[1] > self.window
+            return self._free(image_id, client)
+
+    def _free(self, image_id: str, client: str) -> bool:
+        holder = self._given.get(image_id)
+        return holder is None or holder[0] == client or time.monotonic() - holder[1] > self.window
+
+    def claim(self, ranked: list[str], client: str) -> Optional[str]:
+        """The first of ``ranked`` free for ``client``, given to it in one step (two annotators asking at once
+        never get the same image); None when all are taken."""
+        with self._lock:
+            pick = next((i for i in ranked if self._free(i, client)), None)
+            if pick is not None:
+                self._give(pick, client)
+            return pick
 
     def give(self, image_id: str, client: str) -> None:
         with self._lock:
-            now = time.monotonic()
-            for old in [i for i, (_, when) in self._given.items() if now - when > self.window]:
-                del self._given[old]  # run out: holds nobody back (and a deleted image's goes too)
-            self._given[image_id] = (client, now)
+            self._give(image_id, client)
+
+    def _give(self, image_id: str, client: str) -> None:
+        now = time.monotonic()
+        for old in [i for i, (_, when) in self._given.items() if now - when > self.window]:
+            del self._given[old]  # run out: holds nobody back (and a deleted image's goes too)
+        self._given[image_id] = (client, now)
 
 
 class ScoreBoard:
@@ -254,14 +269,14 @@ class NextSample(Strategy):
         candidates = [i for i in sorted(datastore.get_unlabeled_images()) if self.leases.free_for(i, client)]
         if not candidates:
             return None
+        scores: dict[str, float] = {}
         if self.name == "random":
-            pick, score, why = random.choice(candidates), None, "random"
+            ranked, why = random.sample(candidates, len(candidates)), "random"
         elif self.name == "first":
-            pick, score, why = candidates[0], None, "first by name"
-        elif self.name == "review" and (unsure := self.presegmented(datastore, candidates, label)):
-            pick = max(unsure, key=unsure.get)
-            score = unsure[pick]
-            why = (f"least certain batch pre-segmentation ('{self.review_tag}' tag) among {len(unsure)} "
+            ranked, why = candidates, "first by name"
+        elif self.name == "review" and (scores := self.presegmented(datastore, candidates, label)):
+            ranked = sorted(scores, key=scores.get, reverse=True)
+            why = (f"least certain batch pre-segmentation ('{self.review_tag}' tag) among {len(scores)} "
                    f"pre-segmented images for '{label}'")
         else:
             scores = self.board.get(label, self.name)
@@ -269,10 +284,12 @@ class NextSample(Strategy):
             if missing:  # not scored yet (new images, or the first pass still running): likeness now
                 likeness = self.name if self.name in ("coverage", "nearest") else "coverage"  # review: none yet
                 scores.update(self.board.likeness(likeness, missing, sorted(datastore.get_labeled_images())))
-            pick = max(candidates, key=lambda i: scores.get(i, float("-inf")))
-            score = scores.get(pick)
+            ranked = sorted(candidates, key=lambda i: scores.get(i, float("-inf")), reverse=True)
             why = f"highest {self.name} score among {len(candidates)} unlabelled images for '{label}'"
-        self.leases.give(pick, client)
+        pick = self.leases.claim(ranked, client)  # the best one nobody else took meanwhile
+        if pick is None:
+            return None
+        score = scores.get(pick)
         out = {"id": pick, "strategy": self.name, "score": score, "reason": why, "label": label}
         try:  # a PACS series: its DICOM identity, which OHIF shows and opens
             info = datastore.get_image_info(pick) or {}
