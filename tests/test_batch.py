@@ -95,8 +95,9 @@ def test_batch_never_writes_final_and_needs_a_context(studies):
 
     datastore = batch.open_datastore(str(studies), ["grey_matter"])
     predictor = Predictor(device="cpu")
-    with pytest.raises(ValueError, match="final"):
-        batch.plan(datastore, predictor, batch.weights_digest(None), "grey_matter", ["grey_matter"], tag="final")
+    for tag in ("final", "Final"):  # the same folder on a case-insensitive disk
+        with pytest.raises(ValueError, match="final"):
+            batch.plan(datastore, predictor, batch.weights_digest(None), "grey_matter", ["grey_matter"], tag=tag)
     with pytest.raises(ValueError, match="no saved final labels for 'skull'"):
         batch.plan(datastore, predictor, batch.weights_digest(None), "skull", ["grey_matter"])
 

@@ -319,6 +319,8 @@ def test_a_0_255_mask_is_the_configured_label(server):
 def test_a_replaced_final_label_keeps_its_earlier_version(server):
     client, app, studies = server
     first = final_bytes(studies)
+    for written in (studies / "labels" / "final" / f"{IDS[0]}.png", studies / "datastore_v2.json"):
+        assert written.stat().st_mode & 0o044 == 0o044, written  # were owner-only, as temporary files are
     _, mask = hc18_pair(IDS[0])
     assert put_label(client, IDS[0], np.roll(mask, 3, axis=1)).status_code == 200
     history = app.datastore().label_history(IDS[0])

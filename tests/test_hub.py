@@ -4,9 +4,11 @@ reused without the network, fetched again when damaged; a file that is not the p
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,36 @@ def test_a_file_that_is_not_the_promised_network_is_refused(mirror, tmp_path):
     assert not list((tmp_path / "cache").glob("*.pt")) and not list((tmp_path / "cache").glob(".*part"))
     with pytest.raises(ValueError, match="unknown release"):
         hub.fetch("multiverseg-v9")
+
+
+class CutShortHandler(QuietHandler):
+    """Announces the whole file, sends half of it and closes."""
+
+    def do_GET(self):
+        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+
+
+def test_a_download_cut_short_says_so_and_the_cache_is_readable_by_all(mirror, tmp_path, monkeypatch):
+    """A body closed half way was only refused later as 'not a readable checkpoint', naming a file already
+    gone; a cached release was readable by its owner alone."""
+    served, _ = mirror
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CutShortHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MVSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(CheckpointError, match="cut short"):
+            hub.fetch("multiverseg-v1", progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not list((tmp_path / "cache").glob(".*part"))
+    stale = tmp_path / "cache" / f".{hub.RELEASES['multiverseg-v1'].file}.killed.part"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (0, 0))  # from a download killed long ago
+    monkeypatch.setenv("MVSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{mirror[1].server_port}")
+    path = hub.fetch("multiverseg-v1", progress=False)
+    assert path.stat().st_mode & 0o044 == 0o044 and not stale.exists()

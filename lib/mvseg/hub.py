@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,10 @@ RELEASES = {
 }
 
 
+MAX_DOWNLOAD_BYTES = 1 << 30  # the official files are under 100 MB
+MAX_DOWNLOAD_SECONDS = 3600  # a whole download, however slowly it trickles in
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MVSEG_CACHE") or Path.home() / ".cache" / "mvseg")
 
@@ -82,14 +87,28 @@ def fetch(name: str, sha256: Optional[str] = None, timeout: float = 60.0, progre
     mirror = os.environ.get("MVSEG_WEIGHTS_MIRROR")
     url = f"{mirror.rstrip('/')}/{release.file}" if mirror else release.url
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".{release.file}.*.part"):  # left by a download that was killed
+        if time.time() - stale.stat().st_mtime > timeout + MAX_DOWNLOAD_SECONDS:
+            stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{release.file}.", suffix=".part", dir=folder)
+    os.fchmod(fd, 0o644)  # a shared cache: readable by the other users of the machine
     try:
+        started = time.monotonic()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
+            if total is not None and total > MAX_DOWNLOAD_BYTES:
+                raise CheckpointError(f"{url} announces {total:,} bytes: no release is that large")
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=release.file, disable=not progress) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+                    if received > MAX_DOWNLOAD_BYTES or time.monotonic() - started > MAX_DOWNLOAD_SECONDS:
+                        raise CheckpointError(f"download of {url} stopped: over {MAX_DOWNLOAD_BYTES:,} bytes or "
+                                              f"{MAX_DOWNLOAD_SECONDS} s")
+        if total is not None and received != total:
+            raise CheckpointError(f"download of {url} was cut short: {received:,} of {total:,} bytes")
         digest = _sha256(Path(tmp))
         if sha256 is not None and digest != sha256:
             raise CheckpointError(f"{release.file} from {url} has sha256 {digest}, expected {sha256}")

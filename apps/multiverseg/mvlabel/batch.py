@@ -74,8 +74,8 @@ class Plan:
 
 def plan(datastore, predictor: Predictor, weights: tuple[str, str], label: str, names: list[str], tag: str = "original",
          axis: int = 2, slices_per_volume: int = 4) -> Plan:
-    if tag == FINAL:
-        raise ValueError("batch results never go to the 'final' tag: that is the annotators' own")
+    if tag.lower() == FINAL:  # 'Final' too: on a case-insensitive disk it is the same folder
+        raise ValueError("batch results never go to the 'final' tag (in any case): that is the annotators' own")
     if not TAG.match(tag):
         raise ValueError(f"--tag must be a plain tag name (letters, digits, '_', '-'), got {tag!r}")
     context = DatastoreContext(datastore, predictor.new_context, names, axis=axis, slices_per_volume=slices_per_volume)

@@ -43,6 +43,11 @@ from .imageio import (IMAGE_2D, check_label_values, extension, read_asap, read_i
 log = logging.getLogger(__name__)
 
 FINAL = "final"
+# what a file written in place would get (temporary files are owner-only): other users and the batch
+# workers of a shared datastore read labels and the index
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 def write_dataset_archive(cases: list[dict], limit_cases, folder: str, metadata: str) -> str:
@@ -56,6 +61,7 @@ def write_dataset_archive(cases: list[dict], limit_cases, folder: str, metadata:
     os.makedirs(folder, exist_ok=True)
     dest = os.path.join(folder, "dataset.zip")
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w") as archive:
             for case in cases:
@@ -358,6 +364,7 @@ def _staged(source: str, dest: str):
     """Copy ``source`` beside ``dest`` (a hidden temp file, which the folder watcher ignores) and yield the
     call that renames it into place; left uncalled, or on an error, ``dest`` is untouched and the copy goes."""
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(dest))
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
@@ -374,6 +381,7 @@ def _atomic_copy(source: str, dest: str) -> None:
 
 def _atomic_write(dest: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(dest))
+    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
