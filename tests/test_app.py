@@ -599,3 +599,25 @@ def test_two_annotators_asking_at_once_never_get_one_image():
     assert sorted(got) == list("abcdefgh")
     assert leases.claim(["a"], "annotator9") is None and leases.claim(["a", "z"], "annotator9") == "z"
 
+
+def test_a_batch_job_skips_an_image_deleted_meanwhile():
+    """One image deleted while a batch job ran stopped the job with an error: the images after it were
+    never segmented."""
+    import sys
+
+    from fastapi import HTTPException
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.infer import BatchInfer
+
+    done = []
+
+    def infer(request, datastore):
+        if request["image"] == "gone":
+            raise HTTPException(status_code=404, detail="image 'gone' is not in the datastore")
+        done.append(request["image"])
+        return {"file": None, "params": {}}
+
+    BatchInfer()({"images": ["a", "gone", "z"], "max_workers": 1}, None, infer)
+    assert done == ["a", "z"]
+

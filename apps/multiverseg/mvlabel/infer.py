@@ -3,10 +3,12 @@ batch task that runs one of them over many datastore images (``POST /batch/infer
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import torch
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
@@ -14,6 +16,8 @@ from .contextstore import volume_slice
 from .guard import remove_after_response
 from .imageio import write_label
 from .segmenter import Segmenter
+
+log = logging.getLogger(__name__)
 
 
 def result_file(mask: np.ndarray, loaded, request: dict) -> str:
@@ -96,4 +100,14 @@ class BatchInfer(BatchInferTask):
     def __call__(self, request, datastore, infer):
         if not torch.cuda.is_available():
             request = {**request, "multi_gpu": False, "device": "cpu"}
-        return super().__call__(request, datastore, infer)
+
+        def skipping_deleted(req, store):  # one image deleted meanwhile must not stop the whole job
+            try:
+                return infer(req, store)
+            except HTTPException as e:
+                if e.status_code != 404:
+                    raise
+                log.warning("batch: %s is no longer in the datastore, skipped", req.get("image"))
+                return {}
+
+        return super().__call__(request, datastore, skipping_deleted)
