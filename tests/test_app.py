@@ -540,12 +540,18 @@ def test_strategies_default_first_and_explain_the_pick(server):
     assert again["strategy"] == "coverage" and again["path"].endswith(again["name"])  # Slicer loads a local path
 
 
-def test_background_scores_are_stored_in_image_info(server):
+def test_background_scores_are_stored_in_image_info(server, monkeypatch):
+    """... with one write of the index per pass (one per image made next sample wait seconds on 2,000)."""
     client, app, studies = server
     ensure_final(client, studies)  # the model-based scores need a context
+    store, writes = app.datastore(), []
+    write = store._update_datastore_file
+    monkeypatch.setattr(store, "_update_datastore_file", lambda *a, **k: (writes.append(1), write(*a, **k)))
     passes, deadline = app.scoreboard.passes, time.monotonic() + 60
     while app.scoreboard.passes == passes and time.monotonic() < deadline:
+        writes.clear()
         app.scoreboard.score_all()  # returns early while a save's wake-up is pending for the background pass
+    assert len(writes) == 1
     unlabelled = app.datastore().get_unlabeled_images()
     info = app.datastore().get_image_info(unlabelled[0])
     assert set(info["mvseg_scores"]["head"]) == {"coverage", "nearest", "uncertainty", "confident", "hybrid"}

@@ -224,13 +224,19 @@ class ScoreBoard:
         with self._lock:
             self.scores = new
             self.passes += 1
-        for image_id in unlabelled:
-            info = {label: {s: v.get(image_id) for s, v in per.items() if image_id in v} for label, per in new.items()}
-            try:
-                self.datastore.update_image_info(image_id, {"mvseg_scores": info, "mvseg_scored": int(time.time())})
-            except Exception as e:  # a read-only datastore still serves from memory
-                log.debug("could not store scores of %s: %s", image_id, e)
-                break
+        now = int(time.time())
+        infos = {image_id: {"mvseg_scores": {label: {s: v.get(image_id) for s, v in per.items() if image_id in v}
+                                             for label, per in new.items()}, "mvseg_scored": now}
+                 for image_id in unlabelled}
+        try:
+            many = getattr(self.datastore, "update_images_info", None)
+            if many is not None:  # one write of the index, not one per image (a 2,000-image index is MBs)
+                many(infos)
+            else:
+                for image_id, info in infos.items():
+                    self.datastore.update_image_info(image_id, info)
+        except Exception as e:  # a read-only datastore still serves from memory
+            log.debug("could not store the scores: %s", e)
 
     def get(self, label: str, strategy: str) -> dict[str, float]:
         with self._lock:
