@@ -237,6 +237,17 @@ def test_two_content_types_are_refused(server, tmp_path):
     assert r.status_code == 400 and "Content-Type" in r.json()["detail"], r.text
 
 
+def test_the_body_cannot_name_another_strategy_or_model_than_the_url(server):
+    """MONAI Label lets the body's 'strategy' or 'model' win over the one the URL names."""
+    client, _, _ = server
+    r = client.post("/activelearning/nearest", json={"strategy": "random"})
+    assert r.status_code == 422 and "strategy" in r.json()["detail"], r.text
+    r = client.post("/batch/infer/multiverseg_auto", json={"model": "multiverseg", "images": [IDS[1]], "label_tag": "m1"})
+    assert r.status_code == 422 and "model" in r.json()["detail"], r.text
+    r = client.post("/activelearning/nearest", json={"strategy": "nearest", "client_id": "same"})
+    assert r.status_code == 200, r.text
+
+
 def test_a_body_neither_json_nor_a_form_is_refused(server):
     client, _, _ = server
     region = {"location": [10, 10], "size": [50, 50], "params": {"foreground": [["a", 1]]}}

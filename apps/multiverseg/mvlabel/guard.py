@@ -187,6 +187,11 @@ def check_params(params: dict, route: str) -> None:
         value = params.get(key)
         if value is not None and not (isinstance(value, str) and len(value) <= 255):
             raise Refusal(422, f"'{key}' must be text, got {value!r}")
+    # the URL names the strategy or the model: a body naming another would win over it unseen
+    for prefix, key in (("/activelearning/", "strategy"), ("/batch/infer/", "model")):
+        named = unquote(route[len(prefix):]).strip("/") if route.startswith(prefix) else None
+        if named and params.get(key) not in (None, named):
+            raise Refusal(422, f"the URL names {key} '{named}'; the body names '{str(params[key])[:60]}': name one")
     if route.startswith("/batch/"):
         images = params.get("images")
         if images is not None and images not in ("all", "labeled", "unlabeled"):
