@@ -360,6 +360,19 @@ def test_resume_reads_plain_data_only_and_refuses_what_it_cannot_resume(task_roo
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("key, value", [("checkpoint_every", 0), ("batch_size", 0), ("max_context", -1),
+                                        ("interaction_steps", 0), ("p_low_res", 5.0), ("heldout", -3.0),
+                                        ("encoder_widths", []), ("superpixel_scale", (3.0, 1.0)), ("steps", 0)])
+def test_values_no_run_can_use_are_refused_before_anything_is_written(task_root, tmp_path, key, value):
+    """They crashed in the first step, after the run folder's files were written (steps 0 'finished' with
+    no weights)."""
+    cfg = small_config(task_root, 2)
+    setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=key):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_starts_from_given_weights(task_root, tmp_path):
     """``init`` loads the weights before the first step; a mismatched architecture is refused."""
     first = train(small_config(task_root, 2), tmp_path / "first")

@@ -124,6 +124,28 @@ class TrainConfig:
             setattr(self, key, value)
 
 
+    def check(self) -> None:
+        """Refuse values no run can use, before a run writes anything (they crashed deep in the first step,
+        after config.json, split.json and the log were written)."""
+        problems = [f"{k} must be a whole number of at least {least}, got {getattr(self, k)!r}"
+                    for k, least in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("interaction_steps", 1),
+                                     ("max_context", 0), ("size", 16))
+                    if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
+                    or getattr(self, k) < least]
+        problems += [f"{k} must be a number from 0 to 1, got {getattr(self, k)!r}"
+                     for k in self.__dataclass_fields__ if k.startswith("p_") or k == "heldout"
+                     if not isinstance(getattr(self, k), (int, float)) or not 0 <= getattr(self, k) <= 1]
+        widths = self.encoder_widths
+        if not (isinstance(widths, list) and widths and all(isinstance(w, int) and w > 0 for w in widths)):
+            problems.append(f"encoder_widths must be a list of positive whole numbers, got {widths!r}")
+        scale = self.superpixel_scale
+        if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
+                and 0 < scale[0] <= scale[1]):
+            problems.append(f"superpixel_scale must be [low, high] with 0 < low <= high, got {scale!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------------
@@ -355,6 +377,7 @@ def train(
     bfloat16 autocast (GPUs, and CPUs with AVX512-BF16); the loss stays in float32. ``compile``: the network under ``torch.compile``
     (:class:`CompiledNetwork`; pays on runs longer than a few hundred steps).
     """
+    cfg.check()
     state_path = out / "last.pt"
     if resume and not state_path.exists():  # a fresh run here would empty the old run's log
         raise FileNotFoundError(f"nothing to resume: {state_path} does not exist (leave out --resume to start)")
@@ -469,7 +492,7 @@ def main(argv=None) -> None:
         cfg.data_root = str(Path(args.data_root).resolve())
     try:
         path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16, args.compile)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
         parser.error(str(e))
     print(f"weights: {path}")
 
