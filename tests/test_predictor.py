@@ -306,3 +306,11 @@ def test_benchmark_prints_a_table():
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("cpu")]
     assert [r[2] for r in rows] == ["0", "2"]
     assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--widths", "0"], ["--devices", "nosuchdevice"]])
+def test_a_benchmark_that_measures_nothing_fails(args):
+    """It printed 'failed' rows and exited 0."""
+    out = subprocess.run([sys.executable, "-m", "mvseg.bench", "--widths", "8", "--contexts", "0", *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, out.stdout

@@ -120,6 +120,11 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=3, metavar=("WIDTH", "CONTEXT", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("widths", "contexts"):
+        if any(v < (1 if name == "widths" else 0) for v in getattr(args, name)):
+            parser.error(f"--{name} must be {'positive' if name == 'widths' else 'non-negative'} whole numbers")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     if args.direct:
         args.conv = "direct"
@@ -182,6 +187,8 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if not results:  # a benchmark that measured nothing has failed
+        raise SystemExit("every configuration failed")
 
 
 if __name__ == "__main__":
