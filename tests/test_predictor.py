@@ -100,13 +100,19 @@ def test_predict_many_matches_predict(tiny_models):
         assert p.context_ids == one.context_ids and p.context_version == ctx.version
 
 
-def test_context_is_capped_by_selection(tiny_models):
+def _seven_entries(tiny_models):
+    """A predictor that takes at most 3 context entries, a context set of 7, and the random stream."""
     mvs, _ = tiny_models
     pred = Predictor(mvs, device="cpu", max_context=3)
     ctx = pred.new_context()
     rng = np.random.default_rng(4)
     for i in range(7):
         ctx.add(i, rng.random((32, 32)), disk((32, 32), (16, 16), 5))
+    return pred, ctx, rng
+
+
+def test_context_is_capped_by_selection(tiny_models):
+    pred, ctx, rng = _seven_entries(tiny_models)
     p = pred.predict(rng.random((32, 32)), Prompts(positive=[(16, 16)]), ctx)
     assert len(p.context_ids) == 3
 
@@ -116,12 +122,7 @@ def test_a_context_changed_by_another_thread_meanwhile(tiny_models, monkeypatch)
     was a KeyError. Now it works on one state of the set, and reports that state's version."""
     import mvseg.context
 
-    mvs, _ = tiny_models
-    pred = Predictor(mvs, device="cpu", max_context=3)
-    ctx = pred.new_context()
-    rng = np.random.default_rng(4)
-    for i in range(7):
-        ctx.add(i, rng.random((32, 32)), disk((32, 32), (16, 16), 5))
+    pred, ctx, rng = _seven_entries(tiny_models)
     version, describe = ctx.version, mvseg.context.describe
 
     def describe_while_another_thread_edits(image):

@@ -74,9 +74,14 @@ STRATEGIES = ("nearest", "confident", "coverage", "hybrid", "uncertainty", "revi
 DEFAULT_STRATEGY = "nearest"
 
 
+def _whole(value: str) -> bool:
+    """Digits 0-9 only ('²' is a digit to str.isdigit, and no number to int)."""
+    return value.isascii() and value.isdigit()
+
+
 def _positive_int(conf: dict, key: str, default: int) -> int:
     value = str(conf.get(key, default))
-    if not (value.isascii() and value.isdigit()) or int(value) <= 0:
+    if not _whole(value) or int(value) <= 0:
         raise ValueError(f"--conf {key} must be a positive whole number, got '{value}'")
     return int(value)
 
@@ -94,7 +99,7 @@ def _positive_number(conf: dict, key: str, default: float) -> float:
 
 def _count_or_all(conf: dict, key: str) -> int | None:
     value = str(conf.get(key, "all")).strip().lower()
-    if value != "all" and not (value.isascii() and value.isdigit()):
+    if value != "all" and not _whole(value):
         raise ValueError(f"--conf {key} must be a whole number or 'all', got '{value}'")
     return None if value == "all" else int(value)
 
@@ -132,7 +137,7 @@ class MultiverSegApp(MONAILabelApp):
             raise ValueError(f"--conf axis must be 0, 1 or 2, got '{axis}'")
         self.axis = int(axis)
         size = conf.get("size") or None
-        if size is not None and not (str(size).isascii() and str(size).isdigit()):
+        if size is not None and not _whole(str(size)):
             raise ValueError(f"--conf size must be a whole number of pixels, got '{size}'")
         dtype = str(conf.get("dtype", "auto")).strip().lower()
         if dtype not in ("auto", "float32", "bfloat16"):

@@ -257,6 +257,7 @@ class PacsDatastore(DICOMWebDatastore):
                     for uid in [u for u in self._segs if u not in listed and self._seg_seen.get(u, 0) < started]:
                         log.info("SEG %s is no longer in the PACS: its label is gone", uid)
                         del self._segs[uid]
+                        self._seg_seen.pop(uid, None)
                     self._segs_listed = time.monotonic()
         return dict(self._segs)
 

@@ -517,7 +517,7 @@ class Guard:
                 if len(files) > 1:
                     raise Refusal(422, f"a session holds one image file, got {len(files)}")
                 for upload in files:  # MONAI Label stores it under its own name
-                    name = os.path.basename((upload.filename or "").replace("\\", "/"))
+                    name = _sent_name(upload)
                     if not name.isprintable() or len(name.encode()) > 200:
                         raise Refusal(422, "a session image's file name must be printable and at most 200 bytes")
                     await self._check_upload(upload)
@@ -540,12 +540,17 @@ class Guard:
             try:
                 await anyio.to_thread.run_sync(self.check_upload, tmp)
             except BadRequest as e:  # named as the client sent it, not by the server's temp copy
-                sent = os.path.basename((upload.filename or "").replace("\\", "/"))
+                sent = _sent_name(upload)
                 sent = repr(sent[:100]) if sent and sent.isprintable() else "the upload"
                 message = str(e).replace(tmp, sent).replace(os.path.basename(tmp), sent)
                 raise Refusal(e.status, f"upload refused: {message}") from None
         finally:
             os.unlink(tmp)
+
+
+def _sent_name(upload) -> str:
+    """An upload's file name as the client sent it, without folders (Windows' too)."""
+    return os.path.basename((upload.filename or "").replace("\\", "/"))
 
 
 def _status_of(error: Exception) -> Optional[int]:

@@ -26,6 +26,10 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.element_size() * t.nelement() for t in tensors)
 
 
+def _entry_nbytes(entry: ContextEntry) -> int:
+    return _nbytes(entry.image, entry.label, entry.descriptor)
+
+
 @dataclass
 class _State:
     logits: torch.Tensor  # 1 S S: what the next click refines
@@ -44,7 +48,7 @@ class _Volume:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(*vars(e).values()) for e in self.slices.values())
+        return sum(map(_entry_nbytes, self.slices.values()))
 
 
 class InteractionStore:
@@ -84,7 +88,7 @@ class InteractionStore:
             if volume is None or len(volume.slices) == 1:
                 return  # what this call needs stays, whatever it holds
             far = max(volume.slices, key=lambda i: abs(i - (near or 0)))
-            held -= _nbytes(*vars(volume.slices.pop(far)).values())
+            held -= _entry_nbytes(volume.slices.pop(far))
 
     def previous(self, key: tuple, prompt_count: int) -> Optional[torch.Tensor]:
         """The logits to refine (``1 S S``), or None when the prompts did not grow since they were made."""

@@ -96,29 +96,31 @@ def region_request(request: dict, image_path: str, uploaded: bool, shape: tuple[
 
 def infer_region(segmenter: Segmenter, request: dict, image_path: str, uploaded: bool) -> dict:
     """Run the interactive model on the region; returns MONAI Label's ``{"file", "params"}`` result."""
-    loaded = segmenter.load(image_path)
-    if loaded.is_volume:
-        raise BadRequest("region (QuPath) requests need a 2D image", 422)
-    min_area, color = _drawing(request)
-    plain, (x0, y0, x1, y1) = region_request(request, image_path, uploaded, loaded.shape)
-    whole = uploaded or (x0, y0, x1, y1) == (0, 0, loaded.shape[1], loaded.shape[0])
+    plain, box, region, drawing = _region_of(segmenter, request, image_path, uploaded)
     # the region's own interaction state: the next click on the same region refines this one
-    target, mask, info = segmenter.interactive(plain, region=None if whole else (x0, y0, x1, y1))
-    return _answer(request, {target.label: mask}, (x0, y0, x1, y1), min_area, color, info)
+    target, mask, info = segmenter.interactive(plain, region=region)
+    return _answer(request, {target.label: mask}, box, *drawing, info)
 
 
 def auto_region(segmenter: Segmenter, request: dict, image_path: str, uploaded: bool) -> dict:
     """The zero-click model on the region (every label with context): polygons of each label."""
+    _, box, region, drawing = _region_of(segmenter, request, image_path, uploaded)
+    _, labelmap, info = segmenter.automatic({**request, "image": image_path}, region=region)
+    masks = {name: labelmap == value for name, value in info["label_names"].items()}
+    return _answer(request, masks, box, *drawing, info)
+
+
+def _region_of(segmenter: Segmenter, request: dict, image_path: str, uploaded: bool) -> tuple:
+    """What both region answers start from: the plain request, the region's box ``(x0, y0, x1, y1)``, the
+    region to segment on its own grid (None: the whole image, or the uploaded patch) and the drawing
+    options (:func:`_drawing`)."""
     loaded = segmenter.load(image_path)
     if loaded.is_volume:
         raise BadRequest("region (QuPath) requests need a 2D image", 422)
-    min_area, color = _drawing(request)
-    _, (x0, y0, x1, y1) = region_request(request, image_path, uploaded, loaded.shape)
-    whole = uploaded or (x0, y0, x1, y1) == (0, 0, loaded.shape[1], loaded.shape[0])
-    region = None if whole else (x0, y0, x1, y1)  # segmented on its own grid, at its own scale
-    _, labelmap, info = segmenter.automatic({**request, "image": image_path}, region=region)
-    masks = {name: labelmap == value for name, value in info["label_names"].items()}
-    return _answer(request, masks, (x0, y0, x1, y1), min_area, color, info)
+    drawing = _drawing(request)
+    plain, box = region_request(request, image_path, uploaded, loaded.shape)
+    whole = uploaded or box == (0, 0, loaded.shape[1], loaded.shape[0])
+    return plain, box, None if whole else box, drawing
 
 
 def _drawing(request: dict) -> tuple[float, str]:
