@@ -469,6 +469,89 @@ def test_history_keeps_the_newest_labels_it_is_told_to(tmp_path):
     assert len(os.listdir(studies / "labels" / "final" / ".history" / IDS[0])) == 4  # 2 labels, 2 records
 
 
+def test_another_process_writing_the_index_loses_nothing(tmp_path):
+    """The batch pre-segmenter (another process) saves a label and edits an image's info while the server's
+    datastore holds the index in memory; the server's next save keeps both (MONAI Label wrote its stale copy
+    over the index: the other label came back only as a bare record, its info gone)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    app = ROOT / "apps" / "multiverseg"
+    sys.path.insert(0, str(app))
+    from monailabel.config import settings
+
+    from mvlabel.localstore import CheckedDatastore
+
+    def opened():
+        return CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+
+    studies = make_studies(tmp_path / "studies", IDS[:2])
+    for i, key in enumerate(IDS[:2]):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(hc18_pair(key)[1].astype(np.uint8)))
+    server = opened()
+    other = f"""
+import sys
+sys.path.insert(0, {str(app)!r})
+from monailabel.config import settings
+from mvlabel.localstore import CheckedDatastore
+store = CheckedDatastore({str(studies)!r}, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+store.save_label({IDS[1]!r}, {str(tmp_path / "1.png")!r}, "original", {{"model": "batch"}})
+store.update_image_info({IDS[0]!r}, {{"scored": 1}})
+"""
+    subprocess.run([sys.executable, "-c", other], check=True, timeout=120)
+    server.save_label(IDS[0], str(tmp_path / "0.png"), "final", {"model": "user"})
+    server.update_label_info(IDS[0], "final", {"checked": True})
+
+    for store in (server, opened()):
+        assert store.get_label_info(IDS[1], "original")["model"] == "batch"
+        assert store.get_image_info(IDS[0])["scored"] == 1
+        assert store.get_label_info(IDS[0], "final")["model"] == "user"
+        assert store.get_label_info(IDS[0], "final")["checked"] is True
+
+
+def test_processes_saving_at_once_keep_every_record(tmp_path):
+    """Three processes save labels of the same images under three tags at the same time: the index ends
+    with every one of them, each with its last info (MONAI Label's writes lost about two thirds)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    app = ROOT / "apps" / "multiverseg"
+    sys.path.insert(0, str(app))
+    from monailabel.config import settings
+
+    from mvlabel.localstore import CheckedDatastore
+
+    ids = hc18_ids(6, start=20)
+    studies = make_studies(tmp_path / "studies", ids)
+    for i, key in enumerate(ids):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(hc18_pair(key)[1].astype(np.uint8)))
+    writer = f"""
+import sys
+sys.path.insert(0, {str(app)!r})
+from monailabel.config import settings
+from mvlabel.localstore import CheckedDatastore
+store = CheckedDatastore({str(studies)!r}, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+for round in range(2):
+    for i, key in enumerate({ids!r}):
+        store.save_label(key, {str(tmp_path)!r} + f"/{{i}}.png", sys.argv[1], {{"round": round}})
+"""
+    tags = ("final", "original", "batch")
+    writers = [subprocess.Popen([sys.executable, "-c", writer, tag]) for tag in tags]
+    try:
+        assert [w.wait(timeout=300) for w in writers] == [0, 0, 0]
+    finally:
+        for w in writers:
+            w.kill()
+    store = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    assert {(key, tag): store.get_label_info(key, tag).get("round") for key in ids for tag in tags} == {
+        (key, tag): 1 for key in ids for tag in tags
+    }
+
+
 # -- MONAI Label's own routes: what it would overwrite, leave behind or answer with a 500 -----------------
 
 

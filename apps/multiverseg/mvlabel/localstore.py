@@ -13,11 +13,15 @@ MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks 
 * an upload refused here leaves nothing behind in the temp folder (MONAI Label removes it only after a
   success), and the dataset archive is built inside the datastore, one file, not a new one per download;
 * label files and ``datastore_v2.json`` are written to a temporary name and renamed, so a kill leaves the
-  old file or the new one, never half of one, and the datastore still starts.
+  old file or the new one, never half of one, and the datastore still starts;
+* every change of the index (``datastore_v2.json``) reads it again first if another process (the batch
+  pre-segmenter, a second server on the folder) wrote it meanwhile, under the datastore's file lock: MONAI
+  Label wrote its own copy over it, so the other process's records were lost.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,7 +35,8 @@ from contextlib import contextmanager
 import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.exception import ImageNotFoundException
 from PIL import Image
 
 from .contextstore import label_masks
@@ -117,14 +122,58 @@ class CheckedDatastore(LocalDatastore):
         # MONAI Label's folder watcher reconciles the image table on its own thread while requests and the
         # scorer iterate it ("dictionary changed size during iteration"): both sides take this lock
         self._objects_lock = threading.RLock()
+        self._index_stamp = None  # (inode, mtime, size) of the index file as last read or written here
         super().__init__(*args, **kwargs)
 
-    def _reconcile_datastore(self):
-        with self._objects_lock:
+    @functools.cached_property
+    def _file_lock(self) -> FileLock:
+        """The datastore's lock file (one instance: re-entrant in a thread, exclusive between threads and
+        processes; a second instance in a thread that holds this one would wait forever)."""
+        return FileLock(self._lock_file)
+
+    @contextmanager
+    def _index(self):
+        """Hold the index for a change: this process's threads and other processes wait, and what another
+        process wrote since this one last read or wrote it is read first, so the change applies to that."""
+        with self._objects_lock, self._file_lock:
+            self._reload()
+            yield
+
+    def _reload(self) -> None:
+        """Read the index file again if it changed since this process last read or wrote it (caller holds
+        the locks). An unreadable one is logged and left, and the next write replaces it."""
+        try:
+            stat = os.stat(self._datastore_config_path)
+        except FileNotFoundError:
+            return
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if stamp == self._index_stamp:
+            return
+        with open(self._datastore_config_path) as f:
+            model = LocalDatastoreModel.model_validate_json(f.read())
+        model.base_path = self._datastore_path
+        self._datastore = model
+        self._index_stamp = stamp
+        self._config_ts = stat.st_mtime
+
+    def _init_from_datastore_file(self, throw_exception=False):
+        """MONAI Label's reload (at start and from the folder watcher), under this class's locks."""
+        with self._objects_lock, self._file_lock:
             try:
+                self._reload()
+            except ValueError as e:
+                log.error("datastore index %s not read: %s", self._datastore_config_path, e)
+                if throw_exception:
+                    raise
+
+    def _reconcile_datastore(self):
+        try:
+            with self._index():
                 super()._reconcile_datastore()
-            except OSError as e:  # a full or read-only disk: serve what is there (the watcher's thread lives on)
-                log.warning("datastore index not updated: %s", e)
+        except OSError as e:  # a full or read-only disk: serve what is there (the watcher's thread lives on)
+            log.warning("datastore index not updated: %s", e)
+        except ValueError as e:  # an index another process left unreadable: the next change rewrites it
+            log.error("datastore index %s not read: %s", self._datastore_config_path, e)
 
     def list_images(self):
         with self._objects_lock:
@@ -156,26 +205,26 @@ class CheckedDatastore(LocalDatastore):
                 check_name(image_id, "image")
             except Refusal as e:
                 raise HTTPException(status_code=e.status, detail=str(e)) from None
-            with self._objects_lock:
-                if image_id in self._datastore.objects:
-                    raise HTTPException(status_code=409, detail=f"image '{image_id}' is already in the datastore; "
-                                                                "upload it under another id or delete it first")
-                return self._add(image_id, image_filename, image_info)
+            return self._add(image_id, image_filename, image_info)
 
     def _add(self, image_id: str, image_filename: str, image_info: dict) -> str:
         """MONAI Label's ``add_image``, all or nothing: it copied straight to the image's name, so a full disk
         left a truncated image that the folder watcher then registered."""
         ext = self._to_id(os.path.basename(image_filename))[1]
         name = self._filename(image_id, ext)
-        with FileLock(self._lock_file), _staged(image_filename, os.path.join(self._datastore.image_path(), name)) as place:
-            info = dict(image_info or {}, ts=int(time.time()), name=name)
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
-            try:
-                self._update_datastore_file(lock=False)
-            except BaseException:
-                del self._datastore.objects[image_id]
-                raise
-            place()
+        with self._index():
+            if image_id in self._datastore.objects:
+                raise HTTPException(status_code=409, detail=f"image '{image_id}' is already in the datastore; "
+                                                            "upload it under another id or delete it first")
+            with _staged(image_filename, os.path.join(self._datastore.image_path(), name)) as place:
+                info = dict(image_info or {}, ts=int(time.time()), name=name)
+                self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+                try:
+                    self._update_datastore_file(lock=False)
+                except BaseException:
+                    del self._datastore.objects[image_id]
+                    raise
+                place()
         return image_id
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
@@ -216,13 +265,13 @@ class CheckedDatastore(LocalDatastore):
         return png
 
     def _store(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
-        obj = self._datastore.objects.get(image_id)
-        if not obj:
-            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
         _, ext = self._to_id(os.path.basename(label_filename))
-        folder = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
-        with self._objects_lock, FileLock(self._lock_file):
+        with self._index():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+            folder = self._datastore.label_path(label_tag)
             os.makedirs(folder, exist_ok=True)
             old = obj.labels.get(label_tag)
             old_path = os.path.join(folder, self._filename(image_id, old.ext)) if old else None
@@ -254,11 +303,19 @@ class CheckedDatastore(LocalDatastore):
     def update_images_info(self, infos: dict[str, dict]) -> None:
         """``update_image_info`` of many images with one write of the index (images gone meanwhile are
         left out)."""
-        with self._objects_lock, FileLock(self._lock_file):
+        with self._index():
             for image_id, info in infos.items():
                 obj = self._datastore.objects.get(image_id)
                 if obj is not None:
                     obj.image.info.update(info)
+            self._update_datastore_file(lock=False)
+
+    def update_image_info(self, image_id, info):
+        with self._index():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFoundException(f"Image {image_id} not found")
+            obj.image.info.update(info)
             self._update_datastore_file(lock=False)
 
     def update_label_info(self, label_id, label_tag, info):
@@ -267,12 +324,17 @@ class CheckedDatastore(LocalDatastore):
         info = dict(info)
         if "user" in info:
             info["edited_by"] = info.pop("user")
-        super().update_label_info(label_id, label_tag, info)
+        with self._index():
+            super().update_label_info(label_id, label_tag, info)
+
+    def remove_image(self, image_id):
+        with self._index():
+            super().remove_image(image_id)
 
     def remove_label(self, label_id, label_tag):
         """A deleted ``final`` label goes to the history first, as a replaced one does (so does every final
         label of a deleted image); a label that is not there is a 404, not a silent success."""
-        with self._objects_lock, FileLock(self._lock_file):
+        with self._index():
             obj = self._datastore.objects.get(label_id)
             label = obj.labels.get(label_tag) if obj else None
             if label is None:
@@ -344,17 +406,13 @@ class CheckedDatastore(LocalDatastore):
 
     def _update_datastore_file(self, lock=True):
         """``datastore_v2.json`` written whole, then renamed over the old one."""
-        def write():
+        with self._file_lock:  # re-entrant: the callers that hold it already pass lock=False
             self._ignore_event_config = True
             _atomic_write(self._datastore_config_path,
                           json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()
+            stat = os.stat(self._datastore_config_path)
+            self._index_stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            self._config_ts = stat.st_mtime
 
 
 def _history_entries(folder: str) -> list[str]:
