@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -511,9 +512,32 @@ store.update_image_info({IDS[0]!r}, {{"scored": 1}})
         assert store.get_label_info(IDS[0], "final")["checked"] is True
 
 
+def test_an_unreadable_index_is_replaced_by_the_next_write(tmp_path):
+    """An index another program left unreadable does not block saves: the server's copy stays and its next
+    write puts a whole index back, with the new record."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from monailabel.config import settings
+
+    from mvlabel.localstore import CheckedDatastore
+
+    studies = make_studies(tmp_path / "studies", IDS[:2])
+    store = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    index = studies / "datastore_v2.json"
+    index.write_text(index.read_text()[:50])
+    (tmp_path / "l.png").write_bytes(png_bytes(hc18_pair(IDS[0])[1].astype(np.uint8)))
+    store.save_label(IDS[0], str(tmp_path / "l.png"), "final", {"model": "user"})
+    again = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    assert again.get_label_info(IDS[0], "final")["model"] == "user" and sorted(again.list_images()) == IDS[:2]
+
+
 def test_processes_saving_at_once_keep_every_record(tmp_path):
-    """Three processes save labels of the same images under three tags at the same time: the index ends
-    with every one of them, each with its last info (MONAI Label's writes lost about two thirds)."""
+    """Three processes, each holding the index as it was before any of them saved, save labels of the same
+    images under three tags at the same time: the index ends with every one of them, each with its last
+    info (MONAI Label's writes lost about two thirds)."""
     import subprocess
     import sys
 
@@ -535,6 +559,11 @@ sys.path.insert(0, {str(app)!r})
 from monailabel.config import settings
 from mvlabel.localstore import CheckedDatastore
 store = CheckedDatastore({str(studies)!r}, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+import os, time
+open({str(tmp_path)!r} + "/ready-" + sys.argv[1], "w").close()
+deadline = time.monotonic() + 120
+while not os.path.exists({str(tmp_path)!r} + "/go") and time.monotonic() < deadline:
+    time.sleep(0.01)
 for round in range(2):
     for i, key in enumerate({ids!r}):
         store.save_label(key, {str(tmp_path)!r} + f"/{{i}}.png", sys.argv[1], {{"round": round}})
@@ -542,6 +571,10 @@ for round in range(2):
     tags = ("final", "original", "batch")
     writers = [subprocess.Popen([sys.executable, "-c", writer, tag]) for tag in tags]
     try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready-{tag}").exists() for tag in tags) and time.monotonic() < deadline:
+            time.sleep(0.05)  # every writer has read the index: all of them start from the same one
+        (tmp_path / "go").touch()
         assert [w.wait(timeout=300) for w in writers] == [0, 0, 0]
     finally:
         for w in writers:

@@ -22,6 +22,7 @@ MONAI Label's ``LocalDatastore`` copies a label over the old one first and asks 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -122,7 +123,7 @@ class CheckedDatastore(LocalDatastore):
         # MONAI Label's folder watcher reconciles the image table on its own thread while requests and the
         # scorer iterate it ("dictionary changed size during iteration"): both sides take this lock
         self._objects_lock = threading.RLock()
-        self._index_stamp = None  # (inode, mtime, size) of the index file as last read or written here
+        self._index_digest = None  # of the index file as last read or written here
         super().__init__(*args, **kwargs)
 
     @functools.cached_property
@@ -139,32 +140,35 @@ class CheckedDatastore(LocalDatastore):
             self._reload()
             yield
 
-    def _reload(self) -> None:
-        """Read the index file again if it changed since this process last read or wrote it (caller holds
-        the locks). An unreadable one is logged and left, and the next write replaces it."""
+    def _reload(self, strict: bool = False) -> None:
+        """Read the index file again if its content changed since this process last read or wrote it (caller
+        holds the locks; compared by digest: a file rewritten within one clock tick keeps its mtime). One that
+        cannot be read is logged and this process's copy kept, which the next write puts in its place
+        (``strict``, at start-up: raised)."""
         try:
-            stat = os.stat(self._datastore_config_path)
+            with open(self._datastore_config_path, "rb") as f:
+                text = f.read()
         except FileNotFoundError:
             return
-        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        if stamp == self._index_stamp:
+        digest = hashlib.blake2b(text, digest_size=16).digest()
+        if digest == self._index_digest:
             return
-        with open(self._datastore_config_path) as f:
-            model = LocalDatastoreModel.model_validate_json(f.read())
+        try:
+            model = LocalDatastoreModel.model_validate_json(text)
+        except ValueError as e:
+            log.error("datastore index %s not read, this server's copy stays: %s", self._datastore_config_path, e)
+            if strict:
+                raise
+            self._index_digest = digest  # not read again until it changes
+            return
         model.base_path = self._datastore_path
         self._datastore = model
-        self._index_stamp = stamp
-        self._config_ts = stat.st_mtime
+        self._index_digest = digest
 
     def _init_from_datastore_file(self, throw_exception=False):
         """MONAI Label's reload (at start and from the folder watcher), under this class's locks."""
         with self._objects_lock, self._file_lock:
-            try:
-                self._reload()
-            except ValueError as e:
-                log.error("datastore index %s not read: %s", self._datastore_config_path, e)
-                if throw_exception:
-                    raise
+            self._reload(strict=throw_exception)
 
     def _reconcile_datastore(self):
         try:
@@ -172,8 +176,6 @@ class CheckedDatastore(LocalDatastore):
                 super()._reconcile_datastore()
         except OSError as e:  # a full or read-only disk: serve what is there (the watcher's thread lives on)
             log.warning("datastore index not updated: %s", e)
-        except ValueError as e:  # an index another process left unreadable: the next change rewrites it
-            log.error("datastore index %s not read: %s", self._datastore_config_path, e)
 
     def list_images(self):
         with self._objects_lock:
@@ -408,11 +410,9 @@ class CheckedDatastore(LocalDatastore):
         """``datastore_v2.json`` written whole, then renamed over the old one."""
         with self._file_lock:  # re-entrant: the callers that hold it already pass lock=False
             self._ignore_event_config = True
-            _atomic_write(self._datastore_config_path,
-                          json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
-            stat = os.stat(self._datastore_config_path)
-            self._index_stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            self._config_ts = stat.st_mtime
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            _atomic_write(self._datastore_config_path, text)
+            self._index_digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _history_entries(folder: str) -> list[str]:
