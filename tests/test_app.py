@@ -141,6 +141,33 @@ def test_label_info_names_the_context_set(server):
     assert r["label_names"] == {"skull": 1} and r["context_size"] == 1
 
 
+def test_a_context_the_predictor_does_not_trust_gives_no_proposal(server, monkeypatch):
+    """Below ``--conf trust`` a zero-click request gets an empty mask (no proposal from a context that does
+    not segment its own images well), scribbles go without the context, clicks still use it; the answer
+    says how reliable the context was."""
+    client, app, studies = server
+    ensure_final(client, studies)
+    monkeypatch.setattr(app.predictor, "trust", 1.0)  # no context segments itself perfectly
+    proposal = infer(client, "multiverseg", IDS[3], {"client_id": "t"}, "all")
+    params, body = split_multipart(proposal)
+    assert params["context_size"] == 0 and params["network"] == "none"
+    assert 0.0 <= params["context_reliability"] < 1.0
+    assert not np.asarray(Image.open(io.BytesIO(body))).any()
+    scribbles = np.zeros(hc18_pair(IDS[3])[1].shape, np.uint8)
+    scribbles[80:100, 80:100] = 3  # MONAI Label's foreground scribble value
+    files = {"label": ("s.png", png_bytes(scribbles), "application/octet-stream")}
+    drawn = infer(client, "multiverseg", IDS[3], {"client_id": "t"}, files=files).json()
+    assert drawn["context_size"] == 0
+    infer(client, "multiverseg", IDS[3], {"client_id": "t2"})  # nothing shown: the click starts afresh
+    click = {"foreground": [[90, 90]]}
+    clicked, body = split_multipart(infer(client, "multiverseg", IDS[3], {**click, "client_id": "t2"}, "all"))
+    fresh, fresh_body = split_multipart(infer(client, "multiverseg", IDS[3], {**click, "client_id": "t3"}, "all"))
+    assert clicked["context_size"] >= 1 and clicked["refined"] is False and body == fresh_body
+    monkeypatch.setattr(app.predictor, "trust", 0.0)  # every context trusted: no reliability computed
+    trusted = infer(client, "multiverseg", IDS[3], {"client_id": "t"}).json()
+    assert trusted["context_size"] >= 1 and trusted["context_reliability"] is None
+
+
 def test_auto_segments_every_label_with_context(server):
     client, _, _ = server
     r = infer(client, "multiverseg_auto", IDS[3], {}, "all")
@@ -455,7 +482,9 @@ def start_app(tmp_path, conf: dict):
         ({"zoom": "2"}, "--conf zoom must be true or false, got '2'"),
         ({"dtype": "half"}, "--conf dtype must be auto, float32 or bfloat16, got 'half'"),
         ({"blend": "half"}, "--conf blend must be a number from 0 to 1, got 'half'"),
-        ({"blend": "2", "weights": ""}, "blend must be between 0 and 1, got 2"),
+        ({"blend": "2", "weights": ""}, "--conf blend must be a number from 0 to 1, got '2'"),
+        ({"trust": "nan"}, "--conf trust must be a number from 0 to 1, got 'nan'"),
+        ({"trust": "-0.1"}, "--conf trust must be a number from 0 to 1, got '-0.1'"),
         ({"max_context": "0"}, "--conf max_context must be a positive whole number, got '0'"),
         ({"slices_per_volume": "four"}, "--conf slices_per_volume must be a positive whole number, got 'four'"),
         ({"state_expiry": "-5"}, "--conf state_expiry must be a positive number of seconds, got '-5'"),
@@ -510,6 +539,13 @@ def test_conf_blend_sets_the_first_image_networks_share(tmp_path):
     assert start_app(tmp_path / "bundled", {"weights": ""}).predictor.blend == 0.5
     assert start_app(tmp_path / "off", {"weights": "", "blend": "0"}).predictor.blend == 0.0
     assert start_app(tmp_path / "other", {}).predictor.blend == 0.0
+
+
+def test_conf_trust_sets_the_least_context_reliability(tmp_path):
+    assert start_app(tmp_path / "bundled", {"weights": ""}).predictor.trust == 0.75
+    assert start_app(tmp_path / "off", {"weights": "", "trust": "0"}).predictor.trust == 0.0
+    assert start_app(tmp_path / "other", {}).predictor.trust == 0.0
+    assert start_app(tmp_path / "set", {"trust": "0.5"}).predictor.trust == 0.5
 
 
 def test_conf_dtype_sets_the_network_precision(tmp_path):

@@ -211,6 +211,28 @@ def test_paper_grid_pads_square_and_resizes(tmp_path, tiny_task, tiny_models, mo
         run_cli(tmp_path, tiny_task, tiny_models, "--size", "0")
 
 
+def test_an_untrusted_context_shows_no_proposal_and_leaves_scribbles_as_without_context(tiny_task, tiny_models):
+    """With a context set the predictor does not trust (``Predictor.trusts``) the user sees no proposal and
+    starts as on a first image; with scribbles each image then goes exactly as in the run without context,
+    clicks still use the context."""
+    from mvseg import Predictor
+    from mvseg.data import load_task
+    from mvseg.evaluate import run_once
+
+    examples = load_task(tiny_task)
+    runs = {}
+    for trust in (0.0, 1.0):
+        predictor = Predictor(tiny_models[0], device="cpu", trust=trust)
+        for mode in ("context", "none"):
+            for protocol in ("scribbles", "clicks"):
+                results = run_once(predictor, examples, mode, protocol, budget=3)
+                runs[trust, mode, protocol] = [r.dice for r in results]
+    assert runs[1.0, "context", "scribbles"] == runs[1.0, "none", "scribbles"] == runs[0.0, "none", "scribbles"]
+    assert all(d[0] == 0.0 for d in runs[1.0, "context", "clicks"])  # no proposal
+    assert runs[1.0, "context", "clicks"] != runs[1.0, "none", "clicks"]  # the clicks' context
+    assert runs[0.0, "context", "scribbles"] != runs[0.0, "none", "scribbles"]  # trusted: proposals
+
+
 class ScriptedPredictor:
     """Grows the predicted disk by one step per click: the n-th prediction covers n/4 of the object."""
 

@@ -257,6 +257,85 @@ def test_prompts_with_context_blend_in_the_first_image_network(tiny_models):
         Predictor(mvs, fallback=first, device="cpu", blend=1.5)
 
 
+def test_reliability_is_how_well_the_context_segments_its_own_images(tiny_models):
+    """Each of the newest entries predicted zero-click from the others, its model-grid Dice against its own
+    label, averaged; computed once per state of the entries, again when one changes."""
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu", refine=False)
+    rng = np.random.default_rng(5)
+    images = {k: (rng.random((96, 112)) * 255).astype(np.uint8) for k in "abc"}
+    ctx = pred.new_context()
+    for i, (k, img) in enumerate(images.items()):
+        ctx.add(k, img, disk((96, 112), (40 + 10 * i, 50), 18))
+    expected = []
+    for k, img in images.items():
+        logits = pred.predict(img, None, ctx, exclude=[k]).logits[0] > 0
+        label = ctx.get(k).label[0] > 0.5
+        expected.append(2 * float((logits & label).sum()) / float(logits.sum() + label.sum()))
+    calls = []
+    forward = pred.forward
+    pred.forward = lambda *a: calls.append(1) or forward(*a)
+    assert pred.reliability(ctx) == pytest.approx(np.mean(expected), abs=1e-3)  # batched: a pixel may differ
+    assert pred.reliability(ctx.copy()) == pytest.approx(np.mean(expected), abs=1e-3) and len(calls) == 1
+    ctx.add("b", images["b"], disk((96, 112), (80, 20), 10))  # a changed entry: computed again
+    pred.reliability(ctx)
+    assert len(calls) == 2
+    pred.reliability(ctx.copy(max_size=1))  # one context entry per prediction: another figure
+    assert len(calls) == 3 and pred.reliability(None) == 0.0
+    one = pred.new_context()
+    one.add("a", images["a"], disk((96, 112), (40, 50), 18))
+    assert pred.reliability(one) == 0.0  # nothing to predict it from
+
+
+def test_a_context_is_trusted_once_it_is_reliable_enough(tiny_models):
+    mvs, _ = tiny_models
+    img = (np.random.default_rng(6).random((64, 64)) * 255).astype(np.uint8)
+    ctx = Predictor(mvs, device="cpu").new_context()
+    for k, x in (("a", 20), ("b", 40)):
+        ctx.add(k, img, disk((64, 64), (x, 30), 12))
+    always = Predictor(mvs, device="cpu")
+    assert always.trust == 0.0 and always.trusts(ctx) and not always.trusts(always.new_context())
+    reliability = always.reliability(ctx)
+    assert Predictor(mvs, device="cpu", trust=reliability).trusts(ctx)
+    assert not Predictor(mvs, device="cpu", trust=min(1.0, reliability + 0.01)).trusts(ctx)
+    assert Predictor(device="cpu").trust == 0.75  # the bundled pair (model card, "Context reliability")
+    with pytest.raises(ValueError, match="trust must be between 0 and 1"):
+        Predictor(mvs, device="cpu", trust=1.5)
+
+
+def test_an_untrusted_context_gives_no_proposal_and_no_say_over_scribbles(tiny_models):
+    """Below ``trust``: a zero-click request is answered with nothing, scribbles go as without context,
+    clicks still use it; ``trusted`` given by the caller decides instead."""
+    mvs, _ = tiny_models
+    img = (np.random.default_rng(8).random((64, 64)) * 255).astype(np.uint8)
+    doubting = Predictor(mvs, device="cpu", trust=1.0)
+    ctx = doubting.new_context()
+    for k, x in (("a", 20), ("b", 40)):
+        ctx.add(k, img, disk((64, 64), (x, 30), 12))
+    assert not doubting.trusts(ctx)
+    assert doubting.predict(img, None, ctx).network == "none"
+    strokes = Prompts(positive_scribbles=disk((64, 64), (30, 30), 3))
+    alone = doubting.predict(img, strokes)
+    assert torch.equal(doubting.predict(img, strokes, ctx).logits, alone.logits)
+    assert doubting.predict(img, Prompts(positive=[(30, 30)]), ctx).context_ids == ["a", "b"]
+    assert doubting.predict(img, strokes, ctx, trusted=True).context_ids == ["a", "b"]
+    assert Predictor(mvs, device="cpu", trust=0.0).predict(img, None, ctx, trusted=False).network == "none"
+
+
+def test_nothing_to_go_on_is_an_empty_prediction(tiny_models):
+    """No prompts, no previous prediction and no context (or all of it excluded): an empty mask, no
+    forward; the networks answer such a question with a blob."""
+    mvs, sp = tiny_models
+    pred = Predictor(mvs, fallback=sp, device="cpu")
+    img = (np.random.default_rng(7).random((50, 70)) * 255).astype(np.uint8)
+    ctx = pred.new_context()
+    ctx.add("a", img, disk((50, 70), (30, 20), 10))
+    for out in (pred.predict(img), pred.predict(img, None, ctx, exclude=["a"])):
+        assert out.network == "none" and out.mask.shape == (50, 70) and not out.mask.any()
+        assert out.logits.shape == (1, pred.size, pred.size) and (out.logits < 0).all()
+    assert pred.predict(img, None, ctx).network == "multiverseg"
+
+
 def test_bundled_weights_come_with_their_first_image_network():
     from mvseg.weights import first_image_weights
 

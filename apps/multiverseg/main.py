@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -123,6 +124,18 @@ def _flag(conf: dict, key: str, default: bool) -> bool:
     return value == "true"
 
 
+def _fraction(conf: dict, key: str) -> Optional[float]:
+    """``--conf KEY`` as a number from 0 to 1, or None when not given (the predictor's default)."""
+    value = str(conf.get(key, "")).strip()
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        number = -1.0
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise ValueError(f"--conf {key} must be a number from 0 to 1, got '{value}'")
+    return number
+
+
 def _http(error: BadRequest) -> HTTPException:
     return HTTPException(status_code=error.status, detail=str(error))
 
@@ -142,11 +155,6 @@ class MultiverSegApp(MONAILabelApp):
         dtype = str(conf.get("dtype", "auto")).strip().lower()
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--conf dtype must be auto, float32 or bfloat16, got '{dtype}'")
-        blend = str(conf.get("blend", "")).strip()
-        try:
-            blend = float(blend) if blend else None
-        except ValueError:
-            raise ValueError(f"--conf blend must be a number from 0 to 1, got '{blend}'") from None
         self.predictor = Predictor(
             conf.get("weights") or None,
             fallback=conf.get("fallback") or None,
@@ -156,7 +164,8 @@ class MultiverSegApp(MONAILabelApp):
             max_context=_positive_int(conf, "max_context", 64),
             refine=_flag(conf, "refine", True),
             zoom=_flag(conf, "zoom", True),
-            blend=blend,
+            blend=_fraction(conf, "blend"),
+            trust=_fraction(conf, "trust"),
         )
         self.interactions = InteractionStore(expiry=_positive_number(conf, "state_expiry", 1800))
         imageio.MAX_PIXELS = _positive_int(conf, "max_pixels", 100_000_000)

@@ -7,9 +7,10 @@ can pick the entries most like the target when the set is larger than the networ
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Optional
 
 import numpy as np
@@ -33,11 +34,15 @@ def describe(image: torch.Tensor) -> torch.Tensor:
     return thumb / thumb.norm().clamp_min(1e-6)
 
 
+_serials = itertools.count()
+
+
 @dataclass(frozen=True)
 class ContextEntry:
     image: torch.Tensor  # 1 S S, float32 in [0, 1]
     label: torch.Tensor  # 1 S S, float32 {0, 1}
     descriptor: torch.Tensor  # D, unit norm
+    serial: int = field(default_factory=lambda: next(_serials), compare=False)  # one per entry made in this process
 
 
 class ContextSet:
@@ -143,6 +148,10 @@ class ContextSet:
 
     def get(self, key: Hashable) -> ContextEntry:
         return self._entries[key]
+
+    def items(self) -> list[tuple[Hashable, ContextEntry]]:
+        """``(key, entry)`` pairs of one state of the set, in the order they were added."""
+        return self._items(())[0]
 
     def select(self, target: torch.Tensor, k: Optional[int] = None, exclude: Iterable[Hashable] = ()) -> list:
         """Ids of the ``k`` entries most similar to ``target`` (model-grid image ``1 S S``), best first.

@@ -4,7 +4,8 @@
         --protocol clicks --images 18 --runs 5 --seed 0 --out runs/eval-hc18
 
 Per run, the images of each task are shuffled; the first is the seed image, then ``--images`` more follow.
-For each image: a zero-click prediction from the context so far (when there is context), then
+For each image: a zero-click prediction from the context so far (when there is context and the predictor
+trusts it, ``Predictor.trusts``, as the app serves it; else the user starts as on a first image), then
 corrections by the simulated user (``mvseg.interaction``) until Dice >= 0.9 or the interaction budget
 (20 clicks, or 10 scribble steps) is spent. The final prediction, thresholded at 0.5, joins the context.
 The seed image seeds the context with a label of at least 90% Dice, as in the paper (which segments it to
@@ -43,7 +44,7 @@ from . import activelearning
 from .data import Example, load_task
 from .geometry import Geometry, normalize_intensity
 from .interaction import PROTOCOLS
-from .predictor import Prediction, Predictor
+from .predictor import NOTHING, Prediction, Predictor
 from .prompts import Prompts
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,9 @@ def segment_one(
     prediction: Optional[Prediction] = None
     if context is not None and len(context):
         prediction = predictor.predict(example.image, None, context)
-        dices.append(dice(prediction.mask, truth))
-    else:
-        dices.append(0.0)  # nothing to show before the first interaction
+        if prediction.network == NOTHING:  # no proposal from an untrusted context: the user starts afresh
+            prediction = None
+    dices.append(0.0 if prediction is None else dice(prediction.mask, truth))  # nothing shown: 0
     used = 0
     prompts = Prompts()
     while dices[-1] < target and used < budget:
@@ -296,6 +297,12 @@ def main(argv=None) -> None:
         help="share of the first-image network in predictions from prompts with context, 0..1 (default: 0.5 "
         "with the bundled weights and their first-image network, else 0)",
     )
+    parser.add_argument(
+        "--trust",
+        type=float,
+        help="least reliability of the context (Dice of its images segmented from each other) for it to be used, "
+        "0..1; below it an image goes as without context (default: 0.75 with the bundled weights, else 0)",
+    )
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="clicks")
     parser.add_argument("--images", type=int, default=18, help="images after the seed image")
     parser.add_argument("--runs", type=int, default=5)
@@ -352,6 +359,7 @@ def main(argv=None) -> None:
             refine=not args.no_refine,
             zoom=not args.no_zoom,
             blend=args.blend,
+            trust=args.trust,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Optional, Sequence, Union
 
@@ -42,6 +44,12 @@ PathLike = Union[str, os.PathLike]
 BF16_MAX_WIDTH = 64
 
 FOLLOW_PROMPTS = 0.5  # the bundled first-image network's share of a prediction from prompts with context
+# the bundled pair's least context reliability for interactive predictions (model card, "Context reliability":
+# chosen on held-out images of four trained tasks, then measured on the held-out whole tasks)
+TRUST = 0.75
+RELIABILITY_ENTRIES = 8  # newest context entries a reliability estimate segments (one forward each)
+RELIABILITIES_KEPT = 64  # states of context sets whose reliability is remembered
+NOTHING = "none"  # Prediction.network when there was nothing to go on: no prompts, no usable context
 FIRST_IMAGE = "first-image"  # Prediction.network of a MultiverSegNet fallback, used for an empty context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the precisions a forward runs in, by name
@@ -143,6 +151,9 @@ class Predictor:
             what the user draws in the main network, never in the fallback. ``None``: ``FOLLOW_PROMPTS`` with
             the bundled first-image network, else 0 (not measured with other pairs). Zero-click predictions
             never change.
+        trust: the least :meth:`reliability` of a context set (how well it segments its own images) at which
+            :meth:`trusts` it; callers segment an image as without context while it does not (``mvseg.evaluate``
+            and the app do). ``None``: ``TRUST`` with the bundled pair, else 0 (every context is trusted).
     """
 
     def __init__(
@@ -157,6 +168,7 @@ class Predictor:
         refine: Union[bool, BoundaryRefiner] = True,
         zoom: Union[bool, Zoom] = False,
         blend: Optional[float] = None,
+        trust: Optional[float] = None,
     ):
         bundled_pair = model is None and fallback is None
         if model is None:
@@ -185,6 +197,11 @@ class Predictor:
             raise ValueError(f"blend must be between 0 and 1, got {blend}")
         if self.blend and not isinstance(self.fallback, MultiverSegNet):
             raise ValueError("blend needs a MultiverSegNet fallback (the first-image network) to blend in")
+        self.trust = float(TRUST if trust is None and bundled_pair else trust or 0.0)
+        if not 0.0 <= self.trust <= 1.0:
+            raise ValueError(f"trust must be between 0 and 1, got {trust}")
+        self._reliabilities: OrderedDict = OrderedDict()  # (k, entries of a context state) -> reliability
+        self._reliabilities_lock = threading.Lock()
         step = 2 ** (self.model.depth - 1)
         if self.size <= 0 or self.size % step:
             raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
@@ -250,6 +267,7 @@ class Predictor:
         context: Optional[ContextSet] = None,
         previous: Optional[Union[Prediction, torch.Tensor]] = None,
         exclude: Iterable[Hashable] = (),
+        trusted: Optional[bool] = None,
     ) -> Prediction:
         """Segment one 2D image from prompts (original-grid coordinates) and a context set.
 
@@ -257,8 +275,20 @@ class Predictor:
         previous-prediction channel so that new clicks refine it. ``exclude``: context ids not to use
         (e.g. the image itself). With ``zoom`` on, a prediction from strokes without context takes a
         second look at the window the user works in (:mod:`mvseg.zoom`).
+
+        A context the predictor does not trust (``trusted``; ``None``: :meth:`trusts`, asked only when it
+        matters) gives no zero-click proposal (the prediction is empty, ``network`` ``"none"``) and stays out
+        of predictions from scribbles, which then go as on a first image; clicks and boxes still use it.
+        Measured on held-out tasks (model card, "Context reliability"): a poor proposal and the context's
+        pull cost scribbles more steps than none, while a click, which says less, still gains from it.
         """
         prev = previous.logits if isinstance(previous, Prediction) else previous
+        usable = context is not None and bool(set(context.ids()) - set(exclude))
+        if usable and (not prompts or prompts.has_scribbles()):
+            usable = self.trusts(context) if trusted is None else trusted
+            context = context if usable else None
+        if not prompts and prev is None and not usable:
+            return self._nothing(image)  # a network asked about nothing answers with a blob
         prediction = self._predict_whole(image, prompts, context, prev, exclude)
         zoom = self.zoom is not None and self.zoom.applies(prompts, with_context=bool(prediction.context_ids))
         window = self.zoom.window(prediction.mask, prompts) if zoom else None
@@ -337,6 +367,49 @@ class Predictor:
         bar.close()
         return out  # type: ignore[return-value]
 
+    def reliability(self, context: Optional[ContextSet]) -> float:
+        """How well ``context`` segments its own images: the mean model-grid Dice of a zero-click prediction
+        of each of its ``RELIABILITY_ENTRIES`` newest entries from the others (0 for fewer than two entries).
+        An estimate of what its zero-click proposals are worth on this task; computed once per state of the
+        set's entries (``RELIABILITY_ENTRIES`` forwards). "Newest": added last (the app loads a label's saved
+        images in id order at start, then adds each save)."""
+        snapshot = ContextSet(self.size) if context is None else context.copy()
+        items = snapshot.items()
+        if len(items) < 2:
+            return 0.0
+        k = min(self.max_context, snapshot.max_size, len(items) - 1)  # context entries per prediction
+        state = (k, tuple((key, entry.serial) for key, entry in items))
+        with self._reliabilities_lock:
+            if state in self._reliabilities:
+                self._reliabilities.move_to_end(state)
+                return self._reliabilities[state]
+        dices = []
+        newest = [key for key, _ in items[-RELIABILITY_ENTRIES:]]
+        for start in range(0, len(newest), 4):  # a few images per forward, memory flat
+            group = [snapshot.get(key) for key in newest[start : start + 4]]
+            chosen = [snapshot.choose(entry.image, k, exclude=[key]) for key, entry in zip(newest[start:], group)]
+            target = torch.zeros((len(group), 5, self.size, self.size))  # the image, no prompts
+            target[:, :1] = torch.stack([entry.image for entry in group])
+            logits, _ = self.forward(target, torch.stack([c[1] for c in chosen]), torch.stack([c[2] for c in chosen]))
+            for row, entry in enumerate(group):
+                predicted, truth = logits[row, 0] > 0, entry.label[0] > 0.5
+                total = int(predicted.sum() + truth.sum())
+                dices.append(1.0 if total == 0 else 2 * int((predicted & truth).sum()) / total)
+        value = float(np.mean(dices))
+        with self._reliabilities_lock:
+            self._reliabilities[state] = value
+            while len(self._reliabilities) > RELIABILITIES_KEPT:
+                self._reliabilities.popitem(last=False)
+        return value
+
+    def trusts(self, context: Optional[ContextSet]) -> bool:
+        """Whether ``context`` is reliable enough for zero-click proposals and predictions from scribbles
+        (see :meth:`predict`): a non-empty set whose :meth:`reliability` reaches ``trust`` (any, with
+        ``trust`` 0)."""
+        if context is None or not len(context):
+            return False
+        return self.trust <= 0 or self.reliability(context) >= self.trust
+
     def warmup(self, context_size: int = 1) -> None:
         """One forward on blank input, so the first user click does not pay for lazy initialisation."""
         target = torch.zeros((1, 5, self.size, self.size))
@@ -353,6 +426,16 @@ class Predictor:
             raise ValueError(f"context set is on a {context.size} grid but the predictor works at {self.size}")
         # one state of the set: another thread may add or remove entries meanwhile
         return context.choose(model_image, min(self.max_context, context.max_size), exclude)
+
+    def _nothing(self, image: np.ndarray) -> Prediction:
+        """The empty prediction of an image when there is nothing to go on (no prompts, no context)."""
+        h, w = np.asarray(image).shape[:2]
+        return Prediction(
+            probability=np.zeros((h, w), np.float32),
+            mask=np.zeros((h, w), np.uint8),
+            logits=torch.full((1, self.size, self.size), -9.21),  # logit(1e-4), as the zoom's clipped ones
+            network=NOTHING,
+        )
 
     def _finish(
         self,

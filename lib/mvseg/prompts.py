@@ -103,6 +103,9 @@ class Prompts:
             or self.negative_scribbles is not None
         )
 
+    def has_scribbles(self) -> bool:
+        return self.positive_scribbles is not None or self.negative_scribbles is not None
+
     def count(self) -> int:
         """Number of interactions (clicks, box, scribble strokes as one each)."""
         return (

@@ -101,6 +101,11 @@ class InteractionStore:
             state.touched = time.monotonic()
             return state.logits
 
+    def forget(self, key: tuple) -> None:
+        """Drop one click state (nothing was shown: the next click starts afresh)."""
+        with self._lock:
+            self._states.pop(key, None)
+
     def remember(self, key: tuple, logits: torch.Tensor, prompt_count: int) -> None:
         with self._lock:
             self._states[key] = _State(logits.detach().cpu(), prompt_count)

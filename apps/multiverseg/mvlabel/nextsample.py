@@ -206,6 +206,8 @@ class ScoreBoard:
             unsure: dict[str, float] = {}
             if len(context):
                 predictor = self.segmenter.predictor
+                if predictor.trust:  # here, not on the first click after the save (RELIABILITY_ENTRIES forwards)
+                    predictor.reliability(context)
                 for start in range(0, len(unlabelled), activelearning.SCORING_BATCH):
                     if self._wake.is_set() or self._stop:
                         return  # a newer save: start over with the new context

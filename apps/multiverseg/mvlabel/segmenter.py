@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from mvseg import ContextSet, Predictor, Prompts
+from mvseg.predictor import NOTHING
 
 from .contextstore import DatastoreContext, from_planes, planes_of, volume_slice
 from .errors import BadRequest
@@ -219,18 +220,25 @@ class Segmenter:
 
     # -- running ------------------------------------------------------------------------------------
 
-    def context_for(self, target: Target) -> tuple[ContextSet, int]:
-        """The label's datastore context (refreshed first: returns how many label files that read), plus
-        slices of this volume already segmented in the session."""
+    def context_for(self, target: Target, judge: bool) -> tuple[ContextSet, int, Optional[float], bool]:
+        """The label's datastore context (refreshed first) plus slices of this volume already segmented in
+        the session; how many label files the refresh read; with ``judge`` (a request the predictor trusts
+        a context for or not, see ``Predictor.predict``), the datastore context's reliability, when the
+        predictor has a ``trust`` to compare it with; and whether the predictor may trust the whole set
+        (with neighbouring slices of this volume in it, it may)."""
         read = self.context.refresh()
         context = self.context.get(target.label).copy()  # a snapshot: a refresh may change the live set meanwhile
+        judged = judge and self.predictor.trust and len(context)
+        reliability = self.predictor.reliability(context) if judged else None
+        trusted = reliability is None or reliability >= self.predictor.trust
         if target.index is None:
-            return context, read
+            return context, read, reliability, trusted
         version = context.version  # the datastore's; session slices do not count
-        for i, entry in self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices):
+        neighbours = self.interactions.neighbours(self._volume_key(target), target.index, self.neighbour_slices)
+        for i, entry in neighbours:
             context.put(("session", i), entry)
         context.version = version
-        return context, read
+        return context, read, reliability, trusted or bool(neighbours)
 
     @staticmethod
     def _volume_key(target: Target) -> tuple:
@@ -243,19 +251,22 @@ class Segmenter:
         if request.get("reset_state"):
             self.interactions.reset(target.client, target.loaded.path)
         t0 = time.perf_counter()
-        context, read = self.context_for(target)
+        count = target.prompts.count()
+        context, read, reliability, trusted = self.context_for(target, not count or target.prompts.has_scribbles())
         t1 = time.perf_counter()
         key = self._volume_key(target) + (target.index, target.region)
-        count = target.prompts.count()
         previous = self.interactions.previous(key, count) if count else None
         try:
             prediction = self.predictor.predict(
-                target.image, target.prompts if count else None, context, previous=previous
+                target.image, target.prompts if count else None, context, previous=previous, trusted=trusted
             )
         except ValueError as e:  # prompts outside the image, wrong shapes: the core says which
             raise BadRequest(str(e), 422) from None
         t2 = time.perf_counter()
-        self.interactions.remember(key, prediction.logits, count)
+        if prediction.network == NOTHING:  # nothing shown: the next click must not refine an empty mask
+            self.interactions.forget(key)
+        else:
+            self.interactions.remember(key, prediction.logits, count)
         if target.index is not None:
             try:  # kept on the model grid, as the context keeps it
                 entry = context.prepare(target.image, prediction.mask)
@@ -267,6 +278,7 @@ class Segmenter:
             "label": target.label,
             "context_size": len(prediction.context_ids),
             "context_version": prediction.context_version,
+            "context_reliability": None if reliability is None else round(reliability, 3),
             "network": prediction.network,
             "refined": previous is not None,
             "labels_read": read,  # label files this request had to read (0 once the context is fresh)
