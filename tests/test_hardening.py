@@ -512,6 +512,34 @@ store.update_image_info({IDS[0]!r}, {{"scored": 1}})
         assert store.get_label_info(IDS[0], "final")["checked"] is True
 
 
+def test_the_server_sees_labels_another_process_saved(tmp_path):
+    """Labels and the index are renamed into place; the server's folder watcher takes a rename for the change
+    it is (MONAI Label's watched created and modified files only, so the pre-segmenter's labels stayed unseen
+    until the server next wrote the index itself)."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from monailabel.config import settings
+
+    from mvlabel.localstore import CheckedDatastore
+
+    studies = make_studies(tmp_path / "studies", IDS[:2])
+    server = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=True)
+    try:
+        other = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+        (tmp_path / "l.png").write_bytes(png_bytes(hc18_pair(IDS[1])[1].astype(np.uint8)))
+        other.save_label(IDS[1], str(tmp_path / "l.png"), "original", {"model": "batch"})
+        deadline = time.monotonic() + 10
+        while IDS[1] not in server.get_labeled_images("original") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.get_label_info(IDS[1], "original")["model"] == "batch"
+    finally:
+        server._observer.stop()
+        server._observer.join(10)
+
+
 def test_an_unreadable_index_is_replaced_by_the_next_write(tmp_path):
     """An index another program left unreadable does not block saves: the server's copy stays and its next
     write puts a whole index back, with the new record."""

@@ -125,6 +125,9 @@ class CheckedDatastore(LocalDatastore):
         self._objects_lock = threading.RLock()
         self._index_digest = None  # of the index file as last read or written here
         super().__init__(*args, **kwargs)
+        handler = getattr(self, "_handler", None)  # the folder watcher (auto_reload)
+        if handler is not None:  # labels and the index arrive by rename, here and from other processes
+            handler.on_moved = self._on_any_event
 
     @functools.cached_property
     def _file_lock(self) -> FileLock:
