@@ -336,6 +336,22 @@ def test_nothing_to_go_on_is_an_empty_prediction(tiny_models):
     assert pred.predict(img, None, ctx).network == "multiverseg"
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_context": 0}, "max_context must be a whole number of at least 1, got 0"),
+        ({"max_context": 2.5}, "max_context must be a whole number"),
+        ({"percentiles": (99.5, 0.5)}, "percentiles must be two numbers 0 <= low < high <= 100"),
+        ({"percentiles": (-1, 50)}, "percentiles must be two numbers"),
+    ],
+)
+def test_settings_no_prediction_can_use_are_refused(tiny_models, kwargs, message):
+    """(``max_context=0`` left every context out without a word; inverted percentiles normalised every image
+    to one value.)"""
+    with pytest.raises(ValueError, match=message):
+        Predictor(tiny_models[0], device="cpu", **kwargs)
+
+
 def test_bundled_weights_come_with_their_first_image_network():
     from mvseg.weights import first_image_weights
 

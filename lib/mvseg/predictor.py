@@ -181,9 +181,14 @@ class Predictor:
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # a name, as --conf and CLIs give it
         if dtype not in (torch.float32, torch.bfloat16, "auto"):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or 'auto', got {dtype}")
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
+            raise ValueError(f"max_context must be a whole number of at least 1, got {max_context!r}")
+        lo, hi = (float(p) for p in percentiles)
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must be two numbers 0 <= low < high <= 100, got {tuple(percentiles)}")
         self.device = pick_device(device)
         self.max_context = max_context
-        self.percentiles = percentiles
+        self.percentiles = (lo, hi)
         self.refiner = BoundaryRefiner() if refine is True else (refine or None)
         self.zoom = Zoom() if zoom is True else (zoom or None)
         self.model = _as_model(model, MultiverSegNet).to(self.device).eval()

@@ -411,7 +411,7 @@ class CheckedDatastore(LocalDatastore):
 
     def _update_datastore_file(self, lock=True):
         """``datastore_v2.json`` written whole, then renamed over the old one."""
-        with self._file_lock:  # re-entrant: the callers that hold it already pass lock=False
+        with self._file_lock:  # re-entrant, so always taken (``lock`` stays for MONAI Label's callers)
             self._ignore_event_config = True
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             _atomic_write(self._datastore_config_path, text)
