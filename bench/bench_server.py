@@ -193,6 +193,12 @@ def run(n_labels: int, clicks: int, conf: dict) -> list[dict]:
                      "rtt_ms": elapsed * 1e3, "infer_ms": info["latencies"]["infer"] * 1e3,
                      "labels_read": info["labels_read_total"] - before, "context": info["context_size"],
                      "startup_s": startup})
+        # a stroke judges the context (its reliability, unless the scoring pass has it already for this save)
+        elapsed, info = infer(url, "target2d", {"client_id": "stroke-after-save"},
+                              files={"label": ("s.png", stroke, "image/png")})
+        rows.append({"case": "first stroke after the save", "labels": n_labels, "rtt_ms": elapsed * 1e3,
+                     "context_s": info["latencies"]["context"], "reliability": info["context_reliability"],
+                     "context": info["context_size"]})
     finally:
         stop(proc)
         shutil.rmtree(work, ignore_errors=True)
@@ -238,6 +244,11 @@ def main(argv=None) -> None:
             print(f"labels={r['labels']}: server start {r['startup_s']:.1f} s; PUT label {r['save_ms']:.0f} ms; "
                   f"first click after it {r['rtt_ms']:.0f} ms (network {r['infer_ms']:.0f} ms, context "
                   f"{r['context']}); label files read by save + click: {r['labels_read']}")
+    for r in rows:
+        if "reliability" in r:
+            judged = "not judged" if r["reliability"] is None else f"reliability {r['reliability']}"
+            print(f"labels={r['labels']}: first stroke after the save {r['rtt_ms']:.0f} ms (context step "
+                  f"{1e3 * r['context_s']:.0f} ms, {judged}, context {r['context']})")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))
 

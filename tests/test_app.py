@@ -151,7 +151,7 @@ def test_a_context_the_predictor_does_not_trust_gives_no_proposal(server, monkey
     proposal = infer(client, "multiverseg", IDS[3], {"client_id": "t"}, "all")
     params, body = split_multipart(proposal)
     assert params["context_size"] == 0 and params["network"] == "none"
-    assert 0.0 <= params["context_reliability"] < 1.0
+    assert 0.0 <= params["context_reliability"] < 1.0 and params["context_version"] == app.context.get("head").version
     assert not np.asarray(Image.open(io.BytesIO(body))).any()
     scribbles = np.zeros(hc18_pair(IDS[3])[1].shape, np.uint8)
     scribbles[80:100, 80:100] = 3  # MONAI Label's foreground scribble value

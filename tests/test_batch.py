@@ -89,6 +89,25 @@ def test_ray_run_matches_the_serial_predictor_survives_a_killed_worker_and_resum
     assert {p: p.stat().st_mtime_ns for p in (studies / "labels" / "original").iterdir()} == stamps
 
 
+def test_an_image_deleted_during_the_run_is_left_out_not_a_failure(studies, tmp_path):
+    """The server (another process) deletes an image the plan holds: the run books it as deleted meanwhile,
+    not failed (presegment.py then exits 0); it said 'image file not found: ' and exited 1."""
+    from mvlabel import batch
+    from mvseg import Predictor
+
+    copy = tmp_path / "studies"
+    shutil.copytree(studies, copy, ignore=shutil.ignore_patterns("labels", "*.json", ".lock"))
+    shutil.copytree(studies / "labels" / "final", copy / "labels" / "final")
+    datastore = batch.open_datastore(str(copy), ["white_matter"])
+    predictor = Predictor(device="cpu", dtype="auto")
+    plan = batch.plan(datastore, predictor, batch.weights_digest(None), "white_matter", ["white_matter"])
+    plan.todo = [i for i in plan.todo if i.startswith("mni152_axial")][:2]
+    (copy / f"{plan.todo[0]}.png").unlink()  # as the server's delete leaves it, before this index knows
+    summary = batch.run_serial(datastore, plan, predictor, progress=False)
+    assert summary.gone == plan.todo[:1] and summary.written == plan.todo[1:] and not summary.failed, summary
+    assert "1 deleted meanwhile, 0 failed" in str(summary)
+
+
 def test_batch_never_writes_final_and_needs_a_context(studies):
     from mvlabel import batch
     from mvseg import Predictor

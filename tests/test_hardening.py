@@ -850,6 +850,17 @@ def test_a_deleted_final_label_is_kept_and_a_missing_one_is_404(server):
     assert put_label(client, IDS[3], mask).status_code == 200
 
 
+def test_info_of_an_image_not_in_the_datastore_is_404(server):
+    """MONAI Label answered 200 {} to reading the info of any id, deleted or never there."""
+    client, _, _ = server
+    assert client.get(f"/datastore/image/info?image={IDS[0]}").status_code == 200
+    for url in ("/datastore/image/info?image=nosuch", "/datastore/label/info?label=nosuch&tag=final"):
+        r = client.get(url)
+        assert r.status_code == 404 and "not in the datastore: 'nosuch'" in r.json()["detail"], url
+    r = client.put("/datastore/image/info?image=nosuch", data={"info": "{}"})
+    assert r.status_code == 404
+
+
 def test_label_values_over_255_are_refused(server):
     client, _, studies = server
     before = final_bytes(studies)

@@ -287,6 +287,29 @@ def test_reliability_is_how_well_the_context_segments_its_own_images(tiny_models
     assert pred.reliability(one) == 0.0  # nothing to predict it from
 
 
+def test_reliability_of_a_large_set_costs_two_small_forwards(tiny_models):
+    """The 8 newest entries, each predicted from 8 of the others (the sizes the threshold was chosen at), four
+    per forward, as background work a click overtakes; two threads asking at once compute it once."""
+    import threading
+
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu", refine=False)
+    rng = np.random.default_rng(9)
+    ctx = pred.new_context()
+    for i in range(20):
+        ctx.add(f"e{i}", (rng.random((48, 48)) * 255).astype(np.uint8), disk((48, 48), (24, 24), 5 + i % 10))
+    shapes, forward = [], pred.forward
+    pred.forward = lambda target, images, labels: shapes.append((tuple(target.shape), tuple(images.shape))) or \
+        forward(target, images, labels)
+    askers = [threading.Thread(target=pred.reliability, args=(ctx,)) for _ in range(2)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(60)
+    s = pred.size
+    assert shapes == [((4, 5, s, s), (4, 8, 1, s, s))] * 2
+
+
 def test_a_context_is_trusted_once_it_is_reliable_enough(tiny_models):
     mvs, _ = tiny_models
     img = (np.random.default_rng(6).random((64, 64)) * 255).astype(np.uint8)

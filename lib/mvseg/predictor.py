@@ -47,7 +47,8 @@ FOLLOW_PROMPTS = 0.5  # the bundled first-image network's share of a prediction 
 # the bundled pair's least context reliability for interactive predictions (model card, "Context reliability":
 # chosen on held-out images of four trained tasks, then measured on the held-out whole tasks)
 TRUST = 0.75
-RELIABILITY_ENTRIES = 8  # newest context entries a reliability estimate segments (one forward each)
+RELIABILITY_ENTRIES = 8  # newest context entries a reliability estimate segments
+RELIABILITY_CONTEXT = 8  # context entries each of those predictions sees: the sizes TRUST was chosen at
 RELIABILITIES_KEPT = 64  # states of context sets whose reliability is remembered
 NOTHING = "none"  # Prediction.network when there was nothing to go on: no prompts, no usable context
 FIRST_IMAGE = "first-image"  # Prediction.network of a MultiverSegNet fallback, used for an empty context
@@ -207,6 +208,7 @@ class Predictor:
             raise ValueError(f"trust must be between 0 and 1, got {trust}")
         self._reliabilities: OrderedDict = OrderedDict()  # (k, entries of a context state) -> reliability
         self._reliabilities_lock = threading.Lock()
+        self._judging = threading.Lock()  # one reliability computed at a time: a second asker waits for it
         step = 2 ** (self.model.depth - 1)
         if self.size <= 0 or self.size % step:
             raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
@@ -288,12 +290,13 @@ class Predictor:
         pull cost scribbles more steps than none, while a click, which says less, still gains from it.
         """
         prev = previous.logits if isinstance(previous, Prediction) else previous
+        version = 0 if context is None else context.version
         usable = context is not None and bool(set(context.ids()) - set(exclude))
         if usable and (not prompts or prompts.has_scribbles()):
             usable = self.trusts(context) if trusted is None else trusted
             context = context if usable else None
         if not prompts and prev is None and not usable:
-            return self._nothing(image)  # a network asked about nothing answers with a blob
+            return self._nothing(image, version)  # a network asked about nothing answers with a blob
         prediction = self._predict_whole(image, prompts, context, prev, exclude)
         zoom = self.zoom is not None and self.zoom.applies(prompts, with_context=bool(prediction.context_ids))
         window = self.zoom.window(prediction.mask, prompts) if zoom else None
@@ -374,22 +377,32 @@ class Predictor:
 
     def reliability(self, context: Optional[ContextSet]) -> float:
         """How well ``context`` segments its own images: the mean model-grid Dice of a zero-click prediction
-        of each of its ``RELIABILITY_ENTRIES`` newest entries from the others (0 for fewer than two entries).
-        An estimate of what its zero-click proposals are worth on this task; computed once per state of the
-        set's entries (``RELIABILITY_ENTRIES`` forwards). "Newest": added last (the app loads a label's saved
-        images in id order at start, then adds each save)."""
+        of each of its ``RELIABILITY_ENTRIES`` newest entries from (at most ``RELIABILITY_CONTEXT`` of) the
+        others; 0 for fewer than two entries. An estimate of what its zero-click proposals are worth on this
+        task; computed once per state of the set's entries, in two forwards that step aside for clicks.
+        "Newest": added last (the app loads a label's saved images in id order at start, then adds each save)."""
         snapshot = ContextSet(self.size) if context is None else context.copy()
         items = snapshot.items()
         if len(items) < 2:
             return 0.0
-        k = min(self.max_context, snapshot.max_size, len(items) - 1)  # context entries per prediction
+        k = min(self.max_context, snapshot.max_size, len(items) - 1, RELIABILITY_CONTEXT)
         state = (k, tuple((key, entry.serial) for key, entry in items))
-        with self._reliabilities_lock:
-            if state in self._reliabilities:
-                self._reliabilities.move_to_end(state)
-                return self._reliabilities[state]
+        with self._judging:  # another thread computing this very state: wait for its figure
+            with self._reliabilities_lock:
+                if state in self._reliabilities:
+                    self._reliabilities.move_to_end(state)
+                    return self._reliabilities[state]
+            with self.background():  # a user's click goes first
+                value = self._self_dice(snapshot, [key for key, _ in items[-RELIABILITY_ENTRIES:]], k)
+            with self._reliabilities_lock:
+                self._reliabilities[state] = value
+                while len(self._reliabilities) > RELIABILITIES_KEPT:
+                    self._reliabilities.popitem(last=False)
+        return value
+
+    def _self_dice(self, snapshot: ContextSet, newest: list, k: int) -> float:
+        """Mean model-grid Dice of the entries ``newest`` predicted zero-click from ``k`` of the others."""
         dices = []
-        newest = [key for key, _ in items[-RELIABILITY_ENTRIES:]]
         for start in range(0, len(newest), 4):  # a few images per forward, memory flat
             group = [snapshot.get(key) for key in newest[start : start + 4]]
             chosen = [snapshot.choose(entry.image, k, exclude=[key]) for key, entry in zip(newest[start:], group)]
@@ -400,12 +413,7 @@ class Predictor:
                 predicted, truth = logits[row, 0] > 0, entry.label[0] > 0.5
                 total = int(predicted.sum() + truth.sum())
                 dices.append(1.0 if total == 0 else 2 * int((predicted & truth).sum()) / total)
-        value = float(np.mean(dices))
-        with self._reliabilities_lock:
-            self._reliabilities[state] = value
-            while len(self._reliabilities) > RELIABILITIES_KEPT:
-                self._reliabilities.popitem(last=False)
-        return value
+        return float(np.mean(dices))
 
     def trusts(self, context: Optional[ContextSet]) -> bool:
         """Whether ``context`` is reliable enough for zero-click proposals and predictions from scribbles
@@ -432,13 +440,14 @@ class Predictor:
         # one state of the set: another thread may add or remove entries meanwhile
         return context.choose(model_image, min(self.max_context, context.max_size), exclude)
 
-    def _nothing(self, image: np.ndarray) -> Prediction:
-        """The empty prediction of an image when there is nothing to go on (no prompts, no context)."""
+    def _nothing(self, image: np.ndarray, context_version: int = 0) -> Prediction:
+        """The empty prediction of an image when there is nothing to go on (no prompts, no usable context)."""
         h, w = np.asarray(image).shape[:2]
         return Prediction(
             probability=np.zeros((h, w), np.float32),
             mask=np.zeros((h, w), np.uint8),
             logits=torch.full((1, self.size, self.size), -9.21),  # logit(1e-4), as the zoom's clipped ones
+            context_version=context_version,
             network=NOTHING,
         )
 

@@ -152,6 +152,7 @@ class Worker:
 class Summary:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # deleted from the datastore while the run went on
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0  # the whole run
     segmenting: float = 0.0  # from the first image handed out (workers loaded) to the last result written
@@ -159,7 +160,8 @@ class Summary:
 
     def __str__(self) -> str:
         rate = len(self.written) / self.segmenting if self.segmenting else 0.0
-        lines = [f"{len(self.written)} segmented, {len(self.skipped)} already current, {len(self.failed)} failed; "
+        gone = f", {len(self.gone)} deleted meanwhile" if self.gone else ""
+        lines = [f"{len(self.written)} segmented, {len(self.skipped)} already current{gone}, {len(self.failed)} failed; "
                  f"{self.seconds:.1f} s in all, {self.segmenting:.1f} s segmenting ({rate:.2f} images/s on "
                  f"{self.workers} worker{'s' if self.workers != 1 else ''})"]
         lines += [f"  failed {image_id}: {why}" for image_id, why in sorted(self.failed.items())]
@@ -214,8 +216,7 @@ def run_ray(datastore, p: Plan, weights: Optional[str], size: Optional[int], ref
                     save_result(datastore, p, image_id, mask, uncertainty, seconds)
                     summary.written.append(image_id)
                 except Exception as e:  # this image only: a read error, a worker lost more than `retries` times
-                    log.warning("pre-segmentation of %s failed: %s", image_id, e)
-                    summary.failed[image_id] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    _fail(summary, datastore, image_id, e)
                 bar.update(1)
         summary.segmenting = time.perf_counter() - t1
         for a in actors:
@@ -242,10 +243,34 @@ def run_serial(datastore, p: Plan, predictor: Predictor, axis: int = 2, progress
             save_result(datastore, p, image_id, mask, uncertainty, time.perf_counter() - t1)
             summary.written.append(image_id)
         except Exception as e:
-            summary.failed[image_id] = f"{type(e).__name__}: {e}"
+            _fail(summary, datastore, image_id, e)
     current_user.reset(user)
     summary.seconds = summary.segmenting = time.perf_counter() - t0
     return summary
+
+
+def _fail(summary: Summary, datastore, image_id: str, error: Exception) -> None:
+    """Book an image that could not be segmented or saved: deleted meanwhile (by the server or anyone), or
+    failed with ``error``."""
+    if _gone(datastore, image_id):
+        log.info("%s was deleted from the datastore during the run: left out", image_id)
+        summary.gone.append(image_id)
+        return
+    log.warning("pre-segmentation of %s failed: %s", image_id, error)
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    summary.failed[image_id] = f"{type(error).__name__}: {text}"
+
+
+def _gone(datastore, image_id: str) -> bool:
+    """Whether the image is no longer in the datastore: unknown to it, or its file gone (another process
+    deleted it: this one's index may not know yet). False where that cannot be told (a PACS that is down)."""
+    try:
+        if not datastore.has_image(image_id):
+            return True
+        uri = datastore.get_image_uri(image_id)
+    except Exception:
+        return False
+    return not uri or not os.path.exists(uri)
 
 
 def open_datastore(studies: str, names: list[str]):

@@ -254,7 +254,8 @@ class Guard:
         inner: the router's ASGI app. tokens: verified identities when authentication is on, else None.
         tasks: ``() -> {"infer": names, "train": names, "scoring": names}``, the app's task names.
         check_upload: ``(path) -> None``; raises :class:`BadRequest` for an unusable image upload.
-        image_exists: ``(image id) -> bool``, for the routes that delete and for batch jobs.
+        image_exists: ``(image id) -> bool``, for the routes that delete, read or edit an image's or label's
+            info, and for batch jobs.
         max_body: largest request body (bytes).
     """
 
@@ -287,6 +288,9 @@ class Guard:
             self._check_query(method, path, query)
             if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
                 await self._check_images_exist([(query.get("id") or [""])[0]])
+            for route, key in (("/datastore/image/info", "image"), ("/datastore/label/info", "label")):
+                if path.rstrip("/") == route and key in query:  # MONAI Label answered 200 {} for any id
+                    await self._check_images_exist([query[key][0]])
             uploads = False
             if method in ("POST", "PUT", "PATCH"):
                 spool = await self._read_body(receive)

@@ -193,6 +193,9 @@ class ScoreBoard:
         """One pass: every strategy, every label name, every unlabelled image. Stops early (to restart)
         when a new save arrives, so scores follow the newest context."""
         self.context.refresh()
+        predictor = self.segmenter.predictor
+        for label in self.context.label_names() if predictor.trust else ():
+            predictor.reliability(self.context.get(label))  # first: so zero-click after a save finds it ready
         unlabelled = sorted(self.datastore.get_unlabeled_images())
         labelled = sorted(self.datastore.get_labeled_images())
         for gone in set(self._descriptors) - set(unlabelled) - set(labelled):  # images deleted since
@@ -206,8 +209,6 @@ class ScoreBoard:
             unsure: dict[str, float] = {}
             if len(context):
                 predictor = self.segmenter.predictor
-                if predictor.trust:  # here, not on the first click after the save (RELIABILITY_ENTRIES forwards)
-                    predictor.reliability(context)
                 for start in range(0, len(unlabelled), activelearning.SCORING_BATCH):
                     if self._wake.is_set() or self._stop:
                         return  # a newer save: start over with the new context
