@@ -504,12 +504,14 @@ store.update_image_info({IDS[0]!r}, {{"scored": 1}})
     subprocess.run([sys.executable, "-c", other], check=True, timeout=120)
     server.save_label(IDS[0], str(tmp_path / "0.png"), "final", {"model": "user"})
     server.update_label_info(IDS[0], "final", {"checked": True})
+    server.set_description("fetal heads")
 
     for store in (server, opened()):
         assert store.get_label_info(IDS[1], "original")["model"] == "batch"
         assert store.get_image_info(IDS[0])["scored"] == 1
         assert store.get_label_info(IDS[0], "final")["model"] == "user"
         assert store.get_label_info(IDS[0], "final")["checked"] is True
+        assert store.description() == "fetal heads"
 
 
 def test_the_server_sees_labels_another_process_saved(tmp_path):

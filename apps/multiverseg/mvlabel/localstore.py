@@ -336,6 +336,14 @@ class CheckedDatastore(LocalDatastore):
         with self._index():
             super().remove_image(image_id)
 
+    def set_name(self, name):
+        with self._index():
+            super().set_name(name)
+
+    def set_description(self, description):
+        with self._index():
+            super().set_description(description)
+
     def remove_label(self, label_id, label_tag):
         """A deleted ``final`` label goes to the history first, as a replaced one does (so does every final
         label of a deleted image); a label that is not there is a 404, not a silent success."""
