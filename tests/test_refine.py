@@ -74,10 +74,11 @@ def test_predictor_keeps_probability_and_mask_in_agreement(tiny_models):
 
     predictor = Predictor(mvs, device="cpu")
     predictor.refiner = everything
-    refined = predictor.predict(image)
+    click = Prompts(positive=[CENTRES[0]])
+    refined = predictor.predict(image, click)
     assert seen == {"shape": SHAPE, "cell": 240 / 128}
     assert refined.mask.all() and (refined.probability >= 0.5).all()
-    raw = Predictor(mvs, device="cpu", refine=False).predict(image)
+    raw = Predictor(mvs, device="cpu", refine=False).predict(image, click)
     assert np.array_equal(raw.mask, (raw.probability >= 0.5).astype(np.uint8))
     assert np.array_equal(raw.logits, refined.logits)
 
@@ -111,7 +112,10 @@ def test_predictor_keeps_the_raw_mask_when_refinement_overrules_a_click(tiny_mod
         # the flip overrules the click exactly when the raw mask honoured it
         expected = before if before[y, x] == wanted else 1 - before
         assert np.array_equal(predictor.predict(image, prompts).mask, expected)
-    assert np.array_equal(predictor.predict(image).mask, 1 - raw.predict(image).mask)  # no clicks: refined
+    context = raw.new_context()
+    context.add("other", image, disk(SHAPE, CENTRES[1], 7))
+    no_clicks = predictor.predict(image, None, context).mask
+    assert np.array_equal(no_clicks, 1 - raw.predict(image, None, context).mask)  # no clicks: refined
 
 
 def test_distances_on_the_grown_bounding_box_equal_those_on_the_whole_image():

@@ -130,7 +130,7 @@ def test_predictor_does_not_zoom_with_context_clicks_alone_or_zero_click(tiny_mo
     context = zoomed.new_context()
     context.add("a", image, disk((300, 400), (150, 200), 20))
     calls = spy(zoomed, monkeypatch)
-    zoomed.predict(image)
+    zoomed.predict(image, None, context)
     zoomed.predict(image, Prompts(positive=[(100, 100)]))
     zoomed.predict(image, Prompts(positive_scribbles=stroke_at((300, 400), 100, (90, 110))), context)
     assert len(calls) == 3
