@@ -107,6 +107,13 @@ def test_an_image_deleted_during_the_run_is_left_out_not_a_failure(studies, tmp_
     assert summary.gone == plan.todo[:1] and summary.written == plan.todo[1:] and not summary.failed, summary
     assert "1 deleted meanwhile, 0 failed" in str(summary)
 
+    # on Ray the image is looked up before it is handed out (a PACS downloads it then): a lookup that fails
+    # books that image alone (it stopped the whole run)
+    uri = datastore.get_image_uri
+    datastore.get_image_uri = lambda i: (_ for _ in ()).throw(OSError(f"no {i}")) if i == plan.todo[0] else uri(i)
+    again = batch.run_ray(datastore, plan, None, None, workers=1, progress=False)
+    assert again.failed == {plan.todo[0]: f"OSError: no {plan.todo[0]}"} and again.written == plan.todo[1:], again
+
 
 def test_batch_never_writes_final_and_needs_a_context(studies):
     from mvlabel import batch

@@ -289,7 +289,7 @@ def test_reliability_is_how_well_the_context_segments_its_own_images(tiny_models
 
 def test_reliability_of_a_large_set_costs_two_small_forwards(tiny_models):
     """The 8 newest entries, each predicted from 8 of the others (the sizes the threshold was chosen at), four
-    per forward, as background work a click overtakes; two threads asking at once compute it once."""
+    per forward; two threads asking at once compute it once."""
     import threading
 
     mvs, _ = tiny_models
@@ -308,6 +308,36 @@ def test_reliability_of_a_large_set_costs_two_small_forwards(tiny_models):
         t.join(60)
     s = pred.size
     assert shapes == [((4, 5, s, s), (4, 8, 1, s, s))] * 2
+
+
+def test_a_reliability_already_known_never_waits_for_another_being_computed(tiny_models):
+    """While one thread computes the figure of one set, another set's known figure is answered at once (one
+    lock for all made a cached answer wait for the other computation, itself slowed by every click)."""
+    import threading
+
+    mvs, _ = tiny_models
+    pred = Predictor(mvs, device="cpu", refine=False)
+    img = (np.random.default_rng(10).random((48, 48)) * 255).astype(np.uint8)
+    known, other = pred.new_context(), pred.new_context()
+    for i in range(3):
+        known.add(i, img, disk((48, 48), (24, 24), 6 + i))
+        other.add(i, img, disk((48, 48), (20, 20), 6 + i))
+    figure = pred.reliability(known)
+    inside, release = threading.Event(), threading.Event()
+    forward = pred.forward
+    pred.forward = lambda *a: (inside.set(), release.wait(30), forward(*a))[2]
+    computing = threading.Thread(target=pred.reliability, args=(other,))
+    computing.start()
+    try:
+        assert inside.wait(30)
+        answers = []
+        asking = threading.Thread(target=lambda: answers.append(pred.reliability(known)))
+        asking.start()
+        asking.join(5)
+        assert answers == [figure]  # answered while `other` is still being computed
+    finally:
+        release.set()
+        computing.join(30)
 
 
 def test_a_context_is_trusted_once_it_is_reliable_enough(tiny_models):

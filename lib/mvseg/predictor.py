@@ -208,7 +208,7 @@ class Predictor:
             raise ValueError(f"trust must be between 0 and 1, got {trust}")
         self._reliabilities: OrderedDict = OrderedDict()  # (k, entries of a context state) -> reliability
         self._reliabilities_lock = threading.Lock()
-        self._judging = threading.Lock()  # one reliability computed at a time: a second asker waits for it
+        self._judging: dict = {}  # state -> the lock its computing thread holds: a second asker waits for it
         step = 2 ** (self.model.depth - 1)
         if self.size <= 0 or self.size % step:
             raise ValueError(f"size {self.size} must be a positive multiple of {step} for this network")
@@ -379,7 +379,7 @@ class Predictor:
         """How well ``context`` segments its own images: the mean model-grid Dice of a zero-click prediction
         of each of its ``RELIABILITY_ENTRIES`` newest entries from (at most ``RELIABILITY_CONTEXT`` of) the
         others; 0 for fewer than two entries. An estimate of what its zero-click proposals are worth on this
-        task; computed once per state of the set's entries, in two forwards that step aside for clicks.
+        task; computed once per state of the set's entries, in two forwards.
         "Newest": added last (the app loads a label's saved images in id order at start, then adds each save)."""
         snapshot = ContextSet(self.size) if context is None else context.copy()
         items = snapshot.items()
@@ -387,17 +387,24 @@ class Predictor:
             return 0.0
         k = min(self.max_context, snapshot.max_size, len(items) - 1, RELIABILITY_CONTEXT)
         state = (k, tuple((key, entry.serial) for key, entry in items))
-        with self._judging:  # another thread computing this very state: wait for its figure
+        with self._reliabilities_lock:
+            if state in self._reliabilities:
+                self._reliabilities.move_to_end(state)
+                return self._reliabilities[state]
+            judging = self._judging.setdefault(state, threading.Lock())
+        with judging:  # another thread computing this very state: wait for its figure, not for others
             with self._reliabilities_lock:
                 if state in self._reliabilities:
-                    self._reliabilities.move_to_end(state)
                     return self._reliabilities[state]
-            with self.background():  # a user's click goes first
+            try:
                 value = self._self_dice(snapshot, [key for key, _ in items[-RELIABILITY_ENTRIES:]], k)
-            with self._reliabilities_lock:
-                self._reliabilities[state] = value
-                while len(self._reliabilities) > RELIABILITIES_KEPT:
-                    self._reliabilities.popitem(last=False)
+                with self._reliabilities_lock:
+                    self._reliabilities[state] = value
+                    while len(self._reliabilities) > RELIABILITIES_KEPT:
+                        self._reliabilities.popitem(last=False)
+            finally:
+                with self._reliabilities_lock:
+                    self._judging.pop(state, None)
         return value
 
     def _self_dice(self, snapshot: ContextSet, newest: list, k: int) -> float:

@@ -203,11 +203,16 @@ def run_ray(datastore, p: Plan, weights: Optional[str], size: Optional[int], ref
         t1 = time.perf_counter()
         context = ray.put(p.context)  # shipped once, shared by every worker
         pending = {}
-        for k, image_id in enumerate(p.todo):
-            ref = actors[k % n].segment.remote(image_id, datastore.get_image_uri(image_id), context)
-            pending[ref] = image_id
-        summary.workers = n
         with tqdm(total=len(p.todo), desc=f"pre-segmenting '{p.label}'", unit="image", disable=not progress) as bar:
+            for k, image_id in enumerate(p.todo):
+                try:  # a PACS downloads the series here; one gone since the plan must not stop the run
+                    path = datastore.get_image_uri(image_id)
+                except Exception as e:
+                    _fail(summary, datastore, image_id, e)
+                    bar.update(1)
+                    continue
+                pending[actors[k % n].segment.remote(image_id, path, context)] = image_id
+            summary.workers = n
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 image_id = pending.pop(ready[0])
@@ -262,11 +267,16 @@ def _fail(summary: Summary, datastore, image_id: str, error: Exception) -> None:
 
 
 def _gone(datastore, image_id: str) -> bool:
-    """Whether the image is no longer in the datastore: unknown to it, or its file gone (another process
-    deleted it: this one's index may not know yet). False where that cannot be told (a PACS that is down)."""
+    """Whether the image is no longer in the datastore: unknown to it or, in a folder, its file gone (another
+    process deleted it: this one's index may not know yet). False where that cannot be told (a PACS that is
+    down); a PACS is only asked, never made to download the series again."""
+    from .localstore import CheckedDatastore
+
     try:
         if not datastore.has_image(image_id):
             return True
+        if not isinstance(datastore, CheckedDatastore):
+            return False
         uri = datastore.get_image_uri(image_id)
     except Exception:
         return False

@@ -195,6 +195,8 @@ class ScoreBoard:
         self.context.refresh()
         predictor = self.segmenter.predictor
         for label in self.context.label_names() if predictor.trust else ():
+            if self._wake.is_set() or self._stop:
+                return  # a newer save: start over with the new context
             predictor.reliability(self.context.get(label))  # first: so zero-click after a save finds it ready
         unlabelled = sorted(self.datastore.get_unlabeled_images())
         labelled = sorted(self.datastore.get_labeled_images())
