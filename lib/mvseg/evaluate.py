@@ -300,8 +300,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--trust",
         type=float,
-        help="least reliability of the context (Dice of its images segmented from each other) for it to be used, "
-        "0..1; below it an image goes as without context (default: 0.75 with the bundled weights, else 0)",
+        help="least reliability of the context (Dice of its images segmented from each other), 0..1; below it "
+        "there is no zero-click proposal and scribbles go without the context, clicks keep it (default: 0.75 "
+        "with the bundled weights, else 0)",
     )
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="clicks")
     parser.add_argument("--images", type=int, default=18, help="images after the seed image")

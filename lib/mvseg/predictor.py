@@ -153,8 +153,8 @@ class Predictor:
             the bundled first-image network, else 0 (not measured with other pairs). Zero-click predictions
             never change.
         trust: the least :meth:`reliability` of a context set (how well it segments its own images) at which
-            :meth:`trusts` it; callers segment an image as without context while it does not (``mvseg.evaluate``
-            and the app do). ``None``: ``TRUST`` with the bundled pair, else 0 (every context is trusted).
+            :meth:`trusts` it; an untrusted one gives no zero-click proposal and no say over scribbles (see
+            :meth:`predict`). ``None``: ``TRUST`` with the bundled pair, else 0 (every context is trusted).
     """
 
     def __init__(

@@ -37,7 +37,6 @@ import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
-from monailabel.interfaces.exception import ImageNotFoundException
 from PIL import Image
 
 from .contextstore import label_masks
@@ -317,11 +316,7 @@ class CheckedDatastore(LocalDatastore):
 
     def update_image_info(self, image_id, info):
         with self._index():
-            obj = self._datastore.objects.get(image_id)
-            if not obj:
-                raise ImageNotFoundException(f"Image {image_id} not found")
-            obj.image.info.update(info)
-            self._update_datastore_file(lock=False)
+            super().update_image_info(image_id, info)
 
     def update_label_info(self, label_id, label_tag, info):
         """An edit of a label's info: MONAI Label's route adds the editor as ``user``, which would make them

@@ -210,7 +210,6 @@ class ScoreBoard:
             context = self.context.get(label).copy()
             unsure: dict[str, float] = {}
             if len(context):
-                predictor = self.segmenter.predictor
                 for start in range(0, len(unlabelled), activelearning.SCORING_BATCH):
                     if self._wake.is_set() or self._stop:
                         return  # a newer save: start over with the new context

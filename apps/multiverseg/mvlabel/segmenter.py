@@ -230,7 +230,7 @@ class Segmenter:
         context = self.context.get(target.label).copy()  # a snapshot: a refresh may change the live set meanwhile
         judged = judge and self.predictor.trust and len(context)
         reliability = self.predictor.reliability(context) if judged else None
-        trusted = reliability is None or reliability >= self.predictor.trust
+        trusted = not judged or self.predictor.trusts(context)  # the figure is known by now
         if target.index is None:
             return context, read, reliability, trusted
         version = context.version  # the datastore's; session slices do not count
