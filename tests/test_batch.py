@@ -143,3 +143,84 @@ def test_next_sample_review_offers_the_least_certain_pre_segmentation_first(stud
         r = client.post("/activelearning/review", json={"client_id": "reviewer"}).json()
     assert r["id"] == max(info, key=info.get) and r["score"] == pytest.approx(info[r["id"]])
     assert "pre-segmentation" in r["reason"]
+
+
+@pytest.fixture()
+def served(tmp_path):
+    """A copy of the 2D sample with the seeds' final labels, served with 'review' reading the tag 'served'."""
+    from .app_helpers import app_client
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for image in SAMPLE_2D.glob("*.png"):
+        shutil.copy(image, folder / image.name)
+    (folder / "labels" / "final").mkdir(parents=True)
+    for key in SEEDS:
+        mask = np.asarray(Image.open(SAMPLE_2D / "ground-truth" / f"{key}.png")) > 0
+        Image.fromarray(mask.astype(np.uint8)).save(folder / "labels" / "final" / f"{key}.png")
+    with app_client(folder, {"labels": "white_matter", "review_tag": "served"}) as (client, app):
+        yield client, app, folder
+
+
+def test_a_server_batch_job_answers_its_tag_and_records_the_uncertainty_review_ranks(served):
+    """POST /batch/infer/multiverseg_auto: each answer names the tag it saved under (MONAI Label said
+    'original' whatever the tag), and the label info holds the uncertainty the 'review' strategy ranks."""
+    client, app, folder = served
+    images = ["mni152_axial_040", "mni152_axial_101", "mni152_coronal_143"]
+    r = client.post("/batch/infer/multiverseg_auto?run_sync=true", json={"label_tag": "served", "images": images})
+    assert r.status_code == 200, r.text
+    assert {i: a["tag"] for i, a in r.json().items()} == {i: "served" for i in images}
+    datastore = app.datastore()
+    recorded = {i: datastore.get_label_info(i, "served")["params"]["uncertainty"]["white_matter"] for i in images}
+    assert all(isinstance(u, float) and 0 <= u <= 1 for u in recorded.values()), recorded
+    r = client.post("/activelearning/review", json={"client_id": "reviewer"}).json()
+    assert r["id"] == max(recorded, key=recorded.get) and r["score"] == pytest.approx(recorded[r["id"]])
+    assert "pre-segmentation" in r["reason"]
+
+
+def test_one_batch_job_at_a_time_run_sync_or_not(served):
+    """MONAI Label refused a second batch job only while one ran in the background: run_sync jobs ran side
+    by side, and a background job started beside a run_sync one."""
+    client, app, folder = served
+    inside, release = threading.Event(), threading.Event()
+    task = app._batch_infer
+
+    def held(request, datastore, infer):  # a job that runs until the test lets it end
+        inside.set()
+        assert release.wait(60)
+        return task(request, datastore, infer)
+
+    app._batch_infer = held
+    body = {"label_tag": "served", "images": ["mni152_axial_040"]}
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(
+        client.post("/batch/infer/multiverseg_auto?run_sync=true", json=body)))
+    first.start()
+    try:
+        assert inside.wait(60), answers
+        for query in ("?run_sync=true", ""):
+            r = client.post(f"/batch/infer/multiverseg_auto{query}", json=body)
+            assert r.status_code == 429 and "already running" in r.json()["detail"], r.text
+    finally:
+        release.set()
+        first.join(60)
+        app._batch_infer = task
+    assert answers and answers[0].status_code == 200, answers
+    r = client.post("/batch/infer/multiverseg_auto?run_sync=true", json=body)
+    assert r.status_code == 200, r.text  # the lock is given back
+
+
+@pytest.mark.parametrize("info, expected", [
+    ({"mvseg_batch": {"label": "wm", "uncertainty": 0.25}}, 0.25),
+    ({"mvseg_batch": {"label": "gm", "uncertainty": 0.25}}, None),
+    ({"model": "multiverseg_auto", "params": {"uncertainty": {"wm": 0.5, "gm": 0.1}}}, 0.5),
+    ({"model": "multiverseg", "params": {"uncertainty": {"wm": 0.5}}}, None),
+    ({"model": "multiverseg_auto", "params": {"uncertainty": [0.5]}}, None),  # edited label info: any shape
+    ({"model": "multiverseg_auto", "params": "x"}, None),
+    ({"model": "multiverseg_auto", "params": {"uncertainty": {"wm": True}}}, None),
+    ({"mvseg_batch": "x"}, None),
+])
+def test_the_recorded_uncertainty_of_either_kind_of_batch_run(info, expected):
+    from mvlabel.batch import recorded_uncertainty
+
+    assert recorded_uncertainty(info, "wm") == expected

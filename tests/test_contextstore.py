@@ -70,3 +70,14 @@ def test_a_listed_label_whose_file_is_gone_leaves_the_context(store, hook):
     else:
         context.refresh()
     assert len(context.get("head")) == 1
+
+
+def test_labels_join_in_the_order_they_were_saved_not_by_name(store):
+    """The newest entries are the last saved ones (the context reliability judges those), after a restart
+    too: a fresh context reads labels by their save time, and by file time where the info has none."""
+    datastore, context = store
+    datastore.add("c", (20, 25))
+    saved = {"a": 300, "b": 100}  # 'c' has no save time: its file time, now, is the latest
+    datastore.get_label_info = lambda image_id, tag: {"ts": saved[image_id]} if image_id in saved else {}
+    context.refresh()
+    assert [key for key, _ in context.get("head").items()] == [("b", None), ("a", None), ("c", None)]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import Optional
 
 from fastapi import HTTPException
@@ -167,6 +168,7 @@ class MultiverSegApp(MONAILabelApp):
             blend=_fraction(conf, "blend"),
             trust=_fraction(conf, "trust"),
         )
+        self._batch_job = threading.Lock()  # held by a batch job running in this process (run_sync)
         self.interactions = InteractionStore(expiry=_positive_number(conf, "state_expiry", 1800))
         imageio.MAX_PIXELS = _positive_int(conf, "max_pixels", 100_000_000)
         self.history_keep = _count_or_all(conf, "history_keep")
@@ -181,7 +183,7 @@ class MultiverSegApp(MONAILabelApp):
         guard.restrict_cors(server, [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS])
         guard.install(server.router, lambda inner: guard.Guard(
             inner, tokens, self._check_upload, self._image_exists, max_body, on_pacs=self._on_pacs(studies),
-            tasks=self._task_names))
+            tasks=self._task_names, batch_running=self._batch_job.locked))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -318,23 +320,27 @@ class MultiverSegApp(MONAILabelApp):
             )
         collides = False
         self._check_session_found(image)
-        if isinstance(image, str) and not (is_upload(image) or self._in_session(image)):
+        stored = isinstance(image, str) and not (is_upload(image) or self._in_session(image))
+        if stored:
             uri = self.datastore().get_image_uri(image)
             if not uri:
                 raise HTTPException(status_code=404, detail=f"image '{image}' is not in the datastore")
             # a file of that name in the working folder: MONAI Label would read it; hand it the image instead
             collides = os.path.exists(image)
+        tag = request.get("label_tag", DefaultLabelTag.ORIGINAL.value)
         try:
             if not collides:
-                return super().infer(request, datastore)
-            result = super().infer({**request, "image": uri}, datastore)  # a path: MONAI Label saves nothing
-            if request.get("save_label"):
-                result["label"] = (datastore or self.datastore()).save_label(
-                    image, result["file"], request.get("label_tag", "original"),
-                    {"model": request.get("model"), "params": result["params"]})
-            return result
+                result = super().infer(request, datastore)
+            else:
+                result = super().infer({**request, "image": uri}, datastore)  # a path: MONAI Label saves nothing
+                if request.get("save_label"):
+                    result["label"] = (datastore or self.datastore()).save_label(
+                        image, result["file"], tag, {"model": request.get("model"), "params": result["params"]})
         except BadRequest as e:
             raise _http(e) from None
+        if stored and request.get("save_label"):
+            result["tag"] = tag  # MONAI Label answers 'original' whichever tag it saved under
+        return result
 
     def infer_wsi(self, request, datastore=None):
         with uploads_removed_when_refused(request.get("image")):
@@ -353,6 +359,16 @@ class MultiverSegApp(MONAILabelApp):
             return answer(self.segmenter, request, path, uploaded)
         except BadRequest as e:
             raise _http(e) from None
+
+    def batch_infer(self, request, datastore=None):
+        """One batch job at a time: a second one (run_sync, or started while a run_sync one runs) is refused
+        (429), as MONAI Label refuses a second background job."""
+        if not self._batch_job.acquire(blocking=False):
+            raise HTTPException(status_code=429, detail=guard.BATCH_BUSY)
+        try:
+            return super().batch_infer(request, datastore)
+        finally:
+            self._batch_job.release()
 
     def next_sample(self, request):
         strategy = request.get("strategy") or next(iter(self._strategies))

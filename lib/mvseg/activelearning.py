@@ -71,6 +71,11 @@ def mean_entropy(logits: torch.Tensor) -> float:
     return float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean())
 
 
+def mean_uncertainty(predictions: list) -> float:
+    """:func:`mean_entropy` averaged over predictions (the planes of one image or volume), bits."""
+    return float(np.mean([mean_entropy(p.logits) for p in predictions]))
+
+
 def ranks(x: np.ndarray) -> np.ndarray:
     """Scores -> ranks in [0, 1] (ties share a rank), so differently scaled scores can be averaged."""
     if len(x) < 2:

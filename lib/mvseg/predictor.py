@@ -380,7 +380,7 @@ class Predictor:
         of each of its ``RELIABILITY_ENTRIES`` newest entries from (at most ``RELIABILITY_CONTEXT`` of) the
         others; 0 for fewer than two entries. An estimate of what its zero-click proposals are worth on this
         task; computed once per state of the set's entries, in two forwards.
-        "Newest": added last (the app loads a label's saved images in id order at start, then adds each save)."""
+        "Newest": added last (the app adds saved labels in the order they were saved, at start too)."""
         snapshot = ContextSet(self.size) if context is None else context.copy()
         items = snapshot.items()
         if len(items) < 2:

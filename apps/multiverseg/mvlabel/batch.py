@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from mvseg import ContextSet, Predictor
-from mvseg.activelearning import mean_entropy
+from mvseg.activelearning import mean_uncertainty
 
 from .contextstore import DatastoreContext, from_planes, planes_of
 from .guard import TAG, current_user
@@ -46,7 +46,7 @@ def presegment(predictor: Predictor, loaded: Loaded, context: ContextSet, axis: 
     predictions, bits), for one label."""
     predictions = predictor.predict_many(planes_of(loaded, axis), context, batch_size=1)
     masks = np.stack([p.mask for p in predictions]).astype(np.uint8)
-    return from_planes(masks, loaded, axis), float(np.mean([mean_entropy(p.logits) for p in predictions]))
+    return from_planes(masks, loaded, axis), mean_uncertainty(predictions)
 
 
 def weights_digest(path: Optional[str]) -> tuple[str, str]:
@@ -94,6 +94,19 @@ def plan(datastore, predictor: Predictor, weights: tuple[str, str], label: str, 
         else:
             out.todo.append(image_id)
     return out
+
+
+def recorded_uncertainty(info: dict, label: str) -> Optional[float]:
+    """The uncertainty a batch result's label info records for ``label``: this module's provenance, or the
+    result params of the server's own batch job (``POST /batch/infer/multiverseg_auto``)."""
+    made = info.get(PROVENANCE)
+    if isinstance(made, dict) and made.get("label") == label:
+        value = made.get("uncertainty")
+    else:  # label info can be edited (PUT /datastore/label/info): any shape may be there
+        params = info.get("params") if info.get("model") == "multiverseg_auto" else None
+        recorded = params.get("uncertainty") if isinstance(params, dict) else None
+        value = recorded.get(label) if isinstance(recorded, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _has(datastore, image_id: str, tag: str) -> bool:

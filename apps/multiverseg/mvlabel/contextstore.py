@@ -84,6 +84,14 @@ def label_masks(label: np.ndarray, info: dict, names: list[str]) -> dict[str, np
     return {names[v - 1] if 0 < v <= len(names) else f"label_{v}": label == v for v in values}
 
 
+def _saved_at(stamp: Optional[tuple]) -> tuple:
+    """When a label (its :meth:`DatastoreContext._stamp`) was saved: the save time in its info (seconds), else
+    its file's time; then the file time (ns), which orders saves of one second."""
+    if stamp is None:
+        return (0, 0)
+    return (stamp[3] if isinstance(stamp[3], (int, float)) else stamp[1] / 1e9, stamp[1])
+
+
 @dataclass
 class _Seen:
     stamp: tuple
@@ -140,10 +148,14 @@ class DatastoreContext:
             return None
 
     def refresh(self) -> int:
-        """Bring every label's entries up to date; returns how many label files were read."""
+        """Bring every label's entries up to date; returns how many label files were read. Labels are read
+        in the order they were saved, so entries made later are newer (what the context reliability checks),
+        after a restart too."""
         with self._lock:
             current = set(self.datastore.get_labeled_images())
-            read = sum(self._sync(image_id) for image_id in sorted(current))
+            stamps = {image_id: self._stamp(image_id) for image_id in current}
+            order = sorted(current, key=lambda i: (_saved_at(stamps[i]), i))
+            read = sum(self._sync(image_id, stamps[image_id]) for image_id in order)
             for image_id in set(self._seen) - current:
                 self._forget(image_id)
             return read
@@ -151,12 +163,11 @@ class DatastoreContext:
     def refresh_one(self, image_id: str) -> None:
         """Re-read one label now (the ``on_save_label`` hook)."""
         with self._lock:
-            self._sync(image_id)
+            self._sync(image_id, self._stamp(image_id))
 
-    def _sync(self, image_id: str) -> bool:
-        """Bring one label's entries up to date; True when its file was read. A label whose file is gone
-        (even if the datastore still lists it) drops out."""
-        stamp = self._stamp(image_id)
+    def _sync(self, image_id: str, stamp: Optional[tuple]) -> bool:
+        """Bring one label's entries up to date (``stamp``: its :meth:`_stamp` now); True when its file was
+        read. A label whose file is gone (even if the datastore still lists it) drops out."""
         if stamp is None:
             self._forget(image_id)
             return False

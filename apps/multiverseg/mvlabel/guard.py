@@ -247,6 +247,9 @@ def _body_kind(ctype: str) -> str:
     return "other"
 
 
+BATCH_BUSY = "a batch job is already running on this server: wait for it to end (GET /batch/infer)"
+
+
 class Guard:
     """ASGI wrapper of MONAI Label's router (see the module docstring).
 
@@ -257,12 +260,15 @@ class Guard:
         image_exists: ``(image id) -> bool``, for the routes that delete, read or edit an image's or label's
             info, and for batch jobs.
         max_body: largest request body (bytes).
+        batch_running: ``() -> bool``, whether this server runs a batch job in one of its own threads
+            (``run_sync``): MONAI Label refuses a second job only while one runs in the background.
     """
 
     def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str], None],
                  image_exists: Callable[[str], bool], max_body: int, on_pacs: bool = False,
-                 tasks: Callable[[], dict] = dict):
+                 tasks: Callable[[], dict] = dict, batch_running: Callable[[], bool] = lambda: False):
         self.inner = inner
+        self.batch_running = batch_running
         self.tasks = tasks  # () -> {"infer": names, "train": names, "scoring": names}
         self.on_pacs = on_pacs  # a DICOMweb datastore: output=dicom_seg and the proxy work
         self.tokens = tokens
@@ -286,6 +292,8 @@ class Guard:
                 self._check_proxy(method, path, (scope.get("raw_path") or b"").decode("latin-1"))
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             self._check_query(method, path, query)
+            if method == "POST" and path.startswith("/batch/infer") and self.batch_running():
+                raise Refusal(429, BATCH_BUSY)
             if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
                 await self._check_images_exist([(query.get("id") or [""])[0]])
             for route, key in (("/datastore/image/info", "image"), ("/datastore/label/info", "label")):

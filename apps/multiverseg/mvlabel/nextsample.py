@@ -259,16 +259,17 @@ class NextSample(Strategy):
 
     def presegmented(self, datastore, candidates: list[str], label: str) -> dict[str, float]:
         """Uncertainty of each candidate's batch pre-segmentation for ``label`` (only those that have one)."""
-        from .batch import PROVENANCE
+        from .batch import recorded_uncertainty
 
         out = {}
         for image_id in candidates:
             try:
-                made = (datastore.get_label_info(image_id, self.review_tag) or {}).get(PROVENANCE) or {}
+                info = datastore.get_label_info(image_id, self.review_tag) or {}
             except Exception:  # no label of that tag
                 continue
-            if made.get("label") == label and isinstance(made.get("uncertainty"), (int, float)):
-                out[image_id] = float(made["uncertainty"])
+            value = recorded_uncertainty(info, label) if isinstance(info, dict) else None
+            if value is not None:
+                out[image_id] = value
         return out
 
     def __call__(self, request, datastore):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from mvseg import ContextSet, Predictor, Prompts
+from mvseg.activelearning import mean_uncertainty
 from mvseg.predictor import NOTHING
 
 from .contextstore import DatastoreContext, from_planes, planes_of, volume_slice
@@ -323,7 +324,7 @@ class Segmenter:
         t1 = time.perf_counter()
         best = np.zeros((len(planes),) + planes[0].shape[:2], np.float32)
         labelmap = np.zeros(best.shape, np.uint8)
-        sizes, versions = {}, {}
+        sizes, versions, uncertainty = {}, {}, {}
         for value, name in enumerate(names, start=1):
             context = self.context.get(name).copy()
             # background, one slice per forward: a click waits for at most one slice's forward
@@ -335,12 +336,14 @@ class Segmenter:
             best = np.maximum(best, prob)
             sizes[name] = len(predictions[0].context_ids)
             versions[name] = predictions[0].context_version
+            uncertainty[name] = round(mean_uncertainty(predictions), 6)  # what the 'review' strategy ranks
         t2 = time.perf_counter()
         out = from_planes(labelmap, loaded, self.axis) if region is None else labelmap[0]
         info = {
             "label_names": {name: i for i, name in enumerate(names, start=1)},
             "context_size": sizes,
             "context_version": versions,
+            "uncertainty": uncertainty,
             "latencies": {"read": round(t1 - t0, 4), "infer": round(t2 - t1, 4)},
         }
         return loaded, out, info
