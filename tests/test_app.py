@@ -346,6 +346,27 @@ def test_qupath_wsi_v2_patch_returns_polygons_inside_the_patch(server):
     assert ys_.min() >= y0 - 1 and ys_.max() <= y0 + image.shape[0] + 1
 
 
+def test_qupath_wsi_v2_clicks_on_the_same_uploaded_patch_refine_the_last_answer(server):
+    """wsi_v2 uploads the region with every click, each time to a new temporary file: the interaction state
+    was keyed by that file, so no click refined the one before. The same pixels are the same image."""
+    client, _, _ = server
+    image, mask = hc18_pair(IDS[2])
+    ys, xs = np.nonzero(mask)
+    inside, outside = [int(xs.mean()), int(ys.mean())], [5, 5]
+
+    def click(foreground, background, patch=image):
+        wsi = {"level": 0, "location": [0, 0], "size": [patch.shape[1], patch.shape[0]],
+               "params": {"foreground": foreground, "background": background, "client_id": "qupath-v2"}}
+        r = client.post("/infer/wsi_v2/multiverseg?output=json", data={"wsi": json.dumps(wsi)},
+                        files={"file": ("patch.png", png_bytes(patch), "image/png")})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert click([inside], [])["refined"] is False
+    assert click([inside], [outside])["refined"] is True
+    assert click([inside], [outside, [6, 6]], patch=255 - image)["refined"] is False  # other pixels
+
+
 def test_qupath_wsi_region_on_a_datastore_image(server):
     client, _, _ = server
     wsi = {"level": 0, "location": [50, 40], "size": [200, 150], "min_poly_area": 0,
@@ -476,8 +497,11 @@ def start_app(tmp_path, conf: dict):
         ({"strategy": "nope"}, "--conf strategy must be one of nearest, confident, coverage"),
         ({"axis": "3"}, "--conf axis must be 0, 1 or 2"),
         ({"axis": "z"}, "--conf axis must be 0, 1 or 2, got 'z'"),
-        ({"size": "big"}, "--conf size must be a whole number of pixels, got 'big'"),
+        ({"size": "big"}, "--conf size must be a positive whole number of pixels, got 'big'"),
+        ({"size": "0"}, "--conf size must be a positive whole number of pixels, got '0'"),
         ({"size": "100"}, "size 100 must be a positive multiple of 8"),
+        ({"device": "gpu0"}, "--conf device must be cpu, cuda, cuda:N or mps, got 'gpu0'"),
+        ({"device": "xla"}, "--conf device xla: this machine has no such device"),
         ({"refine": "maybe"}, "--conf refine must be true or false, got 'maybe'"),
         ({"zoom": "2"}, "--conf zoom must be true or false, got '2'"),
         ({"dtype": "half"}, "--conf dtype must be auto, float32 or bfloat16, got 'half'"),

@@ -224,3 +224,22 @@ def test_the_recorded_uncertainty_of_either_kind_of_batch_run(info, expected):
     from mvlabel.batch import recorded_uncertainty
 
     assert recorded_uncertainty(info, "wm") == expected
+
+
+def test_presegment_takes_the_server_context_settings(studies, monkeypatch, capsys):
+    """A server started with other --conf slices_per_volume / max_context builds another context: the
+    pre-segmenter takes the same settings (it had the defaults only)."""
+    import presegment
+
+    seen = {}
+
+    def predictor(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(presegment, "Predictor", predictor)
+    assert presegment.main(["--studies", str(studies), "--label", "white_matter", "--max-context", "8"]) == 2
+    assert seen["max_context"] == 8 and "stop here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        presegment.main(["--studies", str(studies), "--label", "white_matter", "--slices-per-volume", "0"])
+    assert stop.value.code == 2

@@ -186,6 +186,37 @@ def test_seed_label_is_ninety_percent_or_ground_truth_later_labels_are_predictio
     assert second.sum() == third.sum() < truth.sum()  # the others join as predicted
 
 
+def test_zero_click_only_with_an_untrusted_context_shows_nothing_and_keeps_going():
+    """``--budget 0`` with the bundled pair: a context below the trust threshold gives no proposal, and the
+    image joined the context as ``final.mask`` of no prediction (AttributeError)."""
+    from mvseg.data import Example
+    from mvseg.evaluate import run_once
+    from mvseg.predictor import NOTHING
+
+    truth = disk((40, 40), (20, 20), 12).astype(bool)
+    examples = [Example(f"x{i}", truth.astype(np.uint8) * 200, truth) for i in range(3)]
+    added = []
+
+    class Untrusting:
+        size = 128
+
+        def new_context(self):
+            class Recorder(list):
+                def add(self, key, image, mask):
+                    added.append(key)
+                    self.append(key)
+
+            return Recorder()
+
+        def predict(self, image, prompts, context, previous=None):
+            nothing = np.zeros_like(truth)
+            return Prediction(nothing.astype(np.float32), nothing, logits=None, network=NOTHING)
+
+    results = run_once(Untrusting(), examples, "context", "clicks", budget=0)
+    assert [(r.interactions, r.reached, r.dice) for r in results] == [(0, False, [0.0])] * 3
+    assert added == ["x0"]  # the seed, finished by hand; nothing was shown of the others
+
+
 def test_paper_grid_pads_square_and_resizes(tmp_path, tiny_task, tiny_models, monkeypatch):
     from mvseg.data import Example
 

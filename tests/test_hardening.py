@@ -1363,3 +1363,171 @@ def test_a_2d_nrrd_with_an_origin_is_read(server, tmp_path):
                    files={"file": ("flat2d.nrrd", (tmp_path / "flat2d.nrrd").read_bytes(), "application/octet-stream")})
     assert r.status_code == 200, r.text
     assert app.datastore().get_image_uri("flat2d")
+
+
+# -- found by the audit of stop 33 -------------------------------------------------------------------
+
+
+def test_an_image_id_that_holds_its_extension_round_trips_and_the_watcher_stays_calm(server):
+    """'scan.png' uploaded as a PNG is stored as scan.png.png; MONAI Label read that file back as 'scan', a
+    record whose file never exists, and its folder watcher added and removed it many times a second."""
+    client, app, studies = server
+    image = png_bytes(np.full((16, 16), 90, np.uint8))
+    for name in ("scan.png", "a.png_b"):
+        r = client.put(f"/datastore/image?image={name}", data={"params": "{}"},
+                       files={"file": ("x.png", image, "image/png")})
+        assert r.status_code == 200, r.text
+    datastore = app.datastore()
+    writes, write = [], datastore._update_datastore_file
+    datastore._update_datastore_file = lambda *args, **kwargs: writes.append(write(*args, **kwargs))
+    try:
+        datastore._reconcile_datastore()  # what the watcher runs on every change of the folder (the index too)
+    finally:
+        del datastore._update_datastore_file
+    assert writes == []  # nothing added and removed again, so no write to set the watcher off once more
+    assert {"scan.png", "a.png_b"} <= set(datastore.list_images()) and "scan" not in datastore.list_images()
+    assert client.get("/datastore/image?image=scan.png").content == image
+    for name in ("scan.png", "a.png_b"):
+        assert client.delete(f"/datastore/image?id={name}").status_code == 200
+
+
+def test_a_label_saved_after_its_image_was_deleted_is_refused(server, monkeypatch):
+    """The deleted image's record stayed until the folder watcher noticed: a save meanwhile was stored, and
+    its file stayed behind for a new image of the same id to take as its own final label."""
+    client, app, studies = server
+    monkeypatch.setattr(app.datastore(), "_auto_reload", True)  # as served: the watcher, not the delete, refreshes
+    monkeypatch.setattr(app.datastore(), "_reconcile_datastore", lambda: None)  # a watcher that has not run yet
+    image = png_bytes(np.full((16, 16), 90, np.uint8))
+    assert client.put("/datastore/image?image=gone_soon", data={"params": "{}"},
+                      files={"file": ("x.png", image, "image/png")}).status_code == 200
+    assert client.delete("/datastore/image?id=gone_soon").status_code == 200
+    assert "gone_soon" not in app.datastore().list_images()  # at once, not when the watcher notices
+    r = put_label(client, "gone_soon", np.ones((16, 16), np.uint8))
+    assert r.status_code == 404, r.text
+    assert not list((studies / "labels" / "final").glob("gone_soon.*"))
+
+
+def test_an_image_id_too_long_for_a_file_name_is_refused(server):
+    client, _, _ = server
+    r = client.put(f"/datastore/image?image={'d' * 201}", data={"params": "{}"},
+                   files={"file": ("x.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize("request_", [
+    ("put", f"/datastore/image/info?image={IDS[1]}", {"data": {"info": '{"n": "\\ud800"}'}}),
+    ("put", f"/datastore/label?image={IDS[1]}&tag=t2", {"data": {"params": '{"x": "\\udfff"}'}}),
+    ("post", "/activelearning/first", {"content": b'{"label_name": "\\ud800"}',
+                                       "headers": {"content-type": "application/json"}}),
+    ("post", f"/infer/multiverseg?image={IDS[1]}", {"data": {"params": '{"label_name": "\\ud800"}'}}),
+])
+def test_a_lone_surrogate_is_refused_and_the_index_stays_readable(server, request_):
+    """JSON's \\ud800 escape is no text: stored in the index it left a datastore that no longer started, and
+    quoted in an error message it made the answer a 500."""
+    client, _, studies = server
+    method, url, kwargs = request_
+    if "label" in url and method == "put" and "info" not in url:
+        kwargs = {**kwargs, "files": {"label": ("l.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")}}
+    r = getattr(client, method)(url, **kwargs)
+    assert r.status_code == 422 and "surrogate" in r.json()["detail"], r.text
+    json.loads((studies / "datastore_v2.json").read_text(encoding="utf-8"))
+    assert client.get(f"/datastore/image/info?image={IDS[1]}").status_code == 200
+
+
+@pytest.mark.parametrize("params", [{"labels": 5}, {"labels": True}, {"labels": [1]}, {"label_name": 5}])
+def test_label_names_of_the_wrong_type_are_refused(server, params):
+    client, _, _ = server
+    r = client.post(f"/infer/multiverseg_auto?image={IDS[1]}", data={"params": json.dumps(params)})
+    assert r.status_code == 422 and "label" in r.json()["detail"], r.text
+    r = client.post("/batch/infer/multiverseg_auto?run_sync=true", json={"images": [IDS[1]], **params})
+    assert r.status_code == 422, r.text
+
+
+def test_the_body_does_not_name_another_model_than_the_url(server):
+    client, _, _ = server
+    r = client.post(f"/infer/multiverseg?image={IDS[1]}&output=json",
+                    data={"params": json.dumps({"model": "multiverseg_auto"})})
+    assert r.status_code == 422 and "name one" in r.json()["detail"], r.text
+    r = client.post(f"/infer/wsi/multiverseg?image={IDS[1]}&output=json",
+                    json={"params": {"model": "multiverseg_auto", "foreground": [[5, 5]]}})
+    assert r.status_code == 422 and "name one" in r.json()["detail"], r.text
+
+
+def multipart(field: str, name: bytes, content: bytes) -> tuple[bytes, dict]:
+    """A form of one file, its name as raw bytes (HTTP clients escape what no file name holds; not all do)."""
+    body = (b"--b0\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{}\r\n--b0\r\nContent-Disposition: "
+            b"form-data; name=\"" + field.encode() + b"\"; filename=\"" + name + b"\"\r\nContent-Type: image/png\r\n\r\n"
+            + content + b"\r\n--b0--\r\n")
+    return body, {"content-type": "multipart/form-data; boundary=b0"}
+
+
+@pytest.mark.parametrize("name", [b"a.\x00png", b"a." + b"x" * 300])
+def test_an_upload_named_what_no_file_can_be_named_is_refused(server, name):
+    """MONAI Label names its temp copy after the upload: a NUL or a 300-character suffix made that a 500."""
+    client, _, studies = server
+    before = final_bytes(studies)
+    png = png_bytes(np.zeros((8, 8), np.uint8))
+    for method, url, field in [("put", f"/datastore/label?image={IDS[0]}&tag=final", "label"),
+                               ("post", "/infer/multiverseg?output=json", "file"),
+                               ("put", "/datastore/image?image=named_oddly", "file")]:
+        body, headers = multipart(field, name, png)
+        r = getattr(client, method)(url, content=body, headers=headers)
+        assert r.status_code == 422 and "file name" in r.json()["detail"], (url, r.text)
+    assert final_bytes(studies) == before
+
+
+def test_scribble_values_are_plain_numbers(server):
+    client, _, _ = server
+    r = infer(client, IDS[1], {"scribbles_fg_label": "\u00b2"})
+    assert r.status_code == 422 and "scribbles_fg_label" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "Y", "t"])
+def test_session_archives_are_refused_however_true_is_spelt(server, value):
+    client, _, _ = server
+    before = server_temp_files()
+    r = client.put(f"/session/?uncompress={value}", files={"files": ("x.png", png_bytes(np.zeros((8, 8), np.uint8)))})
+    assert r.status_code == 422 and "uncompress" in r.json()["detail"], r.text
+    assert server_temp_files() - before == set()
+
+
+def test_an_encoded_nul_in_an_ohif_path_is_not_found(server):
+    client, _, _ = server
+    assert client.get("/ohif/a%00b.js").status_code == 404
+
+
+def test_a_validation_error_quotes_a_short_piece_of_the_input(server):
+    """FastAPI's own 422 quoted the whole field: a megabyte of text sent where a file belongs."""
+    client, _, _ = server
+    r = client.put("/datastore/image?image=texty", data={"params": "{}", "file": "x" * 1_000_000})
+    assert r.status_code == 422 and len(r.content) < 2400, len(r.content)
+
+
+def test_the_info_of_a_label_the_image_does_not_have_is_not_found(server):
+    client, _, _ = server
+    assert client.get(f"/datastore/label/info?label={IDS[0]}&tag=final").status_code == 200
+    r = client.get(f"/datastore/label/info?label={IDS[0]}&tag=nope")
+    assert r.status_code == 404 and "no 'nope' label" in r.json()["detail"], r.text
+
+
+def test_ohif_scribbles_are_checked_against_the_volume_and_leave_no_files(tmp_path):
+    """OHIF's .bin scribble labelmap: on a 2D image and in the wrong size it answered 500; every request
+    left the upload, and each accepted one its converted NIfTI, in the temp folder."""
+    studies = make_studies(tmp_path / "studies", IDS[:1], volume_ids=IDS[:3])
+    with app_client(studies, {"labels": "head"}) as (client, _):
+        volume = np.load(studies.parent / "volume_label.npy")
+        scribbles = np.zeros(volume.shape, np.uint8)
+        scribbles[volume.shape[0] // 2, volume.shape[1] // 2, 1] = 3  # one foreground voxel on slice 1
+        params = json.dumps({"slice": 1})
+        before = server_temp_files()
+        r = client.post("/infer/multiverseg?image=vol_nifti&output=json", data={"params": params},
+                        files={"label": ("label.bin", scribbles.tobytes(order="F"))})
+        assert r.status_code == 200, r.text
+        for image, body, word in [("vol_nifti", b"\x01" * 10, "bytes"), (IDS[0], b"\x01" * 10, "volumes"),
+                                  ("", scribbles.tobytes(order="F"), "?image=")]:
+            files = {"label": ("label.bin", body)}
+            if not image:
+                files["file"] = ("x.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")
+            r = client.post(f"/infer/multiverseg?image={image}&output=json", data={"params": params}, files=files)
+            assert r.status_code == 422 and word in r.json()["detail"], r.text
+        assert server_temp_files() - before == set()

@@ -32,17 +32,25 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, help="model grid (default: the checkpoint's)")
     parser.add_argument("--no-refine", action="store_true", help="no boundary refinement")
     parser.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis of volumes")
+    parser.add_argument("--slices-per-volume", type=int, default=4,
+                        help="most slices one 3D label adds to the context (the server's --conf slices_per_volume)")
+    parser.add_argument("--max-context", type=int, default=64,
+                        help="most context entries per forward (the server's --conf max_context)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: one per CPU Ray sees)")
     parser.add_argument("--address", help="Ray cluster to join (default: Ray embedded on this machine)")
     parser.add_argument("--serial", action="store_true", help="no Ray: one image after another in this process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = [n.strip() for n in (args.labels or args.label).split(",") if n.strip()]
+    for flag, value in (("--slices-per-volume", args.slices_per_volume), ("--max-context", args.max_context)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     try:
         datastore = batch.open_datastore(args.studies, names)
-        predictor = Predictor(args.weights, device="cpu", dtype="auto", size=args.size, refine=not args.no_refine)
+        predictor = Predictor(args.weights, device="cpu", dtype="auto", size=args.size, refine=not args.no_refine,
+                              max_context=args.max_context)
         plan = batch.plan(datastore, predictor, batch.weights_digest(args.weights), args.label, names, args.tag,
-                          args.axis)
+                          args.axis, args.slices_per_volume)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
         summary = batch.run_serial(datastore, plan, predictor, args.axis)
     else:
         summary = batch.run_ray(datastore, plan, args.weights, args.size, not args.no_refine, args.axis,
-                                args.workers, args.address)
+                                args.workers, args.address, max_context=args.max_context)
     print(summary)
     return 1 if summary.failed else 0
 

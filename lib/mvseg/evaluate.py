@@ -154,8 +154,9 @@ def run_once(
         results.append(result)
         if context is not None:
             finished_by_hand = index == 0 and not result.reached  # the seed label is >= 90% Dice
-            label = example.mask if mode == "oracle" or finished_by_hand else final.mask
-            if label.any():
+            # final None: nothing was shown (an untrusted context's proposal, and no budget to click)
+            label = example.mask if mode == "oracle" or finished_by_hand else None if final is None else final.mask
+            if label is not None and label.any():
                 context.add(example.id, example.image, label)
     return results
 
@@ -302,7 +303,7 @@ def main(argv=None) -> None:
         type=float,
         help="least reliability of the context (Dice of its images segmented from each other), 0..1; below it "
         "there is no zero-click proposal and scribbles go without the context, clicks keep it (default: 0.75 "
-        "with the bundled weights, else 0)",
+        "with the bundled weights and their first-image network, else 0)",
     )
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="clicks")
     parser.add_argument("--images", type=int, default=18, help="images after the seed image")

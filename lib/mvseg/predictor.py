@@ -194,7 +194,7 @@ class Predictor:
         self.zoom = Zoom() if zoom is True else (zoom or None)
         self.model = _as_model(model, MultiverSegNet).to(self.device).eval()
         retain_for_network(self.device.type, self.model.config.encoder_widths)
-        self.size = size or int(getattr(self.model, "meta", {}).get("size", DEFAULT_SIZE))
+        self.size = int(getattr(self.model, "meta", {}).get("size", DEFAULT_SIZE)) if size is None else size
         self.fallback = _as_model(fallback, ScribblePromptUNet, MultiverSegNet)
         if self.fallback is not None:
             self.fallback = self.fallback.to(self.device).eval()

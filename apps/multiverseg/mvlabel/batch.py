@@ -145,11 +145,13 @@ def save_result(datastore, p: Plan, image_id: str, mask: np.ndarray, uncertainty
 class Worker:
     """A Ray actor: one network, loaded once; segments the images it is handed."""
 
-    def __init__(self, weights: Optional[str], size: Optional[int], refine: bool, axis: int, threads: int):
+    def __init__(self, weights: Optional[str], size: Optional[int], refine: bool, axis: int, threads: int,
+                 max_context: int = 64):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.predictor = Predictor(weights, device="cpu", dtype="auto", size=size, refine=refine)  # as served
+        self.predictor = Predictor(weights, device="cpu", dtype="auto", size=size, refine=refine,
+                                   max_context=max_context)  # as served
         self.axis = axis
 
     def pid(self) -> int:
@@ -183,7 +185,7 @@ class Summary:
 
 def run_ray(datastore, p: Plan, weights: Optional[str], size: Optional[int], refine: bool = True, axis: int = 2,
             workers: Optional[int] = None, address: Optional[str] = None, retries: int = 2,
-            on_workers=None, progress: bool = True) -> Summary:
+            on_workers=None, progress: bool = True, max_context: int = 64) -> Summary:
     """Segment ``p.todo`` on Ray actors and write every result as it arrives (see the module docstring).
     ``on_workers(actors)`` is called once they are up (tests use it to kill one)."""
     import ray
@@ -209,7 +211,7 @@ def run_ray(datastore, p: Plan, weights: Optional[str], size: Optional[int], ref
         n = min(n, len(p.todo))
         threads = max(1, (os.cpu_count() or 1) // n) if not address else 1
         actor = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(Worker)
-        actors = [actor.remote(weights, size, refine, axis, threads) for _ in range(n)]
+        actors = [actor.remote(weights, size, refine, axis, threads, max_context) for _ in range(n)]
         ray.get([a.pid.remote() for a in actors])  # loaded: the clock below counts segmenting only
         if on_workers is not None:
             on_workers(actors)

@@ -9,7 +9,7 @@ def shorten(message: str, limit: int = MAX_MESSAGE) -> str:
 
 
 class BadRequest(ValueError):
-    """A request the server cannot serve as sent: ``status`` is the HTTP code (400, 404, 409, 415, 422)."""
+    """A request the server cannot serve as sent: ``status`` is the HTTP code (4xx; 502/503 where the PACS failed)."""
 
     def __init__(self, message: str, status: int = 422):
         super().__init__(shorten(message))

@@ -38,15 +38,17 @@ import anyio
 from anyio.lowlevel import RunVar
 
 from .access import PUBLIC, ROLE_NAMES, Identity, TokenCache, required_role
-from .errors import BadRequest, shorten
+from .errors import MAX_MESSAGE, BadRequest, shorten
 from .imageio import MAX_LABEL_NAME, is_label_name
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. +=,@()-]{0,254}$")  # ids: file-name safe, no separators
+# ids: file-name safe, no separators, short enough for a file name with its extension and history number
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_. +=,@()-]{0,199}$")
 TAG = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FINAL = "final"
 JSON_FIELDS = ("params", "info", "wsi")
+NO = ("0", "off", "f", "false", "n", "no")  # what FastAPI reads as a false bool; anything else it reads as true or refuses
 RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 # POST routes that start a background job for the task they name: (path, kind of task)
 TASK_ROUTES = [(re.compile(r"^/batch/infer/([^/]+)$"), "infer"), (re.compile(r"^/train(?:/([^/]*))?$"), "train"),
@@ -162,6 +164,10 @@ def _json_object(text: str, field: str) -> dict:
         raise Refusal(400, f"'{field}' is nested too deeply") from None
     if not isinstance(value, dict):
         raise Refusal(422, f"'{field}' must be a JSON object, got {type(value).__name__}")
+    try:  # JSON's \ud800-\udfff escapes make strings no file or answer can hold (the index became unreadable)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refusal(422, f"'{field}' holds a lone surrogate escape (\\ud800-\\udfff), which is not text") from None
     return value
 
 
@@ -173,6 +179,12 @@ def check_params(params: dict, route: str) -> None:
     label = params.get("label")
     if label is not None and not (isinstance(label, str) and (label == "" or NAME.match(label))):
         raise Refusal(422, f"'params.label' must be a label name, got {label!r}")
+    if not isinstance(params.get("label_name", ""), str):
+        raise Refusal(422, f"'label_name' must be a label name, got {params['label_name']!r}")
+    names = params.get("labels")
+    if names is not None and not (isinstance(names, str) or (isinstance(names, (list, dict))
+                                                              and all(isinstance(n, str) for n in names))):
+        raise Refusal(422, f"'labels' must be a label name or a list of them, got {str(names)[:60]!r}")
     tag = params.get("label_tag")
     if tag is not None:
         if not isinstance(tag, str):
@@ -188,10 +200,13 @@ def check_params(params: dict, route: str) -> None:
         if value is not None and not (isinstance(value, str) and len(value) <= 255):
             raise Refusal(422, f"'{key}' must be text, got {value!r}")
     # the URL names the strategy or the model: a body naming another would win over it unseen
-    for prefix, key in (("/activelearning/", "strategy"), ("/batch/infer/", "model")):
-        named = unquote(route[len(prefix):]).strip("/") if route.startswith(prefix) else None
-        if named and params.get(key) not in (None, named):
-            raise Refusal(422, f"the URL names {key} '{named}'; the body names '{str(params[key])[:60]}': name one")
+    for prefix, key in (("/activelearning/", "strategy"), ("/batch/infer/", "model"), ("/infer/wsi/", "model"),
+                        ("/infer/wsi_v2/", "model"), ("/infer/", "model")):
+        if route.startswith(prefix):
+            named = unquote(route[len(prefix):]).strip("/")
+            if named and params.get(key) not in (None, named):
+                raise Refusal(422, f"the URL names {key} '{named}'; the body names '{str(params[key])[:60]}': name one")
+            break
     if route.startswith("/batch/"):
         images = params.get("images")
         if images is not None and images not in ("all", "labeled", "unlabeled"):
@@ -217,8 +232,13 @@ def check_params(params: dict, route: str) -> None:
     for key in ("scribbles_fg_label", "scribbles_bg_label", "slice"):
         value = params.get(key)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and abs(value) < 1e9) and not (isinstance(value, str) and value.isdigit()):
+                                      and abs(value) < 1e9) and not (isinstance(value, str) and is_whole(value)):
             raise Refusal(422, f"'{key}' must be a number, got {value!r}")
+
+
+def is_whole(text: str) -> bool:
+    """Digits 0-9 only ('²' is a digit to str.isdigit, and no number to int)."""
+    return text.isascii() and text.isdigit()
 
 
 def check_wsi(wsi: dict) -> None:
@@ -262,13 +282,17 @@ class Guard:
         max_body: largest request body (bytes).
         batch_running: ``() -> bool``, whether this server runs a batch job in one of its own threads
             (``run_sync``): MONAI Label refuses a second job only while one runs in the background.
+        label_exists: ``(image id, tag) -> bool``, for reads of a label's info (MONAI Label answered 200 {}
+            for a tag the image has no label of).
     """
 
     def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str], None],
                  image_exists: Callable[[str], bool], max_body: int, on_pacs: bool = False,
-                 tasks: Callable[[], dict] = dict, batch_running: Callable[[], bool] = lambda: False):
+                 tasks: Callable[[], dict] = dict, batch_running: Callable[[], bool] = lambda: False,
+                 label_exists: Callable[[str, str], bool] = lambda image, tag: True):
         self.inner = inner
         self.batch_running = batch_running
+        self.label_exists = label_exists
         self.tasks = tasks  # () -> {"infer": names, "train": names, "scoring": names}
         self.on_pacs = on_pacs  # a DICOMweb datastore: output=dicom_seg and the proxy work
         self.tokens = tokens
@@ -299,6 +323,10 @@ class Guard:
             for route, key in (("/datastore/image/info", "image"), ("/datastore/label/info", "label")):
                 if path.rstrip("/") == route and key in query:  # MONAI Label answered 200 {} for any id
                     await self._check_images_exist([query[key][0]])
+            if method == "GET" and path.rstrip("/") == "/datastore/label/info" and "label" in query and "tag" in query:
+                image, tag = query["label"][0], query["tag"][0]
+                if not await anyio.to_thread.run_sync(self.label_exists, image, tag):
+                    raise Refusal(404, f"image '{image}' has no '{tag}' label")
             uploads = False
             if method in ("POST", "PUT", "PATCH"):
                 spool = await self._read_body(receive)
@@ -321,9 +349,18 @@ class Guard:
         files = _request_files.set([])
         started = False
 
+        held: list = []  # a 422 answer's messages, kept until its body is whole
+
         async def tracked(message):
             nonlocal started
             started = started or message["type"] == "http.response.start"
+            if held or (message["type"] == "http.response.start" and message["status"] == 422):
+                held.append(message)
+                if message["type"] == "http.response.start" or message.get("more_body"):
+                    return
+                for brief in _brief_answer(held):
+                    await send(brief)
+                return
             await send(message)
 
         try:
@@ -387,14 +424,14 @@ class Guard:
                     check_name(value, key)
         for value in query.get("tag", []):
             check_tag(value)
-        if path.startswith("/session") and any(v.lower() in ("true", "1") for v in query.get("uncompress", [])):
+        if path.startswith("/session") and any(v.strip().lower() not in NO for v in query.get("uncompress", [])):
             raise Refusal(422, "archives are not unpacked on this server (uncompress): upload the image files")
         if "dicom_seg" in query.get("output", []) and not self.on_pacs:
             raise Refusal(422, "output=dicom_seg needs a DICOMweb datastore; ask for image, json or all")
         self._check_route(method, path)
         if path.rstrip("/") == "/logs":
             for value in query.get("lines", []):
-                if not (value.isdigit() and int(value) <= 1_000_000):
+                if not (is_whole(value) and int(value) <= 1_000_000):
                     raise Refusal(422, f"'lines' must be a whole number up to 1000000, got {value[:32]!r}")
 
     def _check_proxy(self, method: str, path: str, raw_path: str) -> None:
@@ -520,6 +557,16 @@ class Guard:
                         check_info(data, path)
             if seg_output and not isinstance(form.get("params"), str):
                 raise Refusal(422, SEG_NEEDS_INFO)
+            for field, upload in form.multi_items():  # MONAI Label makes temp files named after them
+                if hasattr(upload, "read"):
+                    name = upload.filename or ""
+                    if not name.isprintable() or len(name.encode()) > 200:
+                        raise Refusal(422, f"an upload's file name ('{field}') must be printable and at most 200 bytes")
+            label = form.get("label")
+            if (path.startswith("/infer/") and hasattr(label, "read") and (label.filename or "").lower().endswith(".bin")
+                    and not (query.get("image") or [""])[0]):
+                raise Refusal(422, "a .bin labelmap (OHIF's scribbles) is read on the grid of a datastore volume: "
+                                   "name it (?image=ID)")
             upload = form.get("file")
             if upload is not None and hasattr(upload, "read") and path.startswith(("/datastore", "/infer/")):
                 await self._check_upload(upload)
@@ -528,10 +575,7 @@ class Guard:
                 files = [f for f in form.getlist("files") if hasattr(f, "read")]
                 if len(files) > 1:
                     raise Refusal(422, f"a session holds one image file, got {len(files)}")
-                for upload in files:  # MONAI Label stores it under its own name
-                    name = _sent_name(upload)
-                    if not name.isprintable() or len(name.encode()) > 200:
-                        raise Refusal(422, "a session image's file name must be printable and at most 200 bytes")
+                for upload in files:  # MONAI Label stores it under its own name (checked above)
                     await self._check_upload(upload)
                 return bool(files)
         finally:
@@ -563,6 +607,27 @@ class Guard:
 def _sent_name(upload) -> str:
     """An upload's file name as the client sent it, without folders (Windows' too)."""
     return os.path.basename((upload.filename or "").replace("\\", "/"))
+
+
+def _brief_answer(messages: list) -> list:
+    """A 422 answer (start and body messages) whose JSON quotes at most a short piece of each input: FastAPI's
+    validation errors echo a field's whole value (a megabyte of text sent as a file)."""
+    start, body = messages[0], b"".join(m.get("body", b"") for m in messages[1:])
+    if len(body) <= MAX_MESSAGE:
+        return messages
+    try:
+        answer = json.loads(body)
+        for error in answer["detail"] if isinstance(answer.get("detail"), list) else []:
+            if isinstance(error, dict) and "input" in error:
+                error["input"] = shorten(str(error["input"]), 100)
+        body = json.dumps(answer).encode()
+    except (ValueError, AttributeError):
+        return messages
+    if len(body) > 4 * MAX_MESSAGE:
+        body = json.dumps({"detail": shorten(body.decode(), MAX_MESSAGE)}).encode()
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    return [{**start, "headers": headers}, {"type": "http.response.body", "body": body}]
 
 
 def _status_of(error: Exception) -> Optional[int]:

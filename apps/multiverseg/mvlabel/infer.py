@@ -4,6 +4,8 @@ batch task that runs one of them over many datastore images (``POST /batch/infer
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -13,8 +15,9 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from .contextstore import volume_slice
+from .errors import BadRequest
 from .guard import remove_after_response
-from .imageio import write_label
+from .imageio import read_image, write_label
 from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -111,3 +114,49 @@ class BatchInfer(BatchInferTask):
                 return {}
 
         return super().__call__(request, datastore, skipping_deleted)
+
+
+# -- MONAI Label's infer route, mended ---------------------------------------------------------------
+
+
+class _TempFilesOfTheRequest:
+    """``tempfile`` as MONAI Label's infer route sees it: each upload copy it names is removed once the
+    request ends. It removed them only after a success, so every refused or failed request left its
+    uploads in the temp folder."""
+
+    def __getattr__(self, name):
+        return getattr(tempfile, name)
+
+    @staticmethod
+    def NamedTemporaryFile(*args, **kwargs):  # noqa: N802 (tempfile's name)
+        made = tempfile.NamedTemporaryFile(*args, **kwargs)
+        remove_after_response(made.name)
+        return made
+
+
+def mend_infer_route() -> None:
+    """Put the route's upload handling right: uploads go once the request ends (:class:`_TempFilesOfTheRequest`),
+    and OHIF's scribbles (``label`` as a raw ``.bin`` labelmap of the volume) are checked against the volume
+    before MONAI Label converts them, the converted file removed after the answer."""
+    import monailabel.endpoints.infer as route
+
+    route.tempfile = _TempFilesOfTheRequest()
+    convert = route.binary_to_image
+    if getattr(convert, "mended", False):
+        return
+
+    def binary_to_image_checked(reference: str, label: str, *args, **kwargs) -> str:
+        image = read_image(reference)
+        if not image.is_volume:
+            raise BadRequest("a .bin labelmap (OHIF's scribbles) is for volumes: send a 2D image's scribbles as "
+                             "a PNG label", 422)
+        expected, size = int(np.prod(image.shape)), os.path.getsize(label)
+        if size != expected:
+            raise BadRequest(f"the .bin labelmap holds {size} bytes; this volume of {' x '.join(map(str, image.shape))}"
+                             f" voxels needs {expected}, one uint8 per voxel", 422)
+        converted = convert(reference, label, *args, **kwargs)
+        remove_after_response(converted)
+        return converted
+
+    binary_to_image_checked.mended = True
+    route.binary_to_image = binary_to_image_checked

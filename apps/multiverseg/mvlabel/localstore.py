@@ -328,8 +328,20 @@ class CheckedDatastore(LocalDatastore):
             super().update_label_info(label_id, label_tag, info)
 
     def remove_image(self, image_id):
+        """MONAI Label's removal, and the image's record goes at once: MONAI Label left that to the folder
+        watcher, and a label saved meanwhile was stored for the deleted image, its file left behind for a
+        new image of the same id to take as its own."""
         with self._index():
             super().remove_image(image_id)
+            if self._datastore.objects.pop(image_id, None) is not None:
+                self._update_datastore_file(lock=False)
+
+    def _to_id(self, file: str) -> tuple[str, str]:
+        """(id, extension) of a file name: the extension comes off the end only. MONAI Label removed it
+        wherever it occurred, so 'scan.png.png' (an image uploaded as 'scan.png') became 'scan', a record
+        whose file never exists: the watcher then added and removed it many times a second, for ever."""
+        ext = super()._to_id(file)[1]
+        return (file[: -len(ext)] if ext and file.endswith(ext) else file), ext
 
     def set_name(self, name):
         with self._index():
@@ -430,7 +442,7 @@ def _history_entries(folder: str) -> list[str]:
 
 def _entry_number(stem: str) -> int:
     number = stem.rsplit("_", 1)[-1]
-    return int(number) if number.isdigit() else -1
+    return int(number) if number.isascii() and number.isdigit() else -1
 
 
 @contextmanager

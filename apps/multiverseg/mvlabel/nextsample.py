@@ -4,8 +4,8 @@ The strategies themselves live in :mod:`mvseg.activelearning`; here they meet th
 
 * :class:`ScoreBoard` scores every unlabelled image, per label name, in a background thread after each
   save (and at start-up). Coverage needs descriptors only (cached per file); uncertainty and confident need
-  one network forward per image, and the board takes the predictor's lock one forward at a time, so an
-  annotator's click waits for at most one of them. Scores also go into each image's info in the datastore.
+  a network forward per image, a few images per forward, and the board takes the predictor's lock one
+  forward at a time, so an annotator's click waits for at most one of them. Scores also go into each image's info in the datastore.
 * :class:`Leases` keeps an image handed to one annotator away from the others for a while.
 * :class:`NextSample` is the MONAI Label strategy: it answers from the stored scores at once (coverage is
   computed on the spot for images the board has not reached yet) and says why it picked the image.

@@ -20,6 +20,8 @@ OHIF_DIR = None  # set by serve_ohif_assets: MONAI Label's static/ohif folder
 def get_ohif(path: str) -> FileResponse:
     root = os.path.realpath(OHIF_DIR)
     file = os.path.join(root, "index.html")
+    if "\0" in path:  # no file name holds one (os.path would raise)
+        raise HTTPException(status_code=404, detail="not an OHIF file")
     if path:
         candidate = os.path.realpath(os.path.join(root, path))
         inside = candidate.startswith(root + os.sep)

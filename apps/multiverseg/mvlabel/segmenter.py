@@ -8,6 +8,8 @@ Coordinates: a 2D image's click is ``[x, y]`` (column, row); a volume's click is
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import threading
@@ -45,6 +47,14 @@ class Target:
     client: str = "default"
     region: Optional[tuple] = None  # (x0, y0, x1, y1) of a 2D image the plane is (QuPath), else the whole
     timings: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def source(self) -> str:
+        """The image, as interaction state knows it: its path, or the content of an upload (each request
+        uploads its own copy: QuPath's wsi_v2 sends the region again with every click)."""
+        if not is_upload(self.loaded.path):
+            return self.loaded.path
+        return "upload:" + hashlib.blake2b(np.ascontiguousarray(self.loaded.array).data, digest_size=16).hexdigest()
 
 
 def _number_list(value: Any, name: str) -> list:
@@ -243,14 +253,14 @@ class Segmenter:
 
     @staticmethod
     def _volume_key(target: Target) -> tuple:
-        return (target.client, target.loaded.path, target.label)
+        return (target.client, target.source, target.label)
 
     def interactive(self, request: dict, region: Optional[tuple] = None) -> tuple[Target, np.ndarray, dict]:
         """Segment one plane (or ``region``, see :meth:`target`) from the request's prompts; returns the
         target, the 2D mask and result info."""
         target = self.target(request, region)
         if request.get("reset_state"):
-            self.interactions.reset(target.client, target.loaded.path)
+            self.interactions.reset(target.client, target.source)
         t0 = time.perf_counter()
         count = target.prompts.count()
         context, read, reliability, trusted = self.context_for(target, not count or target.prompts.has_scribbles())
