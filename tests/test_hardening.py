@@ -1531,3 +1531,26 @@ def test_ohif_scribbles_are_checked_against_the_volume_and_leave_no_files(tmp_pa
             r = client.post(f"/infer/multiverseg?image={image}&output=json", data={"params": params}, files=files)
             assert r.status_code == 422 and word in r.json()["detail"], r.text
         assert server_temp_files() - before == set()
+
+
+def test_a_datastore_whose_index_holds_a_lone_surrogate_starts(tmp_path):
+    """Earlier versions stored info edits with a lone surrogate escape; the server then refused to start on
+    that folder ('Invalid JSON: unexpected end of hex escape'). The escape is read as U+FFFD."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from monailabel.config import settings
+
+    from mvlabel.localstore import CheckedDatastore
+
+    studies = make_studies(tmp_path / "studies", IDS[:2])
+    store = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    store.update_image_info(IDS[0], {"note": "x"})
+    index = studies / "datastore_v2.json"
+    index.write_text(index.read_text().replace('"note":"x"', '"note":"a\\ud800b"').replace('"note": "x"',
+                                                                                          '"note": "a\\ud800b"'))
+    assert "\\ud800" in index.read_text()
+    again = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
+    assert again.get_image_info(IDS[0])["note"] == "a\ufffdb" and sorted(again.list_images()) == sorted(IDS[:2])

@@ -156,7 +156,7 @@ class CheckedDatastore(LocalDatastore):
         if digest == self._index_digest:
             return
         try:
-            model = LocalDatastoreModel.model_validate_json(text)
+            model = _read_index(text)
         except ValueError as e:
             log.error("datastore index %s not read, this server's copy stays: %s", self._datastore_config_path, e)
             if strict:
@@ -431,6 +431,30 @@ class CheckedDatastore(LocalDatastore):
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             _atomic_write(self._datastore_config_path, text)
             self._index_digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def _read_index(text: bytes) -> LocalDatastoreModel:
+    """The datastore index; one that holds lone surrogate escapes ('\\ud800', which earlier versions let info
+    edits store, and which pydantic refuses) is read with them made U+FFFD."""
+    try:
+        return LocalDatastoreModel.model_validate_json(text)
+    except ValueError:
+        index = json.loads(text)  # raises for an index that is not JSON at all
+        mended = _without_surrogates(index)
+        if mended == index:
+            raise
+        log.warning("datastore index: lone surrogate escapes replaced by U+FFFD")
+        return LocalDatastoreModel.model_validate(mended)
+
+
+def _without_surrogates(value):
+    if isinstance(value, str):
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    return value
 
 
 def _history_entries(folder: str) -> list[str]:
