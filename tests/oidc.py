@@ -24,6 +24,7 @@ class Provider:
         jwk = json.loads(RSAAlgorithm.to_jwk(self.key.public_key()))
         jwk.update(kid="test-key", use="sig", alg="RS256")
         self.jwks = {"keys": [jwk]}
+        self.certs_delay = 0.0  # seconds the JWKS answer takes (a slow provider)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.issuer = f"http://127.0.0.1:{self.server.server_port}/realms/test"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -37,6 +38,7 @@ class Provider:
                     body = {"issuer": provider.issuer, "jwks_uri": provider.issuer + "/certs",
                             "token_endpoint": provider.issuer + "/token"}
                 elif self.path.endswith("/certs"):
+                    time.sleep(provider.certs_delay)
                     body = provider.jwks
                 else:
                     self.send_error(404)

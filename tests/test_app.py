@@ -643,6 +643,39 @@ def test_next_sample_leases_that_ran_out_are_forgotten():
     assert leases.free_for("a", "bob") and list(leases._given) == ["b"]
 
 
+def test_one_user_holds_a_few_images_however_many_clients_they_name():
+    """A user names their own client_ids: with one lease per client, one annotator took every image."""
+    import sys
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.nextsample import MAX_LEASES_PER_USER, Leases
+
+    leases, ranked = Leases(window=600), list("abcdefgh")
+    got = [leases.claim(ranked, ("mallory", "client", str(i))) for i in range(8)]
+    assert got[:MAX_LEASES_PER_USER] == ranked[:MAX_LEASES_PER_USER]  # then the oldest go first
+    held = {i for i, (client, _) in leases._given.items() if client[0] == "mallory"}
+    assert len(held) == MAX_LEASES_PER_USER and held == set(got[-MAX_LEASES_PER_USER:])
+    assert leases.claim(ranked, ("bob", "client", "x")) not in held | {None}
+
+
+def test_a_user_name_or_client_id_never_spells_anothers_client():
+    import sys
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.guard import client_key, current_client, current_user
+
+    def key(user, client_id=None, address="127.0.0.1"):
+        tokens = current_user.set(user), current_client.set((user, "address", address))
+        try:
+            return client_key(client_id)
+        finally:
+            current_user.reset(tokens[0])
+            current_client.reset(tokens[1])
+
+    assert key("carol/x", "y") != key("carol", "x/y")
+    assert key("dave/c") != key("dave", "c@127.0.0.1") and key("dave", "c") == key("dave", "c")
+
+
 def test_two_annotators_asking_at_once_never_get_one_image():
     """The lease was checked, the image ranked, then given: between the two another annotator got it too."""
     import sys

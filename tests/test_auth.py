@@ -204,3 +204,58 @@ def test_a_session_is_its_owners_and_names_no_server_path(site):
                       headers=as_alice, timeout=60)
     assert r.status_code == 200, r.text
     assert requests.delete(f"{url}/session/{session}", headers=as_alice, timeout=30).status_code == 200
+
+
+def test_what_an_annotator_sees_of_others_and_what_a_save_or_edit_may_claim(site):
+    """The listing showed other users' next-sample leases (who was offered which image) and `output=train`
+    the server's folders; a save could carry a reviewer's `edited_by` stamp, and an info edit a series'
+    DICOM identity, which next-sample answers hand to OHIF."""
+    url, provider = site
+    alice, bob = (provider.token([ROLES["annotator"]], user=u) for u in ("alice", "bob"))
+    as_alice, as_bob = ({"Authorization": f"Bearer {t}"} for t in (alice, bob))
+    assert requests.post(url + "/activelearning/first", json={"client_id": "c1"}, headers=as_bob,
+                         timeout=30).status_code == 200
+    listing = requests.get(url + "/datastore/?output=all", headers=as_alice, timeout=30)
+    assert listing.status_code == 200 and "bob" not in listing.text and '"strategy"' not in listing.text
+    label = {"label": ("l.png", png_bytes(hc18_pair(IDS[0])[1].astype(np.uint8)), "image/png")}
+    r = requests.put(f"{url}/datastore/label?image={IDS[0]}&tag=final", files=label, headers=as_alice,
+                     data={"params": json.dumps({"edited_by": "rita"})}, timeout=60)
+    assert r.status_code == 200, r.text
+    reviewer = {"Authorization": f"Bearer {provider.token([ROLES['reviewer']], user='rita')}"}
+    info = requests.get(f"{url}/datastore/label/info?label={IDS[0]}&tag=final", headers=reviewer, timeout=30).json()
+    assert info.get("user") == "alice" and "edited_by" not in info, info
+    train = requests.get(url + "/datastore/?output=train", headers=as_alice, timeout=30).json()
+    assert train and all(not path.startswith("/") for row in train for path in row.values()), train
+    r = requests.put(f"{url}/datastore/image/info?image={IDS[1]}", headers=as_alice, timeout=30,
+                     data={"info": json.dumps({"SeriesInstanceUID": "1.2.3", "PatientID": "OTHER"})})
+    assert r.status_code == 422 and "SeriesInstanceUID" in r.json()["detail"], r.text
+
+
+def test_a_slow_identity_provider_holds_up_only_the_requests_that_wait_for_it(tmp_path):
+    """Token checks ran on the event loop: while the provider's keys were fetched (slowly), every other
+    request waited, public ones too."""
+    import threading
+    import time
+
+    studies = make_studies(tmp_path / "studies", IDS[:1])
+    save_tiny_weights(tmp_path / "tiny.pt")
+    with Provider() as provider:
+        provider.certs_delay = 4.0  # the keys are fetched at the first token the server checks
+        port = free_port()
+        env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": provider.issuer,
+               "MONAI_LABEL_AUTH_CLIENT_ID": "monailabel-app"}
+        proc = start_server(studies, port, tmp_path / "server.log", {"weights": tmp_path / "tiny.pt"}, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            token = provider.token([ROLES["user"]])
+            first = threading.Thread(target=lambda: requests.get(
+                url + "/info/", headers={"Authorization": f"Bearer {token}"}, timeout=60))
+            first.start()
+            time.sleep(1.0)
+            t0 = time.perf_counter()
+            assert requests.get(url + "/auth/", timeout=30).status_code == 200
+            waited = time.perf_counter() - t0
+            first.join(60)
+        finally:
+            stop(proc)
+    assert waited < 1.5, f"a public request waited {waited:.1f} s for another request's token check"

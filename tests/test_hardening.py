@@ -1006,7 +1006,9 @@ def test_a_qupath_round_trip_of_many_polygons_is_one_label(server):
     from mvlabel.imageio import write_asap
     from mvlabel.wsi import polygons
 
-    answer = ET.parse(write_asap({"head": polygons(blobs, (0, 0), 0)}, {"head": "#00FF00"}))
+    path = write_asap({"head": polygons(blobs, (0, 0), 0)}, {"head": "#00FF00"})
+    answer = ET.parse(path)
+    os.unlink(path)
     for ann in answer.getroot().iter("Annotation"):  # what QuPath sends back: class = the Name it imported
         ann.set("PartOfGroup", ann.get("Name"))
     back = ET.tostring(answer.getroot())

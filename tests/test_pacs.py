@@ -777,3 +777,57 @@ def test_ohif_point_prompt_shows_an_overlay_on_the_clicked_slice(site, tmp_path)
     errors = [line for line in console if "Error" in line]
     assert green_pixels(before) < 300 and green_pixels(after) > 1000, (green_pixels(before), green_pixels(after), errors)
     print(f"OHIF screenshots: {shots}")
+
+
+def _new_series(site: Site, folder: Path, patient: str, keep=None) -> str:
+    """Another copy of the sample volume stored in the PACS (``keep``: change its files first)."""
+    files = _make_dicom().write_series(SAMPLE, folder, patient=patient)
+    if keep is not None:
+        files = keep(files)
+    upload(site.dicomweb, files)
+    return _series_uid(files[0])
+
+
+def test_where_segments_overlap_the_newest_save_wins_and_strange_names_are_refused(site, tmp_path):
+    """An older SEG's segment was painted over the newest save where they overlapped (segments went in name
+    order); and a save naming labels the server does not have was stored for good (nothing is deleted from
+    the PACS), shadowing the image's real labels from then on."""
+    c = _new_series(site, tmp_path / "series_c", "MNI152-c")
+    truth = np.asarray(TRUTH.dataobj).astype(np.uint8)
+    assert save_label(site, c, truth).status_code == 200
+    fixed = np.isin(truth, (1, 2)).astype(np.uint8)  # the user relabels the grey matter as white matter
+    assert save_label(site, c, fixed, [{"name": "white_matter", "idx": 1}]).status_code == 200
+    r = requests.get(f"{site.url}/datastore/label?label={c}&tag=final", timeout=60)
+    path = tmp_path / "back.nii.gz"
+    path.write_bytes(r.content)
+    info = requests.get(f"{site.url}/datastore/label/info?label={c}&tag=final", timeout=30).json()
+    value = {item["name"]: item["idx"] for item in info["label_info"]}
+    np.testing.assert_array_equal(np.asarray(nib.load(str(path)).dataobj) == value["white_matter"], fixed == 1)
+    assert isinstance(info["ts"], int) and abs(info["ts"] - time.time()) < 2 * 86400  # seconds, as on a folder
+    before = segs_in_pacs(site)
+    for label, described in [(fixed, [{"name": "tumour", "idx": 1}]), (truth * 3, None)]:  # 3, 6: label_3, label_6
+        r = save_label(site, c, label, described) if described else save_label(site, c, label, [])
+        assert r.status_code == 422 and "not this server's" in r.json()["detail"], r.text
+    assert segs_in_pacs(site) == before
+    r = requests.put(f"{site.url}/datastore/image?image=uploaded", files={"file": ("x.nii.gz", path.read_bytes())},
+                     data={"params": "{}"}, timeout=30)
+    assert r.status_code == 405, r.text  # images come from the PACS; the upload was kept, never listed
+
+
+def test_a_series_that_is_no_volume_is_a_422_and_never_the_next_sample(site, tmp_path):
+    """A series whose instances hold no pixels: a click, a download or a save answered 500, and so did the
+    default next-sample strategy, for every image, as the whole scoring pass failed on it."""
+    import pydicom
+
+    def without_pixels(files):
+        for f in files[:3]:
+            ds = pydicom.dcmread(str(f))
+            del ds.PixelData
+            ds.save_as(str(f))
+        return files[:3]
+
+    bad = _new_series(site, tmp_path / "series_nopixels", "MNI152-nopixels", keep=without_pixels)
+    r = click(site, bad, [40, 40, 1])
+    assert r.status_code == 422 and "cannot be read as a volume" in r.json()["detail"], r.text
+    r = requests.post(f"{site.url}/activelearning/nearest", json={"client_id": "scorer"}, timeout=120)
+    assert r.status_code == 200 and r.json().get("id") != bad, r.text

@@ -165,3 +165,26 @@ def test_a_series_cut_short_is_not_cached_and_listings_stand_in_while_the_pacs_i
     fresh = dicomweb.PacsDatastore(client, None, str(tmp_path / "cache2"), ["white_matter"], list_ttl=0.0)
     with pytest.raises(requests.ConnectionError):  # nothing seen yet: nothing to stand in
         fresh.list_images()
+
+
+def test_a_series_the_last_listing_lacks_is_not_taken_for_deleted_while_the_pacs_is_down(tmp_path):
+    """While the PACS was down, a series stored after the last listing answered 404 'not in the PACS': OHIF
+    and Slicer took it for gone. It is 503, as for everything else the PACS must answer."""
+    from mvlabel.errors import BadRequest
+
+    series, study = generate_uid(), generate_uid()
+    client = StandInClient(series, study, [_instance(series, study)], listed=1)
+    store = dicomweb.PacsDatastore(client, None, str(tmp_path / "cache"), ["white_matter"], list_ttl=0.0)
+    assert store.list_images() == [series]
+    client.down = True
+    newer = generate_uid()
+    with pytest.raises(BadRequest) as refused:
+        store.get_image_uri(newer)
+    assert refused.value.status == 503
+    with pytest.raises(BadRequest):
+        store.has_image(newer)  # not known either way
+    client.down = False
+    time.sleep(1.1)  # an unknown id makes the listing be asked again at most once a second
+    with pytest.raises(BadRequest) as refused:
+        store.get_image_uri(newer)
+    assert refused.value.status == 404 and not store.has_image(newer)

@@ -4,6 +4,7 @@ whatever the header says (qform, sform, both, neither, NRRD spaces, spacings onl
 
 from __future__ import annotations
 
+import os
 import sys
 
 import nibabel as nib
@@ -95,7 +96,9 @@ def _mask(shape) -> np.ndarray:
 def test_an_answer_lies_where_slicer_shows_the_image(image, suffix):
     _, loaded, shown = image
     mask = _mask(loaded.shape)
-    answer = sitk.ReadImage(write_label(mask, loaded, suffix))
+    path = write_label(mask, loaded, suffix)
+    answer = sitk.ReadImage(path)
+    os.unlink(path)
     _same_place(answer, shown)
     # the same voxel order as the image in ITK's array view
     got = sitk.GetArrayFromImage(answer).transpose()

@@ -29,6 +29,7 @@ what an annotation server needs done differently:
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import logging
@@ -60,15 +61,14 @@ from urllib3.util.retry import Retry
 
 from .contextstore import label_masks
 from .errors import BadRequest
-from .guard import pacs_unreachable, remove_after_response
+from .guard import DICOM_INFO, PACS_DOWN, pacs_unreachable, remove_after_response
 from .imageio import check_label_values, read_image, read_label, uploads_removed_when_refused
-from .localstore import OneSavePerImage, public_image_info, write_dataset_archive
+from .localstore import OneSavePerImage, public_datalist, public_image_info, write_dataset_archive
 
 log = logging.getLogger(__name__)
 
 FINAL = "final"
 NON_IMAGE = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC", "FID", "PLAN"}
-DICOM_INFO = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "StudyDate", "StudyTime")
 SEG_WRITER = "itkimage2segimage"
 # series description of a SEG that is a model's proposal under a tag (batch pre-segmentation), not a final
 # label: "MultiverSeg proposal: original". Any other SEG that references an image is a final label.
@@ -158,6 +158,15 @@ def _seg_record(uid: str, study: str, meta: Dataset) -> Optional[SegRecord]:
     return SegRecord(uid, study, str(refs[0].SeriesInstanceUID), when, segments, tag=tag)
 
 
+def _epoch(when: str) -> Optional[int]:
+    """A :attr:`SegRecord.when` as seconds since the epoch (its date and time as UTC: DICOM gives no zone),
+    as a folder datastore's label info holds its ``ts``; None when the SEG names no date."""
+    try:
+        return calendar.timegm(time.strptime(when[:14], "%Y%m%d%H%M%S"))
+    except ValueError:
+        return None
+
+
 class PacsDatastore(DICOMWebDatastore):
     """MONAI Label datastore over a DICOMweb PACS (see the module docstring).
 
@@ -195,6 +204,8 @@ class PacsDatastore(DICOMWebDatastore):
         self._labels: dict[tuple, tuple[tuple, str, dict]] = {}  # (image, tag) -> (SEG uids, file, label info)
         # image -> (digest of the label, SEG series UID) of a store whose answer was lost: it may be in the PACS
         self._unanswered: dict[str, tuple[str, str]] = {}
+        self._relisted = 0.0  # when an unknown series id last made the listing be asked again
+        self._stood_in = False  # the PACS did not answer the last listing: the one before stands in
 
     def _lock(self, key: str) -> threading.RLock:
         with self._guard:
@@ -208,6 +219,7 @@ class PacsDatastore(DICOMWebDatastore):
             if time.monotonic() - at < self.list_ttl:
                 return series, studies
         found = self._search_series(self._filter or {}, series is not None, "the last listing of its series")
+        self._stood_in = found is None
         if found is None:
             return series, studies
         series, studies = [], {}
@@ -298,9 +310,14 @@ class PacsDatastore(DICOMWebDatastore):
             raise BadRequest(f"'{image_id}' is not a series UID of this PACS", 404)
         series, studies = self._list()
         if image_id not in studies:
-            with self._guard:
-                self._listed = (0.0,) + self._listed[1:]  # a series stored a moment ago: look once more
+            with self._guard:  # a series stored a moment ago: look once more (at most once a second)
+                again = time.monotonic() - self._relisted > 1.0
+                if again:
+                    self._relisted = time.monotonic()
+                    self._listed = (0.0,) + self._listed[1:]
             series, studies = self._list()
+            if image_id not in studies and self._stood_in:
+                raise BadRequest(PACS_DOWN, 503)
         if image_id not in studies:
             raise BadRequest(f"series '{image_id}' is not in the PACS (or not listed by the search filter)", 404)
         return studies[image_id]["StudyInstanceUID"]
@@ -310,7 +327,9 @@ class PacsDatastore(DICOMWebDatastore):
         try:
             self._check_id(image_id)
             return True
-        except BadRequest:
+        except BadRequest as e:
+            if e.status == 503:  # the PACS did not answer: not known either way
+                raise
             return False
 
     # -- images -------------------------------------------------------------------------------------
@@ -325,8 +344,12 @@ class PacsDatastore(DICOMWebDatastore):
                 folder = self._download(study, image_id)
                 t1 = time.perf_counter()
                 reader = sitk.ImageSeriesReader()
-                reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
-                image = reader.Execute()
+                try:
+                    reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+                    image = reader.Execute()
+                except RuntimeError as e:  # no pixel data, slices of different sizes, not an image at all
+                    reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+                    raise BadRequest(f"series '{image_id}' cannot be read as a volume: {reason}", 422) from None
                 _write_atomic(image, target)
                 log.info("series %s: downloaded in %.2f s, converted in %.2f s", image_id, t1 - t0,
                          time.perf_counter() - t1)
@@ -367,11 +390,11 @@ class PacsDatastore(DICOMWebDatastore):
     def get_image_info(self, image_id: str) -> dict:
         """The series' DICOM identity (what OHIF's next sample shows and opens) and the app's own info."""
         self._check_id(image_id)
-        info = dict(self._list()[1][image_id])
         try:
-            info.update(LocalDatastore.get_image_info(self, image_id) or {})
+            info = dict(LocalDatastore.get_image_info(self, image_id) or {})
         except Exception:  # nothing stored locally for it yet
-            pass
+            info = {}
+        info.update(self._list()[1][image_id])  # the PACS's identity wins over anything stored here
         return public_image_info(info, self.hide_paths)
 
     # -- labels -------------------------------------------------------------------------------------
@@ -421,8 +444,10 @@ class PacsDatastore(DICOMWebDatastore):
             image = sitk.ReadImage(self.get_image_uri(image_id))
             labelmap = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
             segments = {}
-            for idx, name in enumerate(names, start=1):
-                record = current[name]
+            values = {name: idx for idx, name in enumerate(names, start=1)}
+            # the oldest SEG first: where segments overlap, the newest save wins
+            for name in sorted(names, key=lambda n: (current[n].when, current[n].order)):
+                idx, record = values[name], current[name]
                 number = next(n for n, label in record.segments if label == name)
                 folder = self._download(record.study, record.uid)  # its failures are the PACS's, not the SEG's
                 try:
@@ -442,7 +467,7 @@ class PacsDatastore(DICOMWebDatastore):
             info = {
                 "label_info": [{"name": n, "idx": i} for i, n in enumerate(names, start=1)],
                 "segs": list(key),
-                "ts": max(current[n].when for n in names),
+                "ts": _epoch(max(current[n].when for n in names)),
             }
             self._labels[(image_id, tag)] = (key, path, info)
             return self._labels[(image_id, tag)]
@@ -463,6 +488,11 @@ class PacsDatastore(DICOMWebDatastore):
 
     def remove_image(self, image_id):
         raise HTTPException(status_code=405, detail="images are not deleted from the PACS through this server")
+
+    def add_image(self, image_id, image_filename, image_info):
+        with uploads_removed_when_refused(image_filename):  # it was stored in the cache, never listed or used
+            raise HTTPException(status_code=405, detail="images come from the PACS: store them there (DICOMweb "
+                                                        "STOW-RS, C-STORE), and this server lists them")
 
     def _save(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         image_uri = self.get_image_uri(image_id)
@@ -499,6 +529,10 @@ class PacsDatastore(DICOMWebDatastore):
         segments = list(label_masks(label, label_info, self.names).items())
         if not segments:
             raise BadRequest("the label is empty: nothing to store", 422)
+        unknown = [name for name, _ in segments if name not in self.names]
+        if unknown:  # a SEG is never deleted through this server: a stray name would stay an image's for good
+            raise BadRequest(f"label names {unknown[:5]} are not this server's ({', '.join(self.names)}): on a PACS "
+                             "every saved segment stays; name each value in label_info with a configured label", 422)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             labelmap = np.zeros(label.shape, np.uint16)
@@ -564,13 +598,18 @@ class PacsDatastore(DICOMWebDatastore):
         return {"total": len(self.list_images()), "completed": len(labelled), "label_tags": {FINAL: len(labelled)}}
 
     def datalist(self, full_path=True) -> list[dict[str, Any]]:
+        cache = os.path.commonpath([self.root, os.path.realpath(self._datastore_path)])  # the series and the labels
+        return public_datalist(self._pairs(), cache, self.hide_paths)
+
+    def _pairs(self) -> list[dict[str, str]]:
+        """The labelled series and their final labels, as files in this server's cache."""
         return [{"image": self.get_image_uri(i), "label": self.get_label_uri(i, FINAL)}
                 for i in self.get_labeled_images()]
 
     def get_dataset_archive(self, limit_cases):
         """The labelled series and their final labels as NIfTI, zipped in this server's cache folder (one file,
         as the folder datastore's; MONAI Label's left a new temp file per download)."""
-        return write_dataset_archive(self.datalist(), limit_cases, os.path.join(self.root, "archive"),
+        return write_dataset_archive(self._pairs(), limit_cases, os.path.join(self.root, "archive"),
                                      json.dumps(self.json()))
 
 

@@ -54,12 +54,16 @@ RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32
 TASK_ROUTES = [(re.compile(r"^/batch/infer/([^/]+)$"), "infer"), (re.compile(r"^/train(?:/([^/]*))?$"), "train"),
                (re.compile(r"^/scoring(?:/([^/]*))?$"), "scoring")]
 # info keys the server records itself (times, file names, who saved, next-sample leases and scores)
-RESERVED_INFO = {"ts", "name", "user", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored"}
+# a PACS series' identity, which next-sample answers carry and OHIF opens: the PACS's, never edited
+DICOM_INFO = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "StudyDate", "StudyTime")
+RESERVED_INFO = {"ts", "name", "user", "edited_by", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored",
+                 *DICOM_INFO}
 # routes that run the model, read big files, write or ask the PACS: off the event loop
 OFF_LOOP = re.compile(r"^/(info|infer|activelearning|datastore|batch|scoring|train|session|proxy)(/|$)")
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
 # who is asking, for requests that name no client_id: user and address (never one state for everyone)
-current_client: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_client", default="default")
+current_client: contextvars.ContextVar[tuple] = contextvars.ContextVar("mvseg_client",
+                                                                       default=("anonymous", "address", "?"))
 PACS_DOWN = "the PACS did not answer (refused, timed out or unreachable); try again once it is back"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -86,10 +90,11 @@ def _remove(path: str) -> None:
         pass
 
 
-def client_key(client_id: Any = None) -> str:
+def client_key(client_id: Any = None) -> tuple:
     """Whose interaction state or next-sample lease this is: the caller's user with the client's own id
-    (a client_id never reaches another user's state), or user and address when the client names none."""
-    return f"{current_user.get()}/{client_id}" if client_id else current_client.get()
+    (a client_id never reaches another user's state), or user and address when the client names none. A
+    tuple, user first: as one string, user 'carol/x' with client 'y' was user 'carol' with client 'x/y'."""
+    return (current_user.get(), "client", str(client_id)) if client_id else current_client.get()
 
 
 class Refusal(Exception):
@@ -311,7 +316,8 @@ class Guard:
             types = sum(name.lower() == b"content-type" for name, _ in scope.get("headers") or [])
             if types > 1:  # the guard and FastAPI could each read another one
                 raise Refusal(400, f"a request has one Content-Type header, this one has {types}")
-            identity = self._authenticate(scope, method, path)
+            # off the event loop: verifying a new token may ask the identity provider (its keys), slowly
+            identity = await anyio.to_thread.run_sync(self._authenticate, scope, method, path) if self.tokens else None
             if path.startswith("/proxy/"):
                 self._check_proxy(method, path, (scope.get("raw_path") or b"").decode("latin-1"))
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -339,13 +345,14 @@ class Guard:
             if spool is not None:
                 spool.close()
             # existence checks ask the PACS; an upload is spooled to the temp folder
-            refusal = e if isinstance(e, Refusal) else self._not_the_callers(e, method, path)
+            refusal = (e if isinstance(e, Refusal) else Refusal(e.status, str(e)) if isinstance(e, BadRequest)
+                       else self._not_the_callers(e, method, path))
             if refusal is None:
                 raise
             return await _respond(send, refusal.status, str(refusal), refusal.headers)
         user = identity.username if identity else "anonymous"
         token = current_user.set(user)
-        client = current_client.set(f"{user}@{(scope.get('client') or ('?',))[0]}")
+        client = current_client.set((user, "address", str((scope.get("client") or ("?",))[0])))
         files = _request_files.set([])
         started = False
 

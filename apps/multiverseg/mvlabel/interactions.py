@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Hashable, Optional
 
 import torch
 
@@ -111,7 +111,7 @@ class InteractionStore:
             self._states[key] = _State(logits.detach().cpu(), prompt_count)
             self._expire(spare=(key,))
 
-    def reset(self, client: str, image: Optional[str] = None) -> int:
+    def reset(self, client: Hashable, image: Optional[str] = None) -> int:
         """Forget a client's state (for one image or all); returns how many entries were dropped."""
         with self._lock:
             dropped = 0

@@ -91,6 +91,14 @@ def public_image_info(info: dict, hide_paths: bool) -> dict:
     return info
 
 
+def public_datalist(rows: list[dict], root: str, hide_paths: bool) -> list[dict]:
+    """``GET /datastore/?output=train``'s image and label pairs: paths relative to ``root`` where clients are
+    remote (authentication on), as no other answer shows the server's folders then."""
+    if not hide_paths:
+        return rows
+    return [{key: os.path.relpath(path, root) for key, path in row.items()} for row in rows]
+
+
 class OneSavePerImage:
     """``with gate(image_id):`` around a save; a second save of the image meanwhile is refused (409) instead
     of silently winning."""
@@ -200,7 +208,17 @@ class CheckedDatastore(LocalDatastore):
 
     def datalist(self, full_path=True):
         with self._objects_lock:
-            return super().datalist(full_path)
+            rows = super().datalist(full_path)
+        return public_datalist(rows, os.path.realpath(self._datastore_path), self.hide_paths)
+
+    def json(self):
+        """``GET /datastore/?output=all``: each image's info as the routes show it (no next-sample leases,
+        which named who else was offered an image; no paths with authentication on)."""
+        with self._objects_lock:
+            listing = super().json()
+        for record in listing.get("objects", {}).values():
+            record["image"]["info"] = public_image_info(record["image"].get("info") or {}, self.hide_paths)
+        return listing
 
     def add_image(self, image_id, image_filename, image_info):
         with uploads_removed_when_refused(image_filename):
@@ -284,7 +302,7 @@ class CheckedDatastore(LocalDatastore):
                 kept = []
                 if label_tag == FINAL and old_path and os.path.exists(old_path):
                     kept = self._keep(image_id, old_path, old.info)
-                info = dict(label_info)
+                info = {k: v for k, v in label_info.items() if k != "edited_by"}  # a reviewer's stamp, set by edits
                 info.update(ts=int(time.time()), name=name, user=current_user.get())
                 obj.labels[label_tag] = DataModel(info=info, ext=ext)
                 try:
@@ -420,9 +438,9 @@ class CheckedDatastore(LocalDatastore):
     def get_dataset_archive(self, limit_cases):
         """MONAI Label's archive (images, final labels, ``metadata.json``) in the datastore's ``.archive/``."""
         with self._objects_lock:
-            metadata = self._datastore.model_dump_json(exclude={"base_path"})
-        return write_dataset_archive(self.datalist(), limit_cases, os.path.join(self._datastore.base_path, ".archive"),
-                                     metadata)
+            cases = LocalDatastore.datalist(self)
+        return write_dataset_archive(cases, limit_cases, os.path.join(self._datastore.base_path, ".archive"),
+                                     json.dumps(self.json()))
 
     def _update_datastore_file(self, lock=True):
         """``datastore_v2.json`` written whole, then renamed over the old one."""

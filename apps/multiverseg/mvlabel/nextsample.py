@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from typing import Optional
+from typing import Hashable, Optional
 
 import numpy as np
 import torch
@@ -29,9 +29,8 @@ from mvseg.context import describe
 from mvseg.geometry import prepare_image
 
 from .contextstore import DatastoreContext, volume_slice
-from .dicomweb import DICOM_INFO
 from .errors import BadRequest
-from .guard import client_key, pacs_unreachable
+from .guard import DICOM_INFO, client_key, pacs_unreachable
 from .imageio import stat_key
 
 log = logging.getLogger(__name__)
@@ -49,23 +48,33 @@ DESCRIPTIONS = {
 }
 
 
+MAX_LEASES_PER_USER = 4  # images one user holds at once (a few viewers open); more would hoard the pool
+
+
+def _user(client) -> str:
+    """The user of a client key (:func:`mvlabel.guard.client_key`: user first)."""
+    return client[0] if isinstance(client, tuple) else client
+
+
 class Leases:
-    """Which client was handed which image, and when; others do not get it within ``window`` seconds."""
+    """Which client was handed which image, and when; others do not get it within ``window`` seconds. One
+    user holds at most ``MAX_LEASES_PER_USER`` images, the oldest going first: a user names their clients
+    (``client_id``), so one annotator could otherwise take every image from the others."""
 
     def __init__(self, window: float = 600.0):
         self.window = window
         self._given: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def free_for(self, image_id: str, client: str) -> bool:
+    def free_for(self, image_id: str, client: Hashable) -> bool:
         with self._lock:
             return self._free(image_id, client)
 
-    def _free(self, image_id: str, client: str) -> bool:
+    def _free(self, image_id: str, client: Hashable) -> bool:
         holder = self._given.get(image_id)
         return holder is None or holder[0] == client or time.monotonic() - holder[1] > self.window
 
-    def claim(self, ranked: list[str], client: str) -> Optional[str]:
+    def claim(self, ranked: list[str], client: Hashable) -> Optional[str]:
         """The first of ``ranked`` free for ``client``, given to it in one step (two annotators asking at once
         never get the same image); None when all are taken."""
         with self._lock:
@@ -74,14 +83,17 @@ class Leases:
                 self._give(pick, client)
             return pick
 
-    def give(self, image_id: str, client: str) -> None:
+    def give(self, image_id: str, client: Hashable) -> None:
         with self._lock:
             self._give(image_id, client)
 
-    def _give(self, image_id: str, client: str) -> None:
+    def _give(self, image_id: str, client: Hashable) -> None:
         now = time.monotonic()
         for old in [i for i, (_, when) in self._given.items() if now - when > self.window]:
             del self._given[old]  # run out: holds nobody back (and a deleted image's goes too)
+        held = sorted((when, i) for i, (c, when) in self._given.items() if _user(c) == _user(client) and i != image_id)
+        for _, old in held[: max(0, len(held) - MAX_LEASES_PER_USER + 1)]:
+            del self._given[old]
         self._given[image_id] = (client, now)
 
 
@@ -118,9 +130,11 @@ class ScoreBoard:
         return volume_slice(loaded.array, axis, loaded.shape[axis] // 2)
 
     def descriptor(self, image_id: str) -> Optional[torch.Tensor]:
-        path = self.datastore.get_image_uri(image_id)
         try:
-            key = stat_key(path)
+            key = stat_key(self.datastore.get_image_uri(image_id))
+        except BadRequest as e:  # e.g. a PACS series that is no volume: never the next sample, not a 500
+            log.warning("scoring: skipping %s: %s", image_id, e)
+            return None
         except OSError:
             return None
         hit = self._descriptors.get(image_id)
