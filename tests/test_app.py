@@ -658,6 +658,43 @@ def test_one_user_holds_a_few_images_however_many_clients_they_name():
     assert leases.claim(ranked, ("bob", "client", "x")) not in held | {None}
 
 
+def test_without_authentication_every_client_holds_its_own_lease():
+    """Without authentication everyone is 'anonymous': the per-user cap made all annotators share 4 leases,
+    and a fifth one took an image already handed to another."""
+    import sys
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.nextsample import Leases
+
+    leases, ranked = Leases(window=600), list("abcdefgh")
+    got = [leases.claim(ranked, ("anonymous", "client", str(i))) for i in range(6)]
+    assert got == list("abcdef")
+
+
+def test_monai_labels_own_role_check_takes_the_guards_cached_identity(monkeypatch):
+    """MONAI Label checks the token again on the event loop: it verified it afresh (the keys fetched there)."""
+    import sys
+
+    sys.path.insert(0, str(APP_DIR))
+    import monailabel.endpoints.user.auth as auth
+    from mvlabel.access import Identity, TokenCache, install_monailabel_user
+
+    class Counting:
+        role_names = {1: "monailabel-user"}
+        calls = 0
+
+        def identity(self, token):
+            self.calls += 1
+            return Identity("u", 1, ["monailabel-user"])
+
+    monkeypatch.setattr(auth, "from_token", auth.from_token)  # put back afterwards
+    verifier = Counting()
+    tokens = TokenCache(verifier)
+    install_monailabel_user(tokens)
+    tokens.identity("t")  # the guard's check
+    assert auth.from_token("t").username == "u" and verifier.calls == 1
+
+
 def test_a_user_name_or_client_id_never_spells_anothers_client():
     import sys
 

@@ -1556,3 +1556,31 @@ def test_a_datastore_whose_index_holds_a_lone_surrogate_starts(tmp_path):
     assert "\\ud800" in index.read_text()
     again = CheckedDatastore(str(studies), extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=False)
     assert again.get_image_info(IDS[0])["note"] == "a\ufffdb" and sorted(again.list_images()) == sorted(IDS[:2])
+
+
+@pytest.mark.parametrize("method, url, status", [
+    ("get", f"/datastore/label/info?label={IDS[0]}&tag=final&tag=nosuch", 400),  # FastAPI read the last one
+    ("get", f"/datastore/image/info?image={IDS[0]}&image=nosuch", 400),
+    ("post", f"/infer/multiverseg?image={IDS[0]}&image=&output=json", 400),  # it was a 500
+    ("get", "/datastore/label/info?label=&tag=final", 422),  # a blank value was dropped, and {} answered
+])
+def test_a_query_parameter_is_given_once(server, method, url, status):
+    """The guard read a parameter's first value and dropped blank ones; FastAPI reads the last."""
+    client, _, _ = server
+    r = getattr(client, method)(url, **({"data": {"params": "{}"}} if method == "post" else {}))
+    assert r.status_code == status, r.text
+
+
+def test_an_upload_named_with_its_whole_local_path_is_taken(server):
+    """MONAI Label's own client (which Slicer's plugin copies) sends the local path as the file name."""
+    client, _, _ = server
+    body, headers = multipart("file", b"/home/someone/" + b"d" * 230 + b"/scan.png", png_bytes(np.zeros((8, 8), np.uint8)))
+    r = client.put("/datastore/image?image=sent_with_path", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert client.delete("/datastore/image?id=sent_with_path").status_code == 200
+
+
+def test_a_body_naming_no_model_is_not_a_model_named_null(server):
+    client, _, _ = server
+    r = client.post(f"/infer/multiverseg?image={IDS[1]}&output=json", data={"params": json.dumps({"model": None})})
+    assert r.status_code == 422 and "name one" in r.json()["detail"], r.text

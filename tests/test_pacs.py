@@ -804,6 +804,9 @@ def test_where_segments_overlap_the_newest_save_wins_and_strange_names_are_refus
     value = {item["name"]: item["idx"] for item in info["label_info"]}
     np.testing.assert_array_equal(np.asarray(nib.load(str(path)).dataobj) == value["white_matter"], fixed == 1)
     assert isinstance(info["ts"], int) and abs(info["ts"] - time.time()) < 2 * 86400  # seconds, as on a folder
+    r = requests.put(f"{site.url}/datastore/label/info?label={c}&tag=final", data={"info": '{"note": "x"}'},
+                     timeout=30)
+    assert r.status_code == 405 and "SEG" in r.json()["detail"], r.text  # it said 404: not found
     before = segs_in_pacs(site)
     for label, described in [(fixed, [{"name": "tumour", "idx": 1}]), (truth * 3, None)]:  # 3, 6: label_3, label_6
         r = save_label(site, c, label, described) if described else save_label(site, c, label, [])
@@ -829,5 +832,6 @@ def test_a_series_that_is_no_volume_is_a_422_and_never_the_next_sample(site, tmp
     bad = _new_series(site, tmp_path / "series_nopixels", "MNI152-nopixels", keep=without_pixels)
     r = click(site, bad, [40, 40, 1])
     assert r.status_code == 422 and "cannot be read as a volume" in r.json()["detail"], r.text
-    r = requests.post(f"{site.url}/activelearning/nearest", json={"client_id": "scorer"}, timeout=120)
-    assert r.status_code == 200 and r.json().get("id") != bad, r.text
+    for client in ("scorer1", "scorer2", "scorer3"):  # each takes an image from the others: at last only it is left
+        r = requests.post(f"{site.url}/activelearning/nearest", json={"client_id": client}, timeout=120)
+        assert r.status_code == 200 and r.json().get("id") != bad, r.text

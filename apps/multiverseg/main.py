@@ -184,7 +184,7 @@ class MultiverSegApp(MONAILabelApp):
             blend=_fraction(conf, "blend"),
             trust=_fraction(conf, "trust"),
         )
-        self._batch_job = threading.Lock()  # held by a batch job running in this process (run_sync)
+        self._batch_job = threading.Lock()  # held while a request starting a batch job is answered (mvlabel.guard)
         self.interactions = InteractionStore(expiry=_positive_number(conf, "state_expiry", 1800))
         imageio.MAX_PIXELS = _positive_int(conf, "max_pixels", 100_000_000)
         self.history_keep = _count_or_all(conf, "history_keep")
@@ -192,14 +192,14 @@ class MultiverSegApp(MONAILabelApp):
         tokens = None
         if settings.MONAI_LABEL_AUTH_ENABLE:
             verifier = verifier_from_settings()
-            install_monailabel_user(verifier)  # MONAI Label's own role checks use the same verification
             tokens = TokenCache(verifier)
+            install_monailabel_user(tokens)  # MONAI Label's own role checks: the same verification, cached
         from monailabel.app import app as server
 
         guard.restrict_cors(server, [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS])
         guard.install(server.router, lambda inner: guard.Guard(
             inner, tokens, self._check_upload, self._image_exists, max_body, on_pacs=self._on_pacs(studies),
-            tasks=self._task_names, batch_running=self._batch_job.locked, label_exists=self._label_exists))
+            tasks=self._task_names, batch_lock=self._batch_job, label_exists=self._label_exists))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -383,16 +383,6 @@ class MultiverSegApp(MONAILabelApp):
             return answer(self.segmenter, request, path, uploaded)
         except BadRequest as e:
             raise _http(e) from None
-
-    def batch_infer(self, request, datastore=None):
-        """One batch job at a time: a second one (run_sync, or started while a run_sync one runs) is refused
-        (429), as MONAI Label refuses a second background job."""
-        if not self._batch_job.acquire(blocking=False):
-            raise HTTPException(status_code=429, detail=guard.BATCH_BUSY)
-        try:
-            return super().batch_infer(request, datastore)
-        finally:
-            self._batch_job.release()
 
     def next_sample(self, request):
         strategy = request.get("strategy") or next(iter(self._strategies))

@@ -143,14 +143,15 @@ def verifier_from_settings() -> TokenVerifier:
     )
 
 
-def install_monailabel_user(verifier: TokenVerifier) -> None:
-    """Make MONAI Label's own ``from_token`` (its endpoints' RBAC) use this verifier: one check for both."""
+def install_monailabel_user(tokens: "TokenCache") -> None:
+    """Make MONAI Label's own ``from_token`` (its endpoints' RBAC) use these verified identities: one check for
+    both, and the guard's, just made, is in the cache (MONAI Label checks on the event loop)."""
     import monailabel.endpoints.user.auth as auth
 
     def from_token(token: str):
-        identity = verifier.identity(token)
+        identity = tokens.identity(token)
         # MONAI Label checks one role name per route; the roles here include those below them
-        implied = [name for level, name in verifier.role_names.items() if level <= identity.level]
+        implied = [name for level, name in tokens.verifier.role_names.items() if level <= identity.level]
         return auth.User(username=identity.username, roles=sorted(set(identity.roles) | set(implied)))
 
     auth.from_token = from_token

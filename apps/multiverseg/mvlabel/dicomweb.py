@@ -29,7 +29,6 @@ what an annotation server needs done differently:
 
 from __future__ import annotations
 
-import calendar
 import hashlib
 import json
 import logging
@@ -159,11 +158,11 @@ def _seg_record(uid: str, study: str, meta: Dataset) -> Optional[SegRecord]:
 
 
 def _epoch(when: str) -> Optional[int]:
-    """A :attr:`SegRecord.when` as seconds since the epoch (its date and time as UTC: DICOM gives no zone),
-    as a folder datastore's label info holds its ``ts``; None when the SEG names no date."""
+    """A :attr:`SegRecord.when` as seconds since the epoch, as a folder datastore's label info holds its ``ts``
+    (its date and time as this server's local time, which dcmqi writes here); None when the SEG names none."""
     try:
-        return calendar.timegm(time.strptime(when[:14], "%Y%m%d%H%M%S"))
-    except ValueError:
+        return int(time.mktime(time.strptime(when[:14], "%Y%m%d%H%M%S")))
+    except (ValueError, OverflowError):
         return None
 
 
@@ -415,6 +414,16 @@ class PacsDatastore(DICOMWebDatastore):
             return LocalDatastore.get_label_info(self, label_id, label_tag)
         built = self._build_label(label_id, label_tag)
         return dict(built[2]) if built else {}
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
+        """A model's proposal keeps its info here; a final label's comes from its SEGs in the PACS, which
+        are never changed (MONAI Label answered 404 'not found' for a label that is there)."""
+        if label_tag != FINAL and self._cached(label_id, label_tag):
+            return LocalDatastore.update_label_info(self, label_id, label_tag, info)
+        if self._build_label(label_id, label_tag) is None:
+            raise HTTPException(status_code=404, detail=f"image '{label_id}' has no '{label_tag}' label")
+        raise HTTPException(status_code=405, detail="a final label's info on a PACS is its SEGs' (names, "
+                                                    "time), which this server never changes")
 
     def _cached(self, image_id: str, tag: str) -> bool:
         obj = self._datastore.objects.get(image_id)

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, unquote
@@ -209,7 +210,7 @@ def check_params(params: dict, route: str) -> None:
                         ("/infer/wsi_v2/", "model"), ("/infer/", "model")):
         if route.startswith(prefix):
             named = unquote(route[len(prefix):]).strip("/")
-            if named and params.get(key) not in (None, named):
+            if named and key in params and params[key] != named:  # null too: MONAI Label would take it
                 raise Refusal(422, f"the URL names {key} '{named}'; the body names '{str(params[key])[:60]}': name one")
             break
     if route.startswith("/batch/"):
@@ -272,7 +273,7 @@ def _body_kind(ctype: str) -> str:
     return "other"
 
 
-BATCH_BUSY = "a batch job is already running on this server: wait for it to end (GET /batch/infer)"
+BATCH_BUSY = "a batch job is already running on this server: try again once it has ended"
 
 
 class Guard:
@@ -285,18 +286,20 @@ class Guard:
         image_exists: ``(image id) -> bool``, for the routes that delete, read or edit an image's or label's
             info, and for batch jobs.
         max_body: largest request body (bytes).
-        batch_running: ``() -> bool``, whether this server runs a batch job in one of its own threads
-            (``run_sync``): MONAI Label refuses a second job only while one runs in the background.
+        batch_lock: held while a request that starts a batch job is answered (a ``run_sync`` job: until it
+            ends), so a second one is refused at once (429); MONAI Label refused a second job only while one
+            ran in the background, and it checks that itself.
         label_exists: ``(image id, tag) -> bool``, for reads of a label's info (MONAI Label answered 200 {}
             for a tag the image has no label of).
     """
 
     def __init__(self, inner, tokens: Optional[TokenCache], check_upload: Callable[[str], None],
                  image_exists: Callable[[str], bool], max_body: int, on_pacs: bool = False,
-                 tasks: Callable[[], dict] = dict, batch_running: Callable[[], bool] = lambda: False,
+                 tasks: Callable[[], dict] = dict, batch_lock: Optional[threading.Lock] = None,
                  label_exists: Callable[[str, str], bool] = lambda image, tag: True):
         self.inner = inner
-        self.batch_running = batch_running
+        self.batch_lock = batch_lock
+        self._auth_limiter: Optional[anyio.CapacityLimiter] = None  # token checks' own threads
         self.label_exists = label_exists
         self.tasks = tasks  # () -> {"infer": names, "train": names, "scoring": names}
         self.on_pacs = on_pacs  # a DICOMweb datastore: output=dicom_seg and the proxy work
@@ -309,21 +312,18 @@ class Guard:
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
         method, path = scope["method"], scope["path"]
-        spool = None
+        spool, batch = None, False
         try:
             if len(path) + len(scope.get("query_string", b"")) > MAX_URL:
                 raise Refusal(414, f"the URL is longer than {MAX_URL} characters")
             types = sum(name.lower() == b"content-type" for name, _ in scope.get("headers") or [])
             if types > 1:  # the guard and FastAPI could each read another one
                 raise Refusal(400, f"a request has one Content-Type header, this one has {types}")
-            # off the event loop: verifying a new token may ask the identity provider (its keys), slowly
-            identity = await anyio.to_thread.run_sync(self._authenticate, scope, method, path) if self.tokens else None
+            identity = await self._authenticated(scope, method, path)
             if path.startswith("/proxy/"):
                 self._check_proxy(method, path, (scope.get("raw_path") or b"").decode("latin-1"))
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            query = _query(scope)
             self._check_query(method, path, query)
-            if method == "POST" and path.startswith("/batch/infer") and self.batch_running():
-                raise Refusal(429, BATCH_BUSY)
             if method == "DELETE" and path.rstrip("/") in ("/datastore", "/datastore/image"):
                 await self._check_images_exist([(query.get("id") or [""])[0]])
             for route, key in (("/datastore/image/info", "image"), ("/datastore/label/info", "label")):
@@ -341,6 +341,9 @@ class Guard:
             named = (query.get("image") or [""])[0] or (query.get("session_id") or [""])[0]
             if method == "POST" and path.startswith("/infer/") and not (named or uploads):
                 raise Refusal(422, "name an image (?image=ID) or upload one ('file')")
+            batch = method == "POST" and path.startswith("/batch/infer") and self.batch_lock is not None
+            if batch and not self.batch_lock.acquire(blocking=False):  # checked and taken in one step
+                raise Refusal(429, BATCH_BUSY)
         except Exception as e:
             if spool is not None:
                 spool.close()
@@ -383,6 +386,8 @@ class Guard:
                 raise
             await _respond(send, status, str(getattr(e, "msg", e)) or type(e).__name__)
         finally:
+            if batch:
+                self.batch_lock.release()
             for written in _request_files.get():
                 _remove(written)
             current_user.reset(token)
@@ -403,6 +408,15 @@ class Guard:
         return storage_refused(error)
 
     # -- who ----------------------------------------------------------------------------------------
+
+    async def _authenticated(self, scope, method: str, path: str) -> Optional[Identity]:
+        """:meth:`_authenticate` off the event loop, on threads of its own: checking a new token may ask the
+        identity provider for its keys, slowly, and neither other requests nor other routes' threads wait."""
+        if self.tokens is None:
+            return None
+        if self._auth_limiter is None:
+            self._auth_limiter = anyio.CapacityLimiter(8)
+        return await anyio.to_thread.run_sync(self._authenticate, scope, method, path, limiter=self._auth_limiter)
 
     def _authenticate(self, scope, method: str, path: str) -> Optional[Identity]:
         if self.tokens is None:
@@ -506,7 +520,7 @@ class Guard:
         from starlette.requests import Request
 
         ctype = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").lower()
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        query = _query(scope)
         # MONAI Label refuses a DICOM SEG answer without label_info only after the model ran (and kept its file)
         seg_output = path.startswith("/infer/") and "dicom_seg" in query.get("output", [])
         kind = _body_kind(ctype)
@@ -566,7 +580,7 @@ class Guard:
                 raise Refusal(422, SEG_NEEDS_INFO)
             for field, upload in form.multi_items():  # MONAI Label makes temp files named after them
                 if hasattr(upload, "read"):
-                    name = upload.filename or ""
+                    name = _sent_name(upload)  # clients may send the whole local path (MONAI Label's own does)
                     if not name.isprintable() or len(name.encode()) > 200:
                         raise Refusal(422, f"an upload's file name ('{field}') must be printable and at most 200 bytes")
             label = form.get("label")
@@ -614,6 +628,16 @@ class Guard:
 def _sent_name(upload) -> str:
     """An upload's file name as the client sent it, without folders (Windows' too)."""
     return os.path.basename((upload.filename or "").replace("\\", "/"))
+
+
+def _query(scope) -> dict[str, list[str]]:
+    """A request's query, blank values kept; a parameter given twice is refused (400): this guard and FastAPI
+    would read different ones (the first, the last)."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    repeated = sorted(key for key, values in query.items() if len(values) > 1)
+    if repeated:
+        raise Refusal(400, f"query parameters are given once each: {', '.join(repeated[:5])} came more than once")
+    return query
 
 
 def _brief_answer(messages: list) -> list:

@@ -96,7 +96,12 @@ def public_datalist(rows: list[dict], root: str, hide_paths: bool) -> list[dict]
     remote (authentication on), as no other answer shows the server's folders then."""
     if not hide_paths:
         return rows
-    return [{key: os.path.relpath(path, root) for key, path in row.items()} for row in rows]
+
+    def shown(path: str) -> str:  # a file linked from elsewhere: its name only
+        relative = os.path.relpath(path, root)
+        return os.path.basename(path) if relative.startswith("..") else relative
+
+    return [{key: shown(path) for key, path in row.items()} for row in rows]
 
 
 class OneSavePerImage:

@@ -51,9 +51,10 @@ DESCRIPTIONS = {
 MAX_LEASES_PER_USER = 4  # images one user holds at once (a few viewers open); more would hoard the pool
 
 
-def _user(client) -> str:
-    """The user of a client key (:func:`mvlabel.guard.client_key`: user first)."""
-    return client[0] if isinstance(client, tuple) else client
+def _user(client) -> Hashable:
+    """The user of a client key (:func:`mvlabel.guard.client_key`: user first); without authentication every
+    client is its own user (all of them are 'anonymous')."""
+    return client[0] if isinstance(client, tuple) and client[0] != "anonymous" else client
 
 
 class Leases:
@@ -106,6 +107,7 @@ class ScoreBoard:
         self.scores: dict[str, dict[str, dict[str, float]]] = {}  # label -> strategy -> image -> score
         self.passes = 0
         self._descriptors: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.unreadable: set[str] = set()  # images that cannot be read (a PACS series that is no volume)
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
@@ -117,12 +119,23 @@ class ScoreBoard:
 
     # -- inputs -------------------------------------------------------------------------------------
 
+    def readable(self, image_id: str) -> bool:
+        """Whether the image can be had (a PACS downloads it now); one that cannot is remembered as such."""
+        try:
+            self.datastore.get_image_uri(image_id)
+            return True
+        except BadRequest as e:
+            log.warning("next sample: leaving %s out: %s", image_id, e)
+            self.unreadable.add(image_id)
+            return False
+
     def plane(self, image_id: str) -> Optional[np.ndarray]:
         """The 2D image an image is scored on: itself, or a volume's middle slice."""
         try:
             loaded = self.segmenter.load(self.datastore.get_image_uri(image_id))
         except BadRequest as e:
             log.warning("scoring: skipping %s: %s", image_id, e)
+            self.unreadable.add(image_id)
             return None
         if not loaded.is_volume:
             return loaded.array
@@ -134,6 +147,7 @@ class ScoreBoard:
             key = stat_key(self.datastore.get_image_uri(image_id))
         except BadRequest as e:  # e.g. a PACS series that is no volume: never the next sample, not a 500
             log.warning("scoring: skipping %s: %s", image_id, e)
+            self.unreadable.add(image_id)
             return None
         except OSError:
             return None
@@ -207,6 +221,7 @@ class ScoreBoard:
         """One pass: every strategy, every label name, every unlabelled image. Stops early (to restart)
         when a new save arrives, so scores follow the newest context."""
         self.context.refresh()
+        self.unreadable.clear()  # read again: a series may have been mended
         predictor = self.segmenter.predictor
         for label in self.context.label_names() if predictor.trust else ():
             if self._wake.is_set() or self._stop:
@@ -311,8 +326,12 @@ class NextSample(Strategy):
                 scores.update(self.board.likeness(likeness, missing, sorted(datastore.get_labeled_images())))
             ranked = sorted(candidates, key=lambda i: scores.get(i, float("-inf")), reverse=True)
             why = f"highest {self.name} score among {len(candidates)} unlabelled images for '{label}'"
-        pick = self.leases.claim(ranked, client)  # the best one nobody else took meanwhile
-        if pick is None:
+        pick = None
+        for _ in range(len(ranked)):  # the best one nobody else took meanwhile, and one that can be read
+            pick = self.leases.claim([i for i in ranked if i not in self.board.unreadable], client)
+            if pick is None or self.board.readable(pick):
+                break
+        if pick is None or pick in self.board.unreadable:
             return None
         score = scores.get(pick)
         out = {"id": pick, "strategy": self.name, "score": score, "reason": why, "label": label}
