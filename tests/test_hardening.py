@@ -1584,3 +1584,15 @@ def test_a_body_naming_no_model_is_not_a_model_named_null(server):
     client, _, _ = server
     r = client.post(f"/infer/multiverseg?image={IDS[1]}&output=json", data={"params": json.dumps({"model": None})})
     assert r.status_code == 422 and "name one" in r.json()["detail"], r.text
+
+
+def test_an_unreadable_label_is_named_as_the_upload_not_by_the_servers_temporary_copy(server):
+    client, _, studies = server
+    before = final_bytes(studies)
+    r = client.put(f"/datastore/label?image={IDS[0]}&tag=final", data={"params": "{}"},
+                   files={"label": ("mine.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
+    assert r.status_code in (415, 422) and "the uploaded label" in r.json()["detail"], r.text
+    assert "tmp" not in r.json()["detail"] and final_bytes(studies) == before
+    r = infer(client, IDS[1], {}, files={"label": ("mine.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
+    assert r.status_code in (415, 422) and "the scribble label" in r.json()["detail"], r.text
+    assert "tmp" not in r.json()["detail"]

@@ -269,8 +269,9 @@ class CheckedDatastore(LocalDatastore):
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 label_filename = self._checked(read_image(image_uri), label_filename, tmp, label_info)
-            except BadRequest as e:
-                raise HTTPException(status_code=e.status, detail=f"label not saved: {e}") from None
+            except BadRequest as e:  # named as the upload, not by the server's temporary copy
+                told = str(e).replace(os.path.basename(label_filename), "the uploaded label")
+                raise HTTPException(status_code=e.status, detail=f"label not saved: {told}") from None
             with self._one_save(image_id):
                 return self._store(image_id, label_filename, label_tag, label_info)
 

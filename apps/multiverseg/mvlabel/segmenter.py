@@ -220,7 +220,10 @@ class Segmenter:
         path = request.get("label")
         if not is_upload(path):
             return
-        label = read_label(path, loaded)
+        try:
+            label = read_label(path, loaded)
+        except BadRequest as e:  # named as the upload, not by the server's temporary copy
+            raise BadRequest(str(e).replace(os.path.basename(path), "the scribble label"), e.status) from None
         if index is not None:
             label = volume_slice(label, self.axis, index)
         fg_value = int(request.get("scribbles_fg_label", SCRIBBLE_FOREGROUND))
