@@ -73,7 +73,7 @@ def test_a_server_process_keeps_two_malloc_heaps_however_many_threads_allocate()
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
     probe = textwrap.dedent("""
-        import ctypes, sys, tempfile, threading
+        import ctypes, os, sys, tempfile, threading
         sys.path.insert(0, sys.argv[1])
         from mvseg.memory import limit_arenas, retain_freed_memory
         if sys.argv[2] == "limit":
@@ -95,6 +95,7 @@ def test_a_server_process_keeps_two_malloc_heaps_however_many_threads_allocate()
         libc.malloc_info(0, ctypes.c_void_p(f))
         libc.fclose(ctypes.c_void_p(f))
         print(open(path).read().count("<heap nr="))
+        os.unlink(path)
     """)
     heaps = {mode: int(subprocess.run([sys.executable, "-c", probe, str(ROOT / "lib"), mode], capture_output=True,
                                       text=True, check=True, timeout=120).stdout)
