@@ -24,7 +24,8 @@ class Provider:
         jwk = json.loads(RSAAlgorithm.to_jwk(self.key.public_key()))
         jwk.update(kid="test-key", use="sig", alg="RS256")
         self.jwks = {"keys": [jwk]}
-        self.certs_delay = 0.0  # seconds the JWKS answer takes (a slow provider)
+        self.certs_asked = threading.Event()  # set when the JWKS is asked for
+        self.certs_gate: threading.Event | None = None  # when set here: the JWKS answer waits for it (a slow provider)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.issuer = f"http://127.0.0.1:{self.server.server_port}/realms/test"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -38,7 +39,9 @@ class Provider:
                     body = {"issuer": provider.issuer, "jwks_uri": provider.issuer + "/certs",
                             "token_endpoint": provider.issuer + "/token"}
                 elif self.path.endswith("/certs"):
-                    time.sleep(provider.certs_delay)
+                    provider.certs_asked.set()
+                    if provider.certs_gate is not None:
+                        provider.certs_gate.wait(60)
                     body = provider.jwks
                 else:
                     self.send_error(404)

@@ -650,7 +650,7 @@ def test_one_user_holds_a_few_images_however_many_clients_they_name():
     sys.path.insert(0, str(APP_DIR))
     from mvlabel.nextsample import MAX_LEASES_PER_USER, Leases
 
-    leases, ranked = Leases(window=600), list("abcdefgh")
+    leases, ranked = Leases(window=600, per_user=True), list("abcdefgh")
     got = [leases.claim(ranked, ("mallory", "client", str(i))) for i in range(8)]
     assert got[:MAX_LEASES_PER_USER] == ranked[:MAX_LEASES_PER_USER]  # then the oldest go first
     held = {i for i, (client, _) in leases._given.items() if client[0] == "mallory"}
@@ -666,7 +666,7 @@ def test_without_authentication_every_client_holds_its_own_lease():
     sys.path.insert(0, str(APP_DIR))
     from mvlabel.nextsample import Leases
 
-    leases, ranked = Leases(window=600), list("abcdefgh")
+    leases, ranked = Leases(window=600, per_user=False), list("abcdefgh")
     got = [leases.claim(ranked, ("anonymous", "client", str(i))) for i in range(6)]
     assert got == list("abcdef")
 

@@ -233,13 +233,15 @@ def test_presegment_takes_the_server_context_settings(studies, monkeypatch, caps
 
     seen = {}
 
-    def predictor(*args, **kwargs):
-        seen.update(kwargs)
+    def plan(datastore, predictor, weights, label, names, tag, axis, slices_per_volume):
+        seen["slices_per_volume"] = slices_per_volume
         raise ValueError("stop here")
 
-    monkeypatch.setattr(presegment, "Predictor", predictor)
-    assert presegment.main(["--studies", str(studies), "--label", "white_matter", "--max-context", "8"]) == 2
-    assert seen["max_context"] == 8 and "stop here" in capsys.readouterr().err
+    monkeypatch.setattr(presegment, "Predictor", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(presegment.batch, "plan", plan)
+    argv = ["--studies", str(studies), "--label", "white_matter", "--max-context", "8", "--slices-per-volume", "2"]
+    assert presegment.main(argv) == 2
+    assert seen["max_context"] == 8 and seen["slices_per_volume"] == 2 and "stop here" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         presegment.main(["--studies", str(studies), "--label", "white_matter", "--slices-per-volume", "0"])
     assert stop.value.code == 2

@@ -1593,6 +1593,6 @@ def test_an_unreadable_label_is_named_as_the_upload_not_by_the_servers_temporary
                    files={"label": ("mine.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
     assert r.status_code in (415, 422) and "the uploaded label" in r.json()["detail"], r.text
     assert "tmp" not in r.json()["detail"] and final_bytes(studies) == before
-    r = infer(client, IDS[1], {}, files={"label": ("mine.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
+    r = infer(client, IDS[0], {}, files={"label": ("mine.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
     assert r.status_code in (415, 422) and "the scribble label" in r.json()["detail"], r.text
     assert "tmp" not in r.json()["detail"]

@@ -128,7 +128,9 @@ def _device(conf: dict) -> Optional[str]:
         kind = torch.device(value).type
     except (RuntimeError, ValueError):
         raise ValueError(f"--conf device must be cpu, cuda, cuda:N or mps, got '{value}'") from None
-    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    device = torch.device(value)
+    present = {"cpu": True, "mps": torch.backends.mps.is_available(),
+               "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
     if not present.get(kind, False):
         raise ValueError(f"--conf device {value}: this machine has no such device (leave it out for the best one)")
     return value
@@ -290,7 +292,7 @@ class MultiverSegApp(MONAILabelApp):
 
     def init_strategies(self):
         self.scoreboard = ScoreBoard(self.segmenter, self._datastore)
-        leases = Leases(_positive_number(self.conf, "lease_window", 600))
+        leases = Leases(_positive_number(self.conf, "lease_window", 600), per_user=settings.MONAI_LABEL_AUTH_ENABLE)
         default = self.conf.get("strategy", DEFAULT_STRATEGY)
         if default not in STRATEGIES:
             raise ValueError(f"--conf strategy must be one of {', '.join(STRATEGIES)}, got '{default}'")

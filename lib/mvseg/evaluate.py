@@ -154,8 +154,12 @@ def run_once(
         results.append(result)
         if context is not None:
             finished_by_hand = index == 0 and not result.reached  # the seed label is >= 90% Dice
-            # final None: nothing was shown (an untrusted context's proposal, and no budget to click)
-            label = example.mask if mode == "oracle" or finished_by_hand else None if final is None else final.mask
+            if mode == "oracle" or finished_by_hand:
+                label = example.mask
+            elif final is not None:
+                label = final.mask
+            else:  # nothing was shown (an untrusted context's proposal, and no budget to click)
+                label = None
             if label is not None and label.any():
                 context.add(example.id, example.image, label)
     return results

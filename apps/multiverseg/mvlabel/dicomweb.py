@@ -418,7 +418,9 @@ class PacsDatastore(DICOMWebDatastore):
     def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
         """A model's proposal keeps its info here; a final label's comes from its SEGs in the PACS, which
         are never changed (MONAI Label answered 404 'not found' for a label that is there)."""
-        if label_tag != FINAL and self._cached(label_id, label_tag):
+        if label_tag != FINAL:
+            if not self._cached(label_id, label_tag):
+                raise HTTPException(status_code=404, detail=f"this server keeps no '{label_tag}' label of '{label_id}'")
             return LocalDatastore.update_label_info(self, label_id, label_tag, info)
         if self._build_label(label_id, label_tag) is None:
             raise HTTPException(status_code=404, detail=f"image '{label_id}' has no '{label_tag}' label")

@@ -33,6 +33,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Optional
+from pathlib import PurePath
 from urllib.parse import parse_qs, unquote
 
 import anyio
@@ -54,9 +55,10 @@ RESULT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32
 # POST routes that start a background job for the task they name: (path, kind of task)
 TASK_ROUTES = [(re.compile(r"^/batch/infer/([^/]+)$"), "infer"), (re.compile(r"^/train(?:/([^/]*))?$"), "train"),
                (re.compile(r"^/scoring(?:/([^/]*))?$"), "scoring")]
-# info keys the server records itself (times, file names, who saved, next-sample leases and scores)
 # a PACS series' identity, which next-sample answers carry and OHIF opens: the PACS's, never edited
 DICOM_INFO = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", "StudyDate", "StudyTime")
+# info keys the server records itself (times, file names, who saved or edited, next-sample leases and scores,
+# a series' identity): no info edit sets them
 RESERVED_INFO = {"ts", "name", "user", "edited_by", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored",
                  *DICOM_INFO}
 # routes that run the model, read big files, write or ask the PACS: off the event loop
@@ -185,7 +187,7 @@ def check_params(params: dict, route: str) -> None:
     label = params.get("label")
     if label is not None and not (isinstance(label, str) and (label == "" or NAME.match(label))):
         raise Refusal(422, f"'params.label' must be a label name, got {label!r}")
-    if not isinstance(params.get("label_name", ""), str):
+    if params.get("label_name") is not None and not isinstance(params["label_name"], str):
         raise Refusal(422, f"'label_name' must be a label name, got {params['label_name']!r}")
     names = params.get("labels")
     if names is not None and not (isinstance(names, str) or (isinstance(names, (list, dict))
@@ -299,7 +301,6 @@ class Guard:
                  label_exists: Callable[[str, str], bool] = lambda image, tag: True):
         self.inner = inner
         self.batch_lock = batch_lock
-        self._auth_limiter: Optional[anyio.CapacityLimiter] = None  # token checks' own threads
         self.label_exists = label_exists
         self.tasks = tasks  # () -> {"infer": names, "train": names, "scoring": names}
         self.on_pacs = on_pacs  # a DICOMweb datastore: output=dicom_seg and the proxy work
@@ -414,13 +415,10 @@ class Guard:
         identity provider for its keys, slowly, and neither other requests nor other routes' threads wait."""
         if self.tokens is None:
             return None
-        if self._auth_limiter is None:
-            self._auth_limiter = anyio.CapacityLimiter(8)
-        return await anyio.to_thread.run_sync(self._authenticate, scope, method, path, limiter=self._auth_limiter)
+        return await anyio.to_thread.run_sync(self._authenticate, scope, method, path,
+                                              limiter=_threads(_AUTH_LIMITER, AUTH_THREADS))
 
     def _authenticate(self, scope, method: str, path: str) -> Optional[Identity]:
-        if self.tokens is None:
-            return None
         needed = required_role(method, path)
         if needed == PUBLIC:
             return None
@@ -584,8 +582,8 @@ class Guard:
                     if not name.isprintable() or len(name.encode()) > 200:
                         raise Refusal(422, f"an upload's file name ('{field}') must be printable and at most 200 bytes")
             label = form.get("label")
-            if (path.startswith("/infer/") and hasattr(label, "read") and (label.filename or "").lower().endswith(".bin")
-                    and not (query.get("image") or [""])[0]):
+            if (path.startswith("/infer/") and hasattr(label, "read") and not (query.get("image") or [""])[0]
+                    and "".join(PurePath(label.filename or "").suffixes) == ".bin"):  # as MONAI Label tells one
                 raise Refusal(422, "a .bin labelmap (OHIF's scribbles) is read on the grid of a datastore volume: "
                                    "name it (?image=ID)")
             upload = form.get("file")
@@ -769,17 +767,24 @@ async def _in_worker_thread(app, scope, receive, send) -> None:
 
 _OFF_LOOP_LIMITER = RunVar("mvseg_off_loop_limiter")
 OFF_LOOP_THREADS = 40
+_AUTH_LIMITER = RunVar("mvseg_auth_limiter")
+AUTH_THREADS = 8
+
+
+def _threads(pool: RunVar, size: int) -> anyio.CapacityLimiter:
+    """The event loop's limiter ``pool`` of ``size`` worker threads, apart from its default ones."""
+    try:
+        return pool.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(size)
+        pool.set(limiter)
+        return limiter
 
 
 def _off_loop_threads() -> anyio.CapacityLimiter:
-    """The worker threads of the off-loop routes, apart from the event loop's default ones: requests that wait
-    (on a PACS that hangs, on the model) never leave the quick routes' file reads (the viewer) without one."""
-    try:
-        return _OFF_LOOP_LIMITER.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(OFF_LOOP_THREADS)
-        _OFF_LOOP_LIMITER.set(limiter)
-        return limiter
+    """The worker threads of the off-loop routes: requests that wait (on a PACS that hangs, on the model)
+    never leave the quick routes' file reads (the viewer) without one."""
+    return _threads(_OFF_LOOP_LIMITER, OFF_LOOP_THREADS)
 
 
 async def _respond(send, status: int, message: str, headers: Optional[dict] = None) -> None:

@@ -140,10 +140,10 @@ def mend_infer_route() -> None:
     before MONAI Label converts them, the converted file removed after the answer."""
     import monailabel.endpoints.infer as route
 
-    route.tempfile = _TempFilesOfTheRequest()
     convert = route.binary_to_image
     if getattr(convert, "mended", False):
         return
+    route.tempfile = _TempFilesOfTheRequest()
 
     def binary_to_image_checked(reference: str, label: str, *args, **kwargs) -> str:
         image = read_image(reference)

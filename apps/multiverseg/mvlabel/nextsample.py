@@ -51,21 +51,20 @@ DESCRIPTIONS = {
 MAX_LEASES_PER_USER = 4  # images one user holds at once (a few viewers open); more would hoard the pool
 
 
-def _user(client) -> Hashable:
-    """The user of a client key (:func:`mvlabel.guard.client_key`: user first); without authentication every
-    client is its own user (all of them are 'anonymous')."""
-    return client[0] if isinstance(client, tuple) and client[0] != "anonymous" else client
-
-
 class Leases:
-    """Which client was handed which image, and when; others do not get it within ``window`` seconds. One
-    user holds at most ``MAX_LEASES_PER_USER`` images, the oldest going first: a user names their clients
-    (``client_id``), so one annotator could otherwise take every image from the others."""
+    """Which client was handed which image, and when; others do not get it within ``window`` seconds. With
+    ``per_user`` (authentication on: users are known) one user holds at most ``MAX_LEASES_PER_USER`` images,
+    the oldest going first: a user names their clients (``client_id``), so one annotator could otherwise take
+    every image from the others. Clients are :func:`mvlabel.guard.client_key` s (user first)."""
 
-    def __init__(self, window: float = 600.0):
+    def __init__(self, window: float = 600.0, per_user: bool = False):
         self.window = window
-        self._given: dict[str, tuple[str, float]] = {}
+        self.per_user = per_user
+        self._given: dict[str, tuple[Hashable, float]] = {}
         self._lock = threading.Lock()
+
+    def _user(self, client: Hashable) -> Hashable:
+        return client[0] if self.per_user and isinstance(client, tuple) else client
 
     def free_for(self, image_id: str, client: Hashable) -> bool:
         with self._lock:
@@ -88,11 +87,16 @@ class Leases:
         with self._lock:
             self._give(image_id, client)
 
+    def release(self, image_id: str) -> None:
+        with self._lock:
+            self._given.pop(image_id, None)
+
     def _give(self, image_id: str, client: Hashable) -> None:
         now = time.monotonic()
         for old in [i for i, (_, when) in self._given.items() if now - when > self.window]:
             del self._given[old]  # run out: holds nobody back (and a deleted image's goes too)
-        held = sorted((when, i) for i, (c, when) in self._given.items() if _user(c) == _user(client) and i != image_id)
+        user = self._user(client)
+        held = sorted((when, i) for i, (c, when) in self._given.items() if self._user(c) == user and i != image_id)
         for _, old in held[: max(0, len(held) - MAX_LEASES_PER_USER + 1)]:
             del self._given[old]
         self._given[image_id] = (client, now)
@@ -326,12 +330,12 @@ class NextSample(Strategy):
                 scores.update(self.board.likeness(likeness, missing, sorted(datastore.get_labeled_images())))
             ranked = sorted(candidates, key=lambda i: scores.get(i, float("-inf")), reverse=True)
             why = f"highest {self.name} score among {len(candidates)} unlabelled images for '{label}'"
-        pick = None
-        for _ in range(len(ranked)):  # the best one nobody else took meanwhile, and one that can be read
-            pick = self.leases.claim([i for i in ranked if i not in self.board.unreadable], client)
-            if pick is None or self.board.readable(pick):
-                break
-        if pick is None or pick in self.board.unreadable:
+        left = [i for i in ranked if i not in self.board.unreadable]
+        # the best one nobody else took meanwhile, and one that can be read (MONAI Label looks its file up next)
+        while (pick := self.leases.claim(left, client)) is not None and not self.board.readable(pick):
+            self.leases.release(pick)
+            left.remove(pick)
+        if pick is None:
             return None
         score = scores.get(pick)
         out = {"id": pick, "strategy": self.name, "score": score, "reason": why, "label": label}

@@ -44,7 +44,7 @@ class Target:
     image: np.ndarray  # the 2D plane (H W [C])
     prompts: Prompts
     index: Optional[int] = None  # slice index for volumes
-    client: Hashable = "default"  # mvlabel.guard.client_key
+    client: Hashable = ("anonymous", "client", "default")  # mvlabel.guard.client_key
     region: Optional[tuple] = None  # (x0, y0, x1, y1) of a 2D image the plane is (QuPath), else the whole
     timings: dict = field(default_factory=dict)
 
