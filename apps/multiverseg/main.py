@@ -201,7 +201,8 @@ class MultiverSegApp(MONAILabelApp):
         guard.restrict_cors(server, [str(o).rstrip("/") for o in settings.MONAI_LABEL_CORS_ORIGINS])
         guard.install(server.router, lambda inner: guard.Guard(
             inner, tokens, self._check_upload, self._image_exists, max_body, on_pacs=self._on_pacs(studies),
-            tasks=self._task_names, batch_lock=self._batch_job, label_exists=self._label_exists))
+            tasks=self._task_names, batch_lock=self._batch_job,
+            label_exists=lambda image_id, tag: guard.has_label(self.datastore(), image_id, tag)))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -249,14 +250,6 @@ class MultiverSegApp(MONAILabelApp):
 
     def _image_exists(self, image_id: str) -> bool:
         return self.datastore().has_image(image_id)
-
-    def _label_exists(self, image_id: str, tag: str) -> bool:
-        try:
-            return bool(self.datastore().get_label_uri(image_id, tag))
-        except Exception as e:  # MONAI Label's datastores raise for a label they do not have
-            if guard.pacs_unreachable(e):
-                raise
-            return False
 
     def init_datastore(self):
         if self._on_pacs(self.studies):

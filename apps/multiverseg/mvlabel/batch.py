@@ -31,7 +31,7 @@ from mvseg import ContextSet, Predictor
 from mvseg.activelearning import mean_uncertainty
 
 from .contextstore import DatastoreContext, from_planes, planes_of
-from .guard import TAG, current_user
+from .guard import TAG, current_user, has_label
 from .imageio import Loaded, read_image, write_label
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def plan(datastore, predictor: Predictor, weights: tuple[str, str], label: str, 
     for image_id in sorted(datastore.list_images()):
         if image_id in done:
             continue
-        made = (datastore.get_label_info(image_id, tag) or {}).get(PROVENANCE, {}) if _has(datastore, image_id, tag) else {}
+        made = (datastore.get_label_info(image_id, tag) or {}).get(PROVENANCE, {}) if has_label(datastore, image_id, tag) else {}
         if made.get("context_version") == out.version and made.get("weights_sha256") == weights[1]:
             out.current.append(image_id)
         else:
@@ -108,12 +108,6 @@ def recorded_uncertainty(info: dict, label: str) -> Optional[float]:
         value = recorded.get(label) if isinstance(recorded, dict) else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-
-def _has(datastore, image_id: str, tag: str) -> bool:
-    try:
-        return bool(datastore.get_label_uri(image_id, tag))
-    except Exception:  # no label of that tag
-        return False
 
 
 def provenance(p: Plan, uncertainty: float, seconds: float) -> dict:

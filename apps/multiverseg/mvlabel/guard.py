@@ -93,6 +93,17 @@ def _remove(path: str) -> None:
         pass
 
 
+def has_label(datastore, image_id: str, tag: str) -> bool:
+    """Whether the image has a label of ``tag`` (MONAI Label's datastores raise for one they do not have; a PACS
+    that does not answer is raised as such)."""
+    try:
+        return bool(datastore.get_label_uri(image_id, tag))
+    except Exception as e:
+        if pacs_unreachable(e):
+            raise
+        return False
+
+
 def client_key(client_id: Any = None) -> tuple:
     """Whose interaction state or next-sample lease this is: the caller's user with the client's own id
     (a client_id never reaches another user's state), or user and address when the client names none. A
