@@ -502,6 +502,7 @@ def start_app(tmp_path, conf: dict):
         ({"size": "100"}, "size 100 must be a positive multiple of 8"),
         ({"device": "gpu0"}, "--conf device must be cpu, cuda, cuda:N or mps, got 'gpu0'"),
         ({"device": "xla"}, "--conf device xla: this machine has no such device"),
+        ({"device": "cuda:7"}, "--conf device cuda:7: this machine has no such device"),
         ({"refine": "maybe"}, "--conf refine must be true or false, got 'maybe'"),
         ({"zoom": "2"}, "--conf zoom must be true or false, got '2'"),
         ({"dtype": "half"}, "--conf dtype must be auto, float32 or bfloat16, got 'half'"),
@@ -693,6 +694,51 @@ def test_monai_labels_own_role_check_takes_the_guards_cached_identity(monkeypatc
     install_monailabel_user(tokens)
     tokens.identity("t")  # the guard's check
     assert auth.from_token("t").username == "u" and verifier.calls == 1
+
+
+def test_an_image_that_cannot_be_read_is_not_offered_and_keeps_no_lease():
+    """MONAI Label looks the pick's file up after the strategy: an unreadable one answered 422. It is passed
+    over, and its lease given back (it counted against the user's cap)."""
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.nextsample import Leases, NextSample
+
+    class Board:
+        unreadable: set = set()
+        context = SimpleNamespace(names=["head"], label_names=lambda: ["head"])
+
+        def readable(self, image_id):
+            if image_id == "bad":
+                self.unreadable.add(image_id)
+            return image_id != "bad"
+
+    store = SimpleNamespace(get_unlabeled_images=lambda: ["bad", "good"], get_image_info=lambda image_id: {})
+    leases = Leases(window=600)
+    answer = NextSample("first", Board(), leases)({"client_id": "x"}, store)
+    assert answer["id"] == "good" and "bad" not in leases._given
+
+
+def test_a_label_lookup_on_a_pacs_that_does_not_answer_is_not_taken_for_no_label():
+    import sys
+    from types import SimpleNamespace
+
+    import requests
+
+    sys.path.insert(0, str(APP_DIR))
+    from mvlabel.guard import has_label
+
+    def down(image_id, tag):
+        raise requests.ConnectionError("refused")
+
+    def missing(image_id, tag):
+        raise KeyError(tag)  # MONAI Label's datastores raise for a label they do not have
+
+    with pytest.raises(requests.ConnectionError):
+        has_label(SimpleNamespace(get_label_uri=down), "a", "final")
+    assert has_label(SimpleNamespace(get_label_uri=missing), "a", "final") is False
+    assert has_label(SimpleNamespace(get_label_uri=lambda image_id, tag: "/x.png"), "a", "final") is True
 
 
 def test_a_user_name_or_client_id_never_spells_anothers_client():
