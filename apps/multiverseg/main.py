@@ -125,13 +125,12 @@ def _device(conf: dict) -> Optional[str]:
     if not value:
         return None
     try:
-        kind = torch.device(value).type
+        device = torch.device(value)
     except (RuntimeError, ValueError):
         raise ValueError(f"--conf device must be cpu, cuda, cuda:N or mps, got '{value}'") from None
-    device = torch.device(value)
     present = {"cpu": True, "mps": torch.backends.mps.is_available(),
                "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
-    if not present.get(kind, False):
+    if not present.get(device.type, False):
         raise ValueError(f"--conf device {value}: this machine has no such device (leave it out for the best one)")
     return value
 

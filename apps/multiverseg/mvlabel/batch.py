@@ -109,7 +109,6 @@ def recorded_uncertainty(info: dict, label: str) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-
 def provenance(p: Plan, uncertainty: float, seconds: float) -> dict:
     return {
         "label_info": [{"name": p.label, "idx": 1}],

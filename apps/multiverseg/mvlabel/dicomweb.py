@@ -310,8 +310,7 @@ class PacsDatastore(DICOMWebDatastore):
         series, studies = self._list()
         if image_id not in studies:
             with self._guard:  # a series stored a moment ago: look once more (at most once a second)
-                again = time.monotonic() - self._relisted > 1.0
-                if again:
+                if time.monotonic() - self._relisted > 1.0:
                     self._relisted = time.monotonic()
                     self._listed = (0.0,) + self._listed[1:]
             series, studies = self._list()

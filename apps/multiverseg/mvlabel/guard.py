@@ -32,15 +32,15 @@ import shutil
 import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Optional
 from pathlib import PurePath
+from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, unquote
 
 import anyio
 from anyio.lowlevel import RunVar
 
 from .access import PUBLIC, ROLE_NAMES, Identity, TokenCache, required_role
-from .errors import MAX_MESSAGE, BadRequest, shorten
+from .errors import MAX_MESSAGE, BadRequest, calling, shorten
 from .imageio import MAX_LABEL_NAME, is_label_name
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ class Guard:
             uploads = False
             if method in ("POST", "PUT", "PATCH"):
                 spool = await self._read_body(receive)
-                uploads = await self._check_body(scope, path, spool)
+                uploads = await self._check_body(scope, path, query, spool)
                 receive = _replay(spool, receive)
             named = (query.get("image") or [""])[0] or (query.get("session_id") or [""])[0]
             if method == "POST" and path.startswith("/infer/") and not (named or uploads):
@@ -524,12 +524,11 @@ class Guard:
             shown = ", ".join(repr(i) for i in missing[:5]) + more
             raise Refusal(404, f"not in the datastore: {shown}")
 
-    async def _check_body(self, scope, path: str, spool) -> bool:
+    async def _check_body(self, scope, path: str, query: dict[str, list[str]], spool) -> bool:
         """Check a request body's JSON fields and uploaded image; True when it uploads a file."""
         from starlette.requests import Request
 
         ctype = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").lower()
-        query = _query(scope)
         # MONAI Label refuses a DICOM SEG answer without label_info only after the model ran (and kept its file)
         seg_output = path.startswith("/infer/") and "dicom_seg" in query.get("output", [])
         kind = _body_kind(ctype)
@@ -628,7 +627,7 @@ class Guard:
             except BadRequest as e:  # named as the client sent it, not by the server's temp copy
                 sent = _sent_name(upload)
                 sent = repr(sent[:100]) if sent and sent.isprintable() else "the upload"
-                message = str(e).replace(tmp, sent).replace(os.path.basename(tmp), sent)
+                message = calling(str(e), tmp, sent)
                 raise Refusal(e.status, f"upload refused: {message}") from None
         finally:
             os.unlink(tmp)

@@ -40,7 +40,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from PIL import Image
 
 from .contextstore import label_masks
-from .errors import BadRequest
+from .errors import BadRequest, calling
 from .guard import TAG, Refusal, check_name, current_user
 from .imageio import (IMAGE_2D, check_label_values, extension, read_asap, read_image, read_label,
                       uploads_removed_when_refused)
@@ -270,7 +270,7 @@ class CheckedDatastore(LocalDatastore):
             try:
                 label_filename = self._checked(read_image(image_uri), label_filename, tmp, label_info)
             except BadRequest as e:  # named as the upload, not by the server's temporary copy
-                told = str(e).replace(os.path.basename(label_filename), "the uploaded label")
+                told = calling(str(e), label_filename, "the uploaded label")
                 raise HTTPException(status_code=e.status, detail=f"label not saved: {told}") from None
             with self._one_save(image_id):
                 return self._store(image_id, label_filename, label_tag, label_info)

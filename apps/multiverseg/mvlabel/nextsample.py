@@ -5,7 +5,8 @@ The strategies themselves live in :mod:`mvseg.activelearning`; here they meet th
 * :class:`ScoreBoard` scores every unlabelled image, per label name, in a background thread after each
   save (and at start-up). Coverage needs descriptors only (cached per file); uncertainty and confident need
   a network forward per image, a few images per forward, and the board takes the predictor's lock one
-  forward at a time, so an annotator's click waits for at most one of them. Scores also go into each image's info in the datastore.
+  forward at a time, so an annotator's click waits for at most one of them. Scores also go into each
+  image's info in the datastore.
 * :class:`Leases` keeps an image handed to one annotator away from the others for a while.
 * :class:`NextSample` is the MONAI Label strategy: it answers from the stored scores at once (coverage is
   computed on the spot for images the board has not reached yet) and says why it picked the image.
@@ -123,23 +124,24 @@ class ScoreBoard:
 
     # -- inputs -------------------------------------------------------------------------------------
 
-    def readable(self, image_id: str) -> bool:
-        """Whether the image can be had (a PACS downloads it now); one that cannot is remembered as such."""
+    def _uri(self, image_id: str, read=lambda path: path):
+        """``read`` of the image's file (a PACS downloads it now), or None for an image that cannot be read
+        (a PACS series that is no volume, a corrupt file): never the next sample, and no 500."""
         try:
-            self.datastore.get_image_uri(image_id)
-            return True
+            return read(self.datastore.get_image_uri(image_id))
         except BadRequest as e:
-            log.warning("next sample: leaving %s out: %s", image_id, e)
+            log.warning("next sample and scoring: leaving %s out: %s", image_id, e)
             self.unreadable.add(image_id)
-            return False
+            return None
+
+    def readable(self, image_id: str) -> bool:
+        """Whether the image can be had; one that cannot is remembered as such."""
+        return self._uri(image_id) is not None
 
     def plane(self, image_id: str) -> Optional[np.ndarray]:
         """The 2D image an image is scored on: itself, or a volume's middle slice."""
-        try:
-            loaded = self.segmenter.load(self.datastore.get_image_uri(image_id))
-        except BadRequest as e:
-            log.warning("scoring: skipping %s: %s", image_id, e)
-            self.unreadable.add(image_id)
+        loaded = self._uri(image_id, self.segmenter.load)
+        if loaded is None:
             return None
         if not loaded.is_volume:
             return loaded.array
@@ -147,12 +149,11 @@ class ScoreBoard:
         return volume_slice(loaded.array, axis, loaded.shape[axis] // 2)
 
     def descriptor(self, image_id: str) -> Optional[torch.Tensor]:
-        try:
-            key = stat_key(self.datastore.get_image_uri(image_id))
-        except BadRequest as e:  # e.g. a PACS series that is no volume: never the next sample, not a 500
-            log.warning("scoring: skipping %s: %s", image_id, e)
-            self.unreadable.add(image_id)
+        path = self._uri(image_id)  # a PACS that does not answer is raised: scoring waits for it
+        if path is None:
             return None
+        try:
+            key = stat_key(path)
         except OSError:
             return None
         hit = self._descriptors.get(image_id)

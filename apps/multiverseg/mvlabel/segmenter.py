@@ -25,7 +25,7 @@ from mvseg.activelearning import mean_uncertainty
 from mvseg.predictor import NOTHING
 
 from .contextstore import DatastoreContext, from_planes, planes_of, volume_slice
-from .errors import BadRequest
+from .errors import BadRequest, calling
 from .guard import client_key
 from .imageio import Loaded, is_upload, read_image, read_label, stat_key
 from .interactions import InteractionStore
@@ -223,7 +223,7 @@ class Segmenter:
         try:
             label = read_label(path, loaded)
         except BadRequest as e:  # named as the upload, not by the server's temporary copy
-            raise BadRequest(str(e).replace(os.path.basename(path), "the scribble label"), e.status) from None
+            raise BadRequest(calling(str(e), path, "the scribble label"), e.status) from None
         if index is not None:
             label = volume_slice(label, self.axis, index)
         fg_value = int(request.get("scribbles_fg_label", SCRIBBLE_FOREGROUND))
