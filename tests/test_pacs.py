@@ -811,6 +811,8 @@ def test_where_segments_overlap_the_newest_save_wins_and_strange_names_are_refus
     for label, described in [(fixed, [{"name": "tumour", "idx": 1}]), (truth * 3, None)]:  # 3, 6: label_3, label_6
         r = save_label(site, c, label, described) if described else save_label(site, c, label, [])
         assert r.status_code == 422 and "not this server's" in r.json()["detail"], r.text
+    r = save_label(site, c, truth, [{"name": "white_matter", "idx": 1}])  # its other values were dropped unsaid
+    assert r.status_code == 422 and "no name in label_info" in r.json()["detail"], r.text
     assert segs_in_pacs(site) == before
     r = requests.put(f"{site.url}/datastore/image?image=uploaded", files={"file": ("x.nii.gz", path.read_bytes())},
                      data={"params": "{}"}, timeout=30)

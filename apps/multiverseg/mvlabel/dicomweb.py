@@ -543,6 +543,10 @@ class PacsDatastore(DICOMWebDatastore):
         if unknown:  # a SEG is never deleted through this server: a stray name would stay an image's for good
             raise BadRequest(f"label names {unknown[:5]} are not this server's ({', '.join(self.names)}): on a PACS "
                              "every saved segment stays; name each value in label_info with a configured label", 422)
+        unnamed = np.unique(label[(label != 0) & ~np.logical_or.reduce([mask for _, mask in segments])])
+        if unnamed.size:  # a SEG holds named segments only: these voxels would be dropped without a word
+            raise BadRequest(f"label values {unnamed[:5].tolist()} have no name in label_info: on a PACS only named "
+                             "segments are stored; give each value's name and 'idx'", 422)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             labelmap = np.zeros(label.shape, np.uint16)
