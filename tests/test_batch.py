@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 
@@ -245,3 +246,13 @@ def test_presegment_takes_the_server_context_settings(studies, monkeypatch, caps
     with pytest.raises(SystemExit) as stop:
         presegment.main(["--studies", str(studies), "--label", "white_matter", "--slices-per-volume", "0"])
     assert stop.value.code == 2
+
+
+def test_presegment_says_the_pacs_is_down_instead_of_a_traceback(capsys):
+    import presegment
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/dicom-web"
+    assert presegment.main(["--studies", url, "--label", "white_matter", "--serial"]) == 2
+    assert "did not answer" in capsys.readouterr().err

@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 
+import requests
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
 from mvlabel import batch  # noqa: E402
@@ -53,6 +55,10 @@ def main(argv=None) -> int:
                           args.axis, args.slices_per_volume)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except requests.RequestException as e:  # a PACS that is down, refuses or times out
+        print(f"error: the PACS at {args.studies} did not answer ({type(e).__name__}); nothing was segmented",
+              file=sys.stderr)
         return 2
     print(f"'{args.label}': context of {len(plan.context)} examples (version {plan.version}); "
           f"{len(plan.todo)} to segment, {len(plan.current)} already current")
