@@ -1596,3 +1596,31 @@ def test_an_unreadable_label_is_named_as_the_upload_not_by_the_servers_temporary
     r = infer(client, IDS[0], {}, files={"label": ("mine.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
     assert r.status_code in (415, 422) and "the scribble label" in r.json()["detail"], r.text
     assert "tmp" not in r.json()["detail"]
+
+
+def test_an_asap_label_is_filled_by_scanlines_and_a_polygon_no_label_can_be_is_refused(tmp_path):
+    """One polygon of random vertices far outside the image froze the server for minutes: every pixel was
+    tested against every vertex. A real outline of many vertices is still filled exactly."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
+    from mvlabel.errors import BadRequest
+    from mvlabel.imageio import read_asap, write_asap
+    from mvlabel.wsi import polygons
+
+    rng = np.random.default_rng(0)
+    wild = rng.uniform(-1e9, 1e9, (20000, 2))
+    pts = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(wild))
+    path = tmp_path / "wild.xml"
+    path.write_text(f'<ASAP_Annotations><Annotations><Annotation Name="a" PartOfGroup="head"><Coordinates>{pts}'
+                    "</Coordinates></Annotation></Annotations></ASAP_Annotations>")
+    with pytest.raises(BadRequest, match="cross the rows") as refused:
+        read_asap(str(path), (64, 64), default_name="head")
+    assert refused.value.status == 422
+    yy, xx = np.mgrid[:300, :400]
+    ring = (np.hypot(yy - 150, xx - 200) < 120) & ~(np.hypot(yy - 150, xx - 230) < 30)
+    blobs = ring | (np.hypot(yy - 20, xx - 20) < 6)
+    path = write_asap({"head": polygons(blobs, (0, 0), 0)}, {"head": "#00FF00"}, str(tmp_path / "blobs.xml"))
+    np.testing.assert_array_equal(read_asap(path, blobs.shape, default_name="head")["head"], blobs)
