@@ -11,6 +11,7 @@ format the client asks for. Labels may also be ASAP XML polygons (what QuPath sa
 
 from __future__ import annotations
 
+import bz2
 import os
 import tempfile
 import xml.etree.ElementTree as ET
@@ -127,6 +128,52 @@ def _check_size(shape, path: str) -> None:
             f"this server reads at most {MAX_PIXELS:,}", 413)
 
 
+def _check_nrrd(path: str) -> None:
+    """Refuse what pynrrd should not read: a detached header (it reads whatever file it names), sizes that are
+    not all positive or over :data:`MAX_PIXELS`, compressed data that holds more bytes than the sizes say
+    (pynrrd inflates the whole stream before it compares: 2 KB of bzip2 took 5 GB)."""
+    with open(path, "rb") as fh:
+        header = nrrd.read_header(fh)
+        if "data file" in header or "datafile" in header:
+            raise BadRequest("a detached NRRD header ('data file') is not accepted: send a .nrrd with "
+                             "its data attached", 422)
+        sizes = [int(n) for n in header["sizes"]]
+        _check_size(sizes, path)
+        if min(sizes) < 1:
+            raise BadRequest(f"image {os.path.basename(path)} has sizes {sizes}: every size must be positive", 422)
+        encoding = header.get("encoding", "")
+        if encoding not in ("gzip", "gz", "bzip2", "bz2"):
+            return  # raw or text: no bigger than the file
+        for _ in range(max(0, int(header.get("line skip", header.get("lineskip", 0))))):
+            fh.readline()
+        expected = int(np.prod(sizes)) * nrrd.reader._determine_datatype(header).itemsize
+        limit = expected + max(0, int(header.get("byte skip", header.get("byteskip", 0))))
+        if _inflates_beyond(fh, encoding in ("gzip", "gz"), limit):
+            raise BadRequest(f"image {os.path.basename(path)} holds more data than its sizes "
+                             f"({' x '.join(map(str, sizes))}) say", 422)
+
+
+def _inflates_beyond(fh, gzip: bool, limit: int) -> bool:
+    """Whether the gzip or bzip2 stream read from ``fh`` inflates to more than ``limit`` bytes; never holds
+    more than one chunk of its output."""
+    inflate = zlib.decompressobj(zlib.MAX_WBITS | 16) if gzip else bz2.BZ2Decompressor()
+    total = 0
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        while True:
+            total += len(inflate.decompress(chunk, min(1 << 24, limit + 1 - total)))
+            if total > limit:
+                return True
+            if gzip:
+                chunk = inflate.unconsumed_tail
+                if not chunk:
+                    break
+            elif inflate.eof or inflate.needs_input:
+                break
+            else:
+                chunk = b""
+    return False
+
+
 def read_image(path: str, indices: bool = False) -> Loaded:
     """Read a 2D image or a volume; unreadable or empty files raise :class:`BadRequest` (415/422), images
     over :data:`MAX_PIXELS` raise it with 413 before they are decoded. ``indices``: a label's palette PNG is
@@ -143,11 +190,7 @@ def read_image(path: str, indices: bool = False) -> Loaded:
             array = np.asanyarray(img.dataobj)
             loaded = Loaded(array, path, ext, np.asarray(img.affine, float), img.header, _itk_affine(path))
         elif ext in NRRD:
-            header = nrrd.read_header(path)
-            if "data file" in header or "datafile" in header:  # it would read whatever file it names
-                raise BadRequest("a detached NRRD header ('data file') is not accepted: send a .nrrd with "
-                                 "its data attached", 422)
-            _check_size(header["sizes"], path)
+            _check_nrrd(path)
             array, header = nrrd.read(path)
             loaded = Loaded(array, path, ext, _nrrd_affine(header), header)
         elif ext in IMAGE_2D:
