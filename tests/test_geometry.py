@@ -157,3 +157,32 @@ def test_bad_coordinates_are_rejected():
         g.box_forward([1, 2, 3])
     with pytest.raises(ValueError, match="shape"):
         g.mask_forward(np.zeros((60, 100)))
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (129, 500), (1000, 7)])
+def test_large_images_resample_as_their_padded_square(shape):
+    """Shrinking goes one axis at a time and logits come back only where the image is: the same values as
+    resampling the whole zero-padded square, which a thin image cannot afford (below)."""
+    import torch.nn.functional as F
+
+    g = Geometry(*shape, size=128)
+    rng = np.random.default_rng(0)
+    image, mask = rng.random(shape).astype(np.float32), rng.random(shape) > 0.7
+    square = F.interpolate(g.pad_square(image), size=(128, 128), mode="bilinear", antialias=True)[0]
+    assert torch.allclose(g.image_forward(image), square.clamp(0, 1), atol=1e-6)
+    pooled = F.adaptive_max_pool2d(g.pad_square(mask.astype(np.float32)), 128)[0]
+    assert torch.equal(g.scribble_forward(mask), pooled)
+    logits = torch.randn(2, 128, 128)
+    back = F.interpolate(logits[:, None], size=(g.side, g.side), mode="bilinear")[:, 0]
+    assert torch.allclose(g.logits_back(logits), back[:, g.top : g.top + shape[0], g.left : g.left + shape[1]],
+                          atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 200_000), (200_000, 2)])
+def test_a_thin_image_never_builds_its_padded_square(shape):
+    """A 1 x 60000 image asked for a 14 GB square (a 500 on every click, and next-sample broken for all)."""
+    g = Geometry(*shape, size=128)
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    assert g.image_forward(image).shape == (1, 128, 128) and g.mask_forward(image > 0.5).sum() > 0
+    assert g.scribble_forward(image > 0.5).sum() > 0
+    assert g.logits_back(torch.zeros(128, 128)).shape == shape

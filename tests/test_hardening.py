@@ -836,6 +836,42 @@ def test_an_image_no_network_can_read_never_breaks_next_sample(server):
         assert client.delete("/datastore/image?id=nan_copied").status_code == 200
 
 
+def test_an_image_the_network_fails_on_costs_only_its_own_score(server, monkeypatch):
+    """One image whose forward failed (a 1 x 60000 image asked for 14 GB) made every scoring pass fail and
+    next-sample answer 500 to everyone until the image was deleted."""
+    import mvlabel.nextsample as nextsample
+
+    client, app, studies = server
+    Image.fromarray(np.full((40, 56), 90, np.uint8)).save(studies / "cursed.png")
+    app.datastore().refresh()
+    cursed = lambda planes: any(p.shape == (40, 56) for p in planes)  # noqa: E731
+
+    def prepare_image(plane, size):
+        if plane.shape == (40, 56):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_prepare(plane, size)
+
+    def entropy_scores(predictor, planes, context):
+        if cursed(planes):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_entropy(predictor, planes, context)
+
+    real_prepare, real_entropy = nextsample.prepare_image, nextsample.activelearning.entropy_scores
+    monkeypatch.setattr(nextsample, "prepare_image", prepare_image)
+    monkeypatch.setattr(nextsample.activelearning, "entropy_scores", entropy_scores)
+    try:
+        board = app.scoreboard
+        board._descriptors.clear()
+        board.score_all()
+        scored = board.get(board.context.names[0], "uncertainty")
+        assert scored and "cursed" not in scored
+        for strategy in ("nearest", "coverage", "uncertainty"):
+            r = client.post(f"/activelearning/{strategy}", json={"client_id": f"c-{strategy}"})
+            assert r.status_code == 200 and r.json()["id"] != "cursed", r.text
+    finally:
+        assert client.delete("/datastore/?id=cursed").status_code == 200
+
+
 @pytest.mark.parametrize("route, body", [
     ("/activelearning/random", {"client_id": "x" * 5000}),
     ("/activelearning/random", {"client_id": {"a": 1}}),

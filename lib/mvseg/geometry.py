@@ -71,12 +71,26 @@ def as_mask(mask: np.ndarray, shape: tuple[int, int], name: str = "mask") -> np.
     return (mask != 0).astype(np.float32)
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of ``N C h w`` to ``size x size``; anti-aliased when shrinking."""
-    if x.shape[-2:] == (size, size):
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``N C h w`` to ``size`` (h, w); anti-aliased when shrinking."""
+    if tuple(x.shape[-2:]) == tuple(size):
         return x
-    shrink = x.shape[-1] > size
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    shrink = x.shape[-1] > size[1] or x.shape[-2] > size[0]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def _upsampled_part(x: torch.Tensor, dim: int, length: int, start: int, count: int) -> torch.Tensor:
+    """Entries ``start:start + count`` of ``x`` linearly upsampled along ``dim`` to ``length``: the same
+    samples as ``F.interpolate(mode="bilinear", align_corners=False)`` takes, without the rest."""
+    n = x.shape[dim]
+    scale = torch.tensor(n / length, dtype=torch.float32)  # in float32, as PyTorch computes it
+    src = ((torch.arange(start, start + count, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    lo = src.floor().long()
+    hi = torch.clamp(lo + 1, max=n - 1)
+    shape = [1] * x.ndim
+    shape[dim] = count
+    w = (src - lo).to(x.dtype).view(shape)
+    return x.index_select(dim, lo) * (1 - w) + x.index_select(dim, hi) * w
 
 
 def binarize_resampled(fraction: torch.Tensor) -> torch.Tensor:
@@ -130,10 +144,23 @@ class Geometry:
         )
         return out
 
+    def _square_resampled(self, x: np.ndarray, resample) -> torch.Tensor:
+        """``H W`` -> ``1 1 size size``: ``resample(tensor, (h, w))`` of the zero-padded square. When shrinking,
+        one axis at a time (both resamplers are separable), so only ``side x size`` values are ever held: the
+        padded square of a 60000 x 1 image alone is 14 GB."""
+        if self.side <= self.size:
+            return resample(self.pad_square(x), (self.size, self.size))
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+        if self.width == self.side:  # the long axis needs no padding: shrink it first
+            t = F.pad(resample(t, (self.height, self.size)), (0, 0, self.top, self.side - self.height - self.top))
+        else:
+            t = F.pad(resample(t, (self.size, self.width)), (self.left, self.side - self.width - self.left))
+        return resample(t, (self.size, self.size))
+
     def image_forward(self, image01: np.ndarray) -> torch.Tensor:
         """Normalised grey ``H W`` in [0, 1] -> ``1 size size``."""
         self._check(image01.shape, "image")
-        return _resize(self.pad_square(image01), self.size)[0].clamp_(0.0, 1.0)
+        return self._square_resampled(image01, _resize)[0].clamp_(0.0, 1.0)
 
     def mask_forward(self, mask: np.ndarray) -> torch.Tensor:
         """Binary ``H W`` -> binary ``1 size size`` (resampled, thresholded at 0.5).
@@ -141,31 +168,33 @@ class Geometry:
         A non-empty mask whose structure is too small to survive the threshold keeps every model pixel
         it touches, so an example never turns into an empty label.
         """
-        square = self.pad_square(as_mask(mask, self.shape))
-        return binarize_resampled(_resize(square, self.size))[0]
+        return binarize_resampled(self._square_resampled(as_mask(mask, self.shape), _resize))[0]
 
     def map_forward(self, values: np.ndarray) -> torch.Tensor:
         """Real-valued ``H W`` map (e.g. a probability) -> ``1 size size``, area-averaged when shrinking;
         zero on the padding."""
         self._check(values.shape, "map")
-        return _resize(self.pad_square(values), self.size)[0]
+        return self._square_resampled(values, _resize)[0]
 
     def scribble_forward(self, scribble: np.ndarray) -> torch.Tensor:
         """Binary ``H W`` stroke mask -> binary ``1 size size``; a model pixel is on if any source pixel
         under it is on, so thin strokes survive shrinking."""
-        s = self.pad_square(as_mask(scribble, self.shape, "scribble"))
+        s = as_mask(scribble, self.shape, "scribble")
         if self.side > self.size:
-            return F.adaptive_max_pool2d(s, self.size)[0]
-        return F.interpolate(s, size=(self.size, self.size), mode="nearest")[0]
+            return self._square_resampled(s, F.adaptive_max_pool2d)[0]
+        return F.interpolate(self.pad_square(s), size=(self.size, self.size), mode="nearest")[0]
 
     def logits_back(self, logits: torch.Tensor) -> torch.Tensor:
         """Model-grid logits ``... size size`` -> original-grid logits ``... H W``."""
         lead = logits.shape[:-2]
         x = logits.reshape((-1, 1, self.size, self.size)).float()
-        x = F.interpolate(
-            x, size=(self.side, self.side), mode="bilinear", align_corners=False, antialias=self.side < self.size
-        )
-        x = x[..., self.top : self.top + self.height, self.left : self.left + self.width]
+        if self.side <= self.size:
+            x = F.interpolate(x, size=(self.side, self.side), mode="bilinear", align_corners=False,
+                              antialias=self.side < self.size)
+            x = x[..., self.top : self.top + self.height, self.left : self.left + self.width]
+        else:  # only the image's rows and columns of the square: all of it may not fit in memory (see above)
+            x = _upsampled_part(x, -1, self.side, self.left, self.width)
+            x = _upsampled_part(x, -2, self.side, self.top, self.height)
         return x.reshape(lead + (self.height, self.width))
 
     # -- coordinates --------------------------------------------------------------------------------

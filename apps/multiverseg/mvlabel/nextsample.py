@@ -164,7 +164,7 @@ class ScoreBoard:
             return None
         try:
             d = describe(prepare_image(plane, self.segmenter.predictor.size)[0])
-        except ValueError as e:  # an image no network can read (NaN, complex): never the next sample
+        except (ValueError, RuntimeError, MemoryError) as e:  # an image no network can read: never scored
             log.warning("scoring: skipping %s: %s", image_id, e)
             return None
         self._descriptors[image_id] = (key, d)
@@ -250,9 +250,8 @@ class ScoreBoard:
                     batch = unlabelled[start : start + activelearning.SCORING_BATCH]
                     planes = [(i, self.plane(i)) for i in batch]
                     planes = [(i, p) for i, p in planes if p is not None]
-                    if planes:  # one batched forward, holding the predictor's lock only for it
-                        s = activelearning.entropy_scores(predictor, [p for _, p in planes], context)
-                        unsure.update({i: float(v) for (i, _), v in zip(planes, s)})
+                    if planes:
+                        unsure.update(self._entropy(planes, context))
             ids = [i for i in cover if i in unsure]
             derived = activelearning.entropy_strategies(
                 np.array([cover[i] for i in ids]), np.array([unsure[i] for i in ids])
@@ -275,6 +274,20 @@ class ScoreBoard:
                     self.datastore.update_image_info(image_id, info)
         except Exception as e:  # a read-only datastore still serves from memory
             log.debug("could not store the scores: %s", e)
+
+    def _entropy(self, planes: list[tuple[str, np.ndarray]], context) -> dict[str, float]:
+        """Uncertainty scores of a batch of images: one batched forward, holding the predictor's lock only for
+        it; if the batch fails, image by image, so that one image the network cannot take (out of memory, say)
+        costs only its own score, not every image's."""
+        predictor = self.segmenter.predictor
+        try:
+            s = activelearning.entropy_scores(predictor, [p for _, p in planes], context)
+            return {i: float(v) for (i, _), v in zip(planes, s)}
+        except (ValueError, RuntimeError, MemoryError) as e:
+            if len(planes) == 1:
+                log.warning("scoring: skipping %s: %s", planes[0][0], e)
+                return {}
+        return {i: v for one in planes for i, v in self._entropy([one], context).items()}
 
     def get(self, label: str, strategy: str) -> dict[str, float]:
         with self._lock:
