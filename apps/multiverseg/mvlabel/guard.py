@@ -62,6 +62,10 @@ DICOM_INFO = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", 
 RESERVED_INFO = {"ts", "name", "user", "edited_by", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored",
                  *DICOM_INFO}
 # routes that run the model, read big files, write or ask the PACS: off the event loop
+# Seconds a client may leave the server waiting: for the next part of a request body, and to take the next
+# part of an answer (a worker thread waits on it meanwhile).
+BODY_IDLE_TIMEOUT = 60.0
+SEND_TIMEOUT = 120.0
 OFF_LOOP = re.compile(r"^/(info|infer|activelearning|datastore|batch|scoring|train|session|proxy)(/|$)")
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
 # who is asking, for requests that name no client_id: user and address (never one state for everyone)
@@ -390,6 +394,8 @@ class Guard:
                 await _in_worker_thread(self.inner, scope, receive, tracked)
             else:
                 await self.inner(scope, receive, tracked)
+        except ClientStalled as e:  # returning unfinished, the server closes the connection
+            log.warning("%s %s: %s; connection closed", method, path, e)
         except Exception as e:  # MONAI Label's "not found" and "invalid input" are the caller's mistakes
             status = _status_of(e)
             if status is None and (down := self._not_the_callers(e, method, path)) is not None:
@@ -500,7 +506,11 @@ class Guard:
         spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_IDLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                spool.close()
+                raise Refusal(408, f"no part of the request body came for {BODY_IDLE_TIMEOUT:.0f} s") from None
             if message["type"] == "http.disconnect":  # a cut-off body would run as a request with defaults
                 spool.close()
                 raise Refusal(400, "the client went away before the request body was complete")
@@ -768,11 +778,20 @@ async def _in_worker_thread(app, scope, receive, send) -> None:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(receive(), loop))
 
     async def send_there(message):
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(send(message), loop))
+        sent = asyncio.run_coroutine_threadsafe(send(message), loop)
+        try:  # a client that stops reading would hold this thread for good: one of a few dozen
+            await asyncio.wait_for(asyncio.wrap_future(sent), SEND_TIMEOUT)
+        except asyncio.TimeoutError:
+            sent.cancel()
+            raise ClientStalled(f"the client read nothing of the answer for {SEND_TIMEOUT:.0f} s") from None
 
     context = contextvars.copy_context()
     await anyio.to_thread.run_sync(lambda: context.run(asyncio.run, app(scope, receive_there, send_there)),
                                    limiter=_off_loop_threads())
+
+
+class ClientStalled(Exception):
+    """The client stopped reading the answer: its connection is given up (the response cannot be completed)."""
 
 
 _OFF_LOOP_LIMITER = RunVar("mvseg_off_loop_limiter")
