@@ -81,3 +81,12 @@ def test_labels_join_in_the_order_they_were_saved_not_by_name(store):
     datastore.get_label_info = lambda image_id, tag: {"ts": saved[image_id]} if image_id in saved else {}
     context.refresh()
     assert [key for key, _ in context.get("head").items()] == [("b", None), ("a", None), ("c", None)]
+
+
+def test_a_label_copied_in_with_more_values_than_a_save_allows_is_left_out(store):
+    """A labelmap of 256 values dropped into the folder became 256 label names, each one more zero-click pass
+    (HTTP refuses such a save: at most 16 values)."""
+    datastore, context = store
+    Image.fromarray(np.arange(40 * 40).reshape(40, 40).astype(np.uint8)).save(datastore.root / "labels" / "b.png")
+    context.refresh()
+    assert context.label_names() == ["head"] and len(context.get("head")) == 1

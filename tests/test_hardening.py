@@ -89,7 +89,8 @@ def test_a_label_tag_is_a_name_never_a_path(server, tag):
 
 
 @pytest.mark.parametrize("params", ["[1, 2]", '"abc"', "{x", "null", '{"label_info": "white"}',
-                                    '{"label_info": [{"name": "a", "idx": 999}]}'])
+                                    '{"label_info": [{"name": "a", "idx": 999}]}',
+                                    '{"label_info": [{"name": "a", "id": "zz"}]}'])  # 'id' stands in for 'idx': a 500
 def test_label_params_that_are_not_an_object_change_nothing(server, params):
     client, _, studies = server
     before = final_bytes(studies)

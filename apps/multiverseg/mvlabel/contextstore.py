@@ -26,7 +26,7 @@ from mvseg import ContextSet
 
 from .errors import BadRequest
 from .guard import pacs_unreachable
-from .imageio import Loaded, extension, read_asap, read_image, read_label, stat_key
+from .imageio import Loaded, check_label_values, extension, read_asap, read_image, read_label, stat_key
 
 log = logging.getLogger(__name__)
 FINAL = "final"
@@ -70,8 +70,9 @@ def label_masks(label: np.ndarray, info: dict, names: list[str]) -> dict[str, np
     ``names[0]``, other values ``names[value - 1]`` when configured, else ``label_<value>``. A non-empty label
     of which ``label_info`` names no value raises 422: it would be stored and never used."""
     described = info.get("label_info") if isinstance(info, dict) else None
-    described = [(str(item["name"]), int(item.get("idx", item.get("id", 1))))
+    described = [(str(item["name"]), item.get("idx", item.get("id", 1)))
                  for item in (described if isinstance(described, list) else []) if isinstance(item, dict) and "name" in item]
+    described = [(name, idx) for name, idx in described if isinstance(idx, int) and not isinstance(idx, bool)]
     values = [int(v) for v in np.unique(label) if v != 0]
     if values == [255] and 255 not in {idx for _, idx in described}:
         values, label = [1], (label != 0).astype(np.uint8)
@@ -205,7 +206,8 @@ class DatastoreContext:
         if extension(label_path) == ".xml":
             masks = read_asap(label_path, image.shape[:2], default_name=self.names[0])
         else:
-            masks = label_masks(read_label(label_path, image), info, self.names)
+            # the checks of a save, for labels that reached the folder another way (256 values: 256 label names)
+            masks = label_masks(check_label_values(read_label(label_path, image)), info, self.names)
         cset = self.new_set()
         out = []
         for name, mask in masks.items():

@@ -135,17 +135,20 @@ def check_tag(value: str, what: str = "tag") -> None:
 
 
 def check_label_info(described: Any, what: str = "label_info") -> None:
-    """``[{"name": text, "idx": 1..255}, ...]`` with distinct names and values."""
+    """``[{"name": text, "idx": 1..255}, ...]`` with distinct names and values (``id`` is read where ``idx``
+    is missing, so it is checked alike)."""
+    def value(d: dict):
+        return d.get("idx", d.get("id", 1))
+
     ok = isinstance(described, list) and all(
         isinstance(d, dict) and is_label_name(d.get("name"))
-        and isinstance(d.get("idx", 1), int) and not isinstance(d.get("idx", 1), bool) and 0 < d.get("idx", 1) < 256
+        and isinstance(value(d), int) and not isinstance(value(d), bool) and 0 < value(d) < 256
         for d in described
     )
     if not ok:
         raise Refusal(422, f"'{what}' must be a list of {{\"name\": text, \"idx\": 1..255}}, names of at most "
                            f"{MAX_LABEL_NAME} printable characters without '/' or '\\'")
-    for key in ("name", "idx"):
-        values = [d[key] for d in described if key in d]
+    for key, values in (("name", [d["name"] for d in described]), ("idx", [value(d) for d in described])):
         if len(set(values)) < len(values):
             raise Refusal(422, f"'{what}' names a label {key} twice: {values}")
 
