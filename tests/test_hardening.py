@@ -844,6 +844,7 @@ def test_an_image_the_network_fails_on_costs_only_its_own_score(server, monkeypa
 
     client, app, studies = server
     Image.fromarray(np.full((40, 56), 90, np.uint8)).save(studies / "cursed.png")
+    Image.fromarray(hc18_pair(IDS[0])[0]).save(studies / "plain.png")  # an image that can be scored
     app.datastore().refresh()
     cursed = lambda planes: any(p.shape == (40, 56) for p in planes)  # noqa: E731
 
@@ -867,10 +868,11 @@ def test_an_image_the_network_fails_on_costs_only_its_own_score(server, monkeypa
         scored = board.get(board.context.names[0], "uncertainty")
         assert scored and "cursed" not in scored
         for strategy in ("nearest", "coverage", "uncertainty"):
-            r = client.post(f"/activelearning/{strategy}", json={"client_id": f"c-{strategy}"})
+            r = client.post(f"/activelearning/{strategy}", json={"client_id": "one-client"})
             assert r.status_code == 200 and r.json()["id"] != "cursed", r.text
     finally:
-        assert client.delete("/datastore/?id=cursed").status_code == 200
+        for image in ("cursed", "plain"):
+            assert client.delete(f"/datastore/?id={image}").status_code == 200
 
 
 @pytest.mark.parametrize("route, body", [

@@ -30,8 +30,10 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import Optional
 
 import numpy as np
 from fastapi import HTTPException
@@ -53,6 +55,7 @@ FINAL = "final"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+STAGED = ".staged"  # suffix of a label file waiting for its index record (see CheckedDatastore._store)
 
 
 def write_dataset_archive(cases: list[dict], limit_cases, folder: str, metadata: str) -> str:
@@ -136,6 +139,8 @@ class CheckedDatastore(LocalDatastore):
         # scorer iterate it ("dictionary changed size during iteration"): both sides take this lock
         self._objects_lock = threading.RLock()
         self._index_digest = None  # of the index file as last read or written here
+        self._left_out: set[str] = set()  # files of the folder no route could serve, each logged once
+        self._real_root = os.path.realpath(args[0] if args else kwargs["datastore_path"])
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)  # the folder watcher (auto_reload)
         if handler is not None:  # labels and the index arrive by rename, here and from other processes
@@ -188,9 +193,80 @@ class CheckedDatastore(LocalDatastore):
     def _reconcile_datastore(self):
         try:
             with self._index():
+                self._finish_interrupted_writes()
                 super()._reconcile_datastore()
         except OSError as e:  # a full or read-only disk: serve what is there (the watcher's thread lives on)
             log.warning("datastore index not updated: %s", e)
+
+    def _list_files(self, path, patterns):
+        """MONAI Label's folder listing, less what no route could serve: links that lead outside the
+        datastore or nowhere (a dangling one was added and removed by every reconcile, for ever), folders
+        named like images, and names that are not ids (a route refuses '-scan' or '.scan': such an image
+        could be offered as the next sample, but neither segmented nor deleted)."""
+        found = super()._list_files(path, patterns)
+        usable = {}
+        for key, name in found.items():
+            why = self._unusable(os.path.join(path, name))
+            if why is None:
+                usable[key] = name
+            elif name not in self._left_out:
+                self._left_out.add(name)
+                log.warning("datastore: leaving %s out: %s", name, why)
+        return usable
+
+    def _unusable(self, path: str) -> Optional[str]:
+        """Why the file at ``path`` cannot be one of the datastore's images or labels, or None."""
+        try:
+            check_name(self._to_id(os.path.basename(path))[0], "image")
+        except Refusal:
+            return "its name is no image id (letters, digits, '_', '-', '.'; not starting with '.' or '-')"
+        if not self._inside(path):
+            return "it is a link to a file outside the datastore, or to nothing"
+        return None
+
+    def _inside(self, path: str) -> bool:
+        """Whether ``path`` is a file of the datastore's own folder once links are followed."""
+        real = os.path.realpath(path)
+        return real.startswith(self._real_root + os.sep) and os.path.isfile(real)
+
+    def get_image_uri(self, image_id):
+        uri = super().get_image_uri(image_id)
+        return uri if uri and self._inside(uri) else ""
+
+    def get_label_uri(self, label_id, label_tag):
+        uri = super().get_label_uri(label_id, label_tag)
+        return uri if uri and self._inside(uri) else ""
+
+    def _finish_interrupted_writes(self) -> None:
+        """What a process killed in the middle of a write left (caller holds the index: no write is in
+        progress). A label save whose index record was written names its staged file by ``save_id``: it is
+        put in place, finishing the save (the record and the file were the new label's and the old one's).
+        A staged label the index does not name, and every temporary file, go: their writes never happened."""
+        labels = self._datastore.label_path(None)
+        folders = [self._datastore_path, self._datastore.image_path()]
+        if os.path.isdir(labels):
+            for tag in os.listdir(labels):
+                folders.append(os.path.join(labels, tag))
+            history = os.path.join(self._datastore.label_path(FINAL), ".history")
+            if os.path.isdir(history):
+                folders += [os.path.join(history, d) for d in os.listdir(history)]
+        for folder in dict.fromkeys(folders):
+            if not os.path.isdir(folder):
+                continue
+            for entry in os.listdir(folder):
+                path = os.path.join(folder, entry)
+                if entry.startswith(".") and entry.endswith(STAGED):
+                    name, _, save_id = entry[1 : -len(STAGED)].rpartition(".")
+                    label = self._datastore.label(self._to_id(name)[0], os.path.basename(folder))
+                    if label is not None and label.info.get("save_id") == save_id and label.info.get("name") == name:
+                        os.replace(path, os.path.join(folder, name))
+                        log.warning("datastore: finished the interrupted save of %s", os.path.join(folder, name))
+                        continue
+                elif not (entry.startswith(".") and entry.endswith(".tmp")):
+                    continue
+                log.warning("datastore: removing %s, left by an interrupted write", path)
+                with suppress(OSError):
+                    os.unlink(path)
 
     def list_images(self):
         with self._objects_lock:
@@ -303,13 +379,15 @@ class CheckedDatastore(LocalDatastore):
             os.makedirs(folder, exist_ok=True)
             old = obj.labels.get(label_tag)
             old_path = os.path.join(folder, self._filename(image_id, old.ext)) if old else None
-            # all or nothing: the new file waits beside its name until the index holds its record
-            with _staged(label_filename, os.path.join(folder, name)) as place:
+            # all or nothing: the new file waits beside its name until the index holds its record, which names
+            # it, so that a save killed in between is finished at the next start (_finish_interrupted_writes)
+            save_id = uuid.uuid4().hex[:12]
+            with _staged(label_filename, os.path.join(folder, name), f".{name}.{save_id}{STAGED}") as place:
                 kept = []
                 if label_tag == FINAL and old_path and os.path.exists(old_path):
                     kept = self._keep(image_id, old_path, old.info)
                 info = {k: v for k, v in label_info.items() if k != "edited_by"}  # a reviewer's stamp, set by edits
-                info.update(ts=int(time.time()), name=name, user=current_user.get())
+                info.update(ts=int(time.time()), name=name, user=current_user.get(), save_id=save_id)
                 obj.labels[label_tag] = DataModel(info=info, ext=ext)
                 try:
                     self._update_datastore_file(lock=False)
@@ -494,10 +572,15 @@ def _entry_number(stem: str) -> int:
 
 
 @contextmanager
-def _staged(source: str, dest: str):
-    """Copy ``source`` beside ``dest`` (a hidden temp file, which the folder watcher ignores) and yield the
-    call that renames it into place; left uncalled, or on an error, ``dest`` is untouched and the copy goes."""
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(dest))
+def _staged(source: str, dest: str, name: Optional[str] = None):
+    """Copy ``source`` beside ``dest`` (a hidden temp file, which the folder watcher ignores; ``name``: its
+    name) and yield the call that renames it into place; left uncalled, or on an error, ``dest`` is untouched
+    and the copy goes."""
+    if name is None:
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=os.path.dirname(dest))
+    else:
+        tmp = os.path.join(os.path.dirname(dest), name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
