@@ -358,6 +358,12 @@ def test_resume_reads_plain_data_only_and_refuses_what_it_cannot_resume(task_roo
         f.write('{"step": 3, "lo')  # killed while writing
     train(small_config(task_root, 3), run, resume=True)
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    kept = (run / "last.pt").read_bytes()  # a forgotten --resume replaced a run's checkpoints and log
+    with pytest.raises(FileExistsError, match="--resume continues it"):
+        train(small_config(task_root, 1), run)
+    assert (run / "last.pt").read_bytes() == kept and len((run / "log.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(FileNotFoundError, match="--init checkpoint not found"):
+        train(small_config(task_root, 1), tmp_path / "other", init=tmp_path / "missing.pt")
 
 
 @pytest.mark.parametrize("key, value", [("checkpoint_every", 0), ("batch_size", 0), ("max_context", -1),

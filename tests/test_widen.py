@@ -66,6 +66,11 @@ def test_the_command_writes_a_loadable_wider_checkpoint(tmp_path):
     wide = load_checkpoint(tmp_path / "wide.pt")
     assert wide.config.encoder_widths == [16, 16, 16]
     assert wide.meta["widened_from"]["meta"] == {"note": "test"}
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "narrow.pt"), str(tmp_path / "w.pt"), "--width", "4"])
-    assert not (tmp_path / "w.pt").exists()
+    for bad in (["--width", "4"], ["--width", "16", "--noise", "-1"]):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "narrow.pt"), str(tmp_path / "w.pt"), *bad])
+        assert not (tmp_path / "w.pt").exists()
+    narrow = (tmp_path / "narrow.pt").read_bytes()
+    with pytest.raises(SystemExit):  # over the trained weights themselves
+        main([str(tmp_path / "narrow.pt"), str(tmp_path / "narrow.pt"), "--width", "16"])
+    assert (tmp_path / "narrow.pt").read_bytes() == narrow

@@ -224,7 +224,8 @@ def summarise(records: dict, protocol: str, seed: int) -> dict:
 def table(summary: dict, protocol: str) -> str:
     unit = "clicks" if protocol == "clicks" else "scribble steps"
     lines = [
-        f"| task | mode | total {unit} (95% CI) | per image | vs none | vs random order | Dice@0 | Dice@1 | Dice@3 "
+        f"| task | mode | total {unit} (95% CI) | per image | fewer than none | fewer than random order | Dice@0 "
+        "| Dice@1 | Dice@3 "
         "| failures |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -381,6 +381,11 @@ def train(
     state_path = out / "last.pt"
     if resume and not state_path.exists():  # a fresh run here would empty the old run's log
         raise FileNotFoundError(f"nothing to resume: {state_path} does not exist (leave out --resume to start)")
+    if not resume and state_path.exists():  # one forgotten --resume would replace a long run's checkpoints
+        raise FileExistsError(f"{out} holds a run ({state_path.name}): --resume continues it; start a new run "
+                              "in another --out")
+    if init is not None and not resume and not Path(init).is_file():  # before minutes of loading sources
+        raise FileNotFoundError(f"--init checkpoint not found: {init}")
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     retain_for_network(dev.type, cfg.encoder_widths)
@@ -492,7 +497,7 @@ def main(argv=None) -> None:
         cfg.data_root = str(Path(args.data_root).resolve())
     try:
         path = train(cfg, args.out, args.resume, args.device, args.init, args.workers, args.bf16, args.compile)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as e:
         parser.error(str(e))
     print(f"weights: {path}")
 

@@ -138,6 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.01, help="relative noise on copied weights (0: exact)")
     args = parser.parse_args(argv)
+    if args.noise < 0:
+        parser.error(f"--noise must be 0 or more, got {args.noise}")
+    if args.out.exists():  # never the trained weights it starts from, nor another run's
+        parser.error(f"{args.out} exists: write the widened network to a new file")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model = load_checkpoint(args.checkpoint)
