@@ -345,10 +345,14 @@ def test_a_replaced_final_label_keeps_its_earlier_version(server):
 def test_a_save_while_another_save_of_the_image_runs_is_refused(server):
     client, app, studies = server
     before = final_bytes(studies)
-    with app.datastore()._one_save(IDS[0]):  # an annotator's save in progress
+    with app.datastore()._one_save((IDS[0], "final")):  # an annotator's save in progress
         r = put_label(client, IDS[0], np.zeros_like(hc18_pair(IDS[0])[1]))
-    assert r.status_code == 409 and "in progress" in r.json()["detail"]
-    assert final_bytes(studies) == before
+        assert r.status_code == 409 and "in progress" in r.json()["detail"]
+        assert final_bytes(studies) == before
+        # a batch job's proposal is another file: it went on being refused, which stopped the whole job
+        r = put_label(client, IDS[0], hc18_pair(IDS[0])[1], tag="proposal_x")
+        assert r.status_code == 200, r.text
+    assert client.delete(f"/datastore/label?id={IDS[0]}&tag=proposal_x").status_code == 200
 
 
 def test_two_annotators_saving_at_once_lose_nothing(server):

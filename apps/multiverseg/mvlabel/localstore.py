@@ -109,24 +109,26 @@ def public_datalist(rows: list[dict], root: str, hide_paths: bool) -> list[dict]
 
 class OneSavePerImage:
     """``with gate(image_id):`` around a save; a second save of the image meanwhile is refused (409) instead
-    of silently winning."""
+    of silently winning. The key may name the tag too (``(image_id, tag)``): saves of other tags, such as a
+    batch job's proposals, then never collide with an annotator's."""
 
     def __init__(self):
         self._saving: set = set()
         self._lock = threading.Lock()
 
     @contextmanager
-    def __call__(self, image_id: str):
+    def __call__(self, key):
         with self._lock:
-            if image_id in self._saving:
+            if key in self._saving:
+                image_id = key[0] if isinstance(key, tuple) else key
                 raise HTTPException(status_code=409, detail=f"another save of '{image_id}' is in progress; "
                                                             "reload the label and save again")
-            self._saving.add(image_id)
+            self._saving.add(key)
         try:
             yield
         finally:
             with self._lock:
-                self._saving.discard(image_id)
+                self._saving.discard(key)
 
 
 class CheckedDatastore(LocalDatastore):
@@ -348,7 +350,7 @@ class CheckedDatastore(LocalDatastore):
             except BadRequest as e:  # named as the upload, not by the server's temporary copy
                 told = calling(str(e), label_filename, "the uploaded label")
                 raise HTTPException(status_code=e.status, detail=f"label not saved: {told}") from None
-            with self._one_save(image_id):
+            with self._one_save((image_id, label_tag)):  # another tag's file: a batch job's save goes on
                 return self._store(image_id, label_filename, label_tag, label_info)
 
     @staticmethod
