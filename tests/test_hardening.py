@@ -392,6 +392,21 @@ def test_requests_without_client_id_do_not_share_a_state(server):
     assert r.json()["refined"] is False  # another client: no previous mask of its own
 
 
+def test_an_image_uploaded_again_under_a_deleted_ones_id_starts_afresh(server):
+    """Clicks on a new image that took a deleted image's id refined the deleted image's prediction."""
+    client, _, _ = server
+    clicks = {"foreground": [[60, 60]], "client_id": "reuser"}
+    for k, key in enumerate((IDS[1], IDS[2])):
+        r = client.put("/datastore/image?image=reused", data={"params": "{}"},
+                       files={"file": ("reused.png", png_bytes(hc18_pair(key)[0]), "image/png")})
+        assert r.status_code == 200, r.text
+        assert infer(client, "reused", clicks).json()["refined"] is False  # the second image's too
+        clicks = {**clicks, "background": clicks.get("background", []) + [[5, 5 + k]]}
+        assert infer(client, "reused", clicks).json()["refined"] is True  # the same image: clicks refine
+        clicks = {**clicks, "background": clicks["background"] + [[9, 9]]}  # the user goes on, on a new image
+        assert client.delete("/datastore/?id=reused").status_code == 200
+
+
 def test_an_id_that_is_also_a_file_in_the_working_folder_is_the_datastore_image(server, tmp_path, monkeypatch):
     """image=NAME and params.label=NAME are datastore names, even when a file of that name sits in the
     server's working folder: that file is never read."""

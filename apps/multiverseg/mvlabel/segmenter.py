@@ -50,10 +50,14 @@ class Target:
 
     @functools.cached_property
     def source(self) -> str:
-        """The image, as interaction state knows it: its path, or the content of an upload (each request
-        uploads its own copy: QuPath's wsi_v2 sends the region again with every click)."""
+        """The image, as interaction state knows it: its path and version (an image deleted and uploaded again
+        under its id is another image: its clicks started from the old one's prediction), or the content of an
+        upload (each request uploads its own copy: QuPath's wsi_v2 sends the region again with every click)."""
         if not is_upload(self.loaded.path):
-            return self.loaded.path
+            try:
+                return f"{self.loaded.path}@{stat_key(self.loaded.path)}"
+            except OSError:  # gone since it was read
+                return self.loaded.path
         return "upload:" + hashlib.blake2b(np.ascontiguousarray(self.loaded.array).data, digest_size=16).hexdigest()
 
 
