@@ -113,3 +113,25 @@ def test_a_download_cut_short_says_so_and_the_cache_is_readable_by_all(mirror, t
     monkeypatch.setenv("MVSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{mirror[1].server_port}")
     path = hub.fetch("multiverseg-v1", progress=False)
     assert path.stat().st_mode & 0o044 == 0o044 and not stale.exists()
+
+
+def test_offline_the_answer_says_what_to_do_and_a_file_placed_by_hand_is_used(tmp_path, monkeypatch):
+    """Without the network the fetch was a bare urllib traceback naming neither the file nor the way out."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MVSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MVSEG_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError, match="put the file in .*MVSEG_WEIGHTS_MIRROR"):
+        hub.fetch("multiverseg-v1", progress=False)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no partial download left
+    placed = tmp_path / "cache" / hub.RELEASES["multiverseg-v1"].file
+    shutil.copy(REFERENCE / "mvs_nf32_checkpoint.pt", placed)
+    assert hub.fetch("multiverseg-v1", progress=False) == placed  # checked, stamped, no network asked
+    wrong = tmp_path / "cache" / hub.RELEASES["multiverseg-v1"].file
+    wrong.with_name(wrong.name + ".sha256").unlink()
+    shutil.copy(REFERENCE / "sp_nf32_checkpoint.pt", wrong)  # the other network under this name
+    with pytest.raises(CheckpointError, match="holds a 'scribbleprompt' network"):
+        hub.fetch("multiverseg-v1", progress=False)

@@ -84,6 +84,11 @@ def fetch(name: str, sha256: Optional[str] = None, timeout: float = 60.0, progre
         if digest == stamp.read_text().strip() and sha256 in (None, digest):
             return target
         log.warning("%s in the cache does not match its digest: fetching it again", target)
+    elif target.exists() and sha256 is None:  # put there by hand (a machine without internet): checked, kept
+        _check_kind(target, release, str(folder))
+        stamp.write_text(_sha256(target) + "\n")
+        log.info("%s: %s, placed in the cache by hand", name, target)
+        return target
     mirror = os.environ.get("MVSEG_WEIGHTS_MIRROR")
     url = f"{mirror.rstrip('/')}/{release.file}" if mirror else release.url
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,28 +98,18 @@ def fetch(name: str, sha256: Optional[str] = None, timeout: float = 60.0, progre
     fd, tmp = tempfile.mkstemp(prefix=f".{release.file}.", suffix=".part", dir=folder)
     os.fchmod(fd, 0o644)  # a shared cache: readable by the other users of the machine
     try:
-        started = time.monotonic()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            if total is not None and total > MAX_DOWNLOAD_BYTES:
-                raise CheckpointError(f"{url} announces {total:,} bytes: no release is that large")
-            received = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=release.file, disable=not progress) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-                    if received > MAX_DOWNLOAD_BYTES or time.monotonic() - started > MAX_DOWNLOAD_SECONDS:
-                        raise CheckpointError(f"download of {url} stopped: over {MAX_DOWNLOAD_BYTES:,} bytes or "
-                                              f"{MAX_DOWNLOAD_SECONDS} s")
+        try:
+            received, total = _download(url, fd, release.file, timeout, progress)
+        except OSError as e:  # no network, a name that does not resolve, a refused or timed-out connection
+            raise CheckpointError(f"cannot download {release.file} from {url} ({getattr(e, 'reason', e)}): on a "
+                                  f"machine without internet, put the file in {folder} or name a mirror in "
+                                  "MVSEG_WEIGHTS_MIRROR") from None
         if total is not None and received != total:
             raise CheckpointError(f"download of {url} was cut short: {received:,} of {total:,} bytes")
         digest = _sha256(Path(tmp))
         if sha256 is not None and digest != sha256:
             raise CheckpointError(f"{release.file} from {url} has sha256 {digest}, expected {sha256}")
-        model = load_checkpoint(tmp)  # loads strictly, or says what does not fit
-        if model.kind != release.kind:
-            raise CheckpointError(f"{release.file} from {url} holds a '{model.kind}' network, not '{release.kind}'")
+        _check_kind(tmp, release, url)
         os.replace(tmp, target)
         stamp.write_text(digest + "\n")
         log.info("%s: %s (sha256 %s)", name, target, digest)
@@ -122,6 +117,31 @@ def fetch(name: str, sha256: Optional[str] = None, timeout: float = 60.0, progre
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _download(url: str, fd: int, name: str, timeout: float, progress: bool) -> tuple[int, Optional[int]]:
+    """Write what ``url`` answers to ``fd`` (closed after); (bytes received, bytes announced or None)."""
+    started = time.monotonic()
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        if total is not None and total > MAX_DOWNLOAD_BYTES:
+            raise CheckpointError(f"{url} announces {total:,} bytes: no release is that large")
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+                if received > MAX_DOWNLOAD_BYTES or time.monotonic() - started > MAX_DOWNLOAD_SECONDS:
+                    raise CheckpointError(f"download of {url} stopped: over {MAX_DOWNLOAD_BYTES:,} bytes or "
+                                          f"{MAX_DOWNLOAD_SECONDS} s")
+    return received, total
+
+
+def _check_kind(path, release, source: str) -> None:
+    model = load_checkpoint(path)  # loads strictly, or says what does not fit
+    if model.kind != release.kind:
+        raise CheckpointError(f"{release.file} from {source} holds a '{model.kind}' network, not '{release.kind}'")
 
 
 def resolve(weights: Optional[str]) -> Optional[str]:
@@ -135,7 +155,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sha256", help="the digest the file must have")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(fetch(args.name, args.sha256))
+    try:
+        print(fetch(args.name, args.sha256))
+    except CheckpointError as e:
+        parser.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":
