@@ -517,6 +517,9 @@ def start_app(tmp_path, conf: dict):
         ({"history_keep": "-1"}, "--conf history_keep must be a whole number or 'all', got '-1'"),
         ({"history_keep": "\u00b2"}, "--conf history_keep must be a whole number or 'all'"),
         ({"max_pixels": "\u00b2"}, "--conf max_pixels must be a positive whole number"),
+        ({"label": "white_matter"}, "--conf label: no such setting; known: axis"),  # 'labels' mistyped
+        ({"labels": ","}, "--conf labels must name each label once"),
+        ({"labels": "wm,wm"}, "--conf labels must name each label once"),
     ],
 )
 def test_bad_app_conf_stops_start_up(tmp_path, conf, message):

@@ -158,11 +158,22 @@ def _http(error: BadRequest) -> HTTPException:
     return HTTPException(status_code=error.status, detail=str(error))
 
 
+# the --conf keys this app reads (server_mode: MONAI Label's own)
+CONF_KEYS = {"axis", "blend", "device", "dtype", "fallback", "history_keep", "labels", "lease_window", "max_context",
+             "max_pixels", "max_upload_mb", "refine", "review_tag", "size", "slices_per_volume", "state_expiry",
+             "strategy", "trust", "weights", "zoom", "server_mode"}
+
+
 class MultiverSegApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         limit_arenas()  # before the worker threads: each would keep its own heap's peak
+        unknown = sorted(set(conf) - CONF_KEYS)
+        if unknown:  # a typo ('label' for 'labels') would start a server that ignores it
+            raise ValueError(f"--conf {', '.join(unknown)}: no such setting; known: {', '.join(sorted(CONF_KEYS))}")
         names = [n.strip() for n in conf.get("labels", "foreground").split(",") if n.strip()]
-        self.label_names = names or ["foreground"]
+        if not names or len(set(names)) < len(names):
+            raise ValueError(f"--conf labels must name each label once, got '{conf.get('labels')}'")
+        self.label_names = names
         axis = str(conf.get("axis", 2)).strip()
         if axis not in ("0", "1", "2"):
             raise ValueError(f"--conf axis must be 0, 1 or 2, got '{axis}'")
@@ -262,6 +273,9 @@ class MultiverSegApp(MONAILabelApp):
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             )
             datastore.history_keep = self.history_keep
+            if not datastore.list_images():  # MONAI Label makes a mistyped --studies folder without a word
+                log.warning("the datastore folder %s holds no images yet: images uploaded or copied there are "
+                            "picked up (is --studies the folder you meant?)", self.studies)
         datastore.hide_paths = bool(settings.MONAI_LABEL_AUTH_ENABLE)  # remote users: no server file paths
         self.context = DatastoreContext(
             datastore,
