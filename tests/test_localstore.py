@@ -102,3 +102,28 @@ def test_files_no_route_could_serve_are_not_listed(studies, tmp_path):
     (studies / "datastore_v2.json").write_text(json.dumps(index))
     store = open_store(studies)
     assert store.get_image_uri("outside") == "" and store.get_image_uri("img0").endswith("img0.png")
+
+
+def test_a_lock_another_process_holds_is_waited_for_a_bounded_time(studies, tmp_path, monkeypatch):
+    """A stopped process holding the datastore's lock held every save (and the clicks behind them) for as long
+    as it slept: 89 s in the audit."""
+    import subprocess
+
+    from mvlabel.errors import BadRequest
+
+    store = open_store(studies)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(studies / '.lock')!r}); lock.acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(localstore, "LOCK_TIMEOUT", 0.5)
+        label = tmp_path / "l.png"
+        Image.fromarray(disk((40, 40), (15, 15), 8)).save(label)
+        with pytest.raises(BadRequest, match="datastore is busy") as busy:
+            store.save_label("img0", str(label), "final", info_of("white_matter"))
+        assert busy.value.status == 503
+    finally:
+        holder.kill()
+        holder.wait(10)
+    store.save_label("img0", str(label), "final", info_of("white_matter"))  # free again

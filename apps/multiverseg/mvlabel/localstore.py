@@ -37,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 from fastapi import HTTPException
+import filelock
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from PIL import Image
@@ -55,6 +56,7 @@ FINAL = "final"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+LOCK_TIMEOUT = 60.0  # seconds a write waits for another process's hold on the datastore
 STAGED = ".staged"  # suffix of a label file waiting for its index record (see CheckedDatastore._store)
 
 
@@ -155,10 +157,25 @@ class CheckedDatastore(LocalDatastore):
         return FileLock(self._lock_file)
 
     @contextmanager
+    def _locked(self):
+        """The datastore's lock file, waited for at most ``LOCK_TIMEOUT`` seconds (503 after): a stopped
+        process that holds it (a suspended batch job) would otherwise hold every save, and the clicks whose
+        context refresh waits on the save."""
+        try:
+            self._file_lock.acquire(timeout=LOCK_TIMEOUT)
+        except filelock.Timeout:
+            raise BadRequest(f"the datastore is busy: another process has held its lock for {LOCK_TIMEOUT:.0f} s "
+                             "(a batch job?); try again", 503) from None
+        try:
+            yield
+        finally:
+            self._file_lock.release()
+
+    @contextmanager
     def _index(self):
         """Hold the index for a change: this process's threads and other processes wait, and what another
         process wrote since this one last read or wrote it is read first, so the change applies to that."""
-        with self._objects_lock, self._file_lock:
+        with self._objects_lock, self._locked():
             self._reload()
             yield
 
@@ -189,7 +206,7 @@ class CheckedDatastore(LocalDatastore):
 
     def _init_from_datastore_file(self, throw_exception=False):
         """MONAI Label's reload (at start and from the folder watcher), under this class's locks."""
-        with self._objects_lock, self._file_lock:
+        with self._objects_lock, self._locked():
             self._reload(strict=throw_exception)
 
     def _reconcile_datastore(self):
@@ -197,7 +214,8 @@ class CheckedDatastore(LocalDatastore):
             with self._index():
                 self._finish_interrupted_writes()
                 super()._reconcile_datastore()
-        except OSError as e:  # a full or read-only disk: serve what is there (the watcher's thread lives on)
+        except (OSError, BadRequest) as e:  # a full or read-only disk, a held lock: serve what is there
+            # (the watcher's thread lives on)
             log.warning("datastore index not updated: %s", e)
 
     def _list_files(self, path, patterns):
@@ -530,7 +548,7 @@ class CheckedDatastore(LocalDatastore):
 
     def _update_datastore_file(self, lock=True):
         """``datastore_v2.json`` written whole, then renamed over the old one."""
-        with self._file_lock:  # re-entrant, so always taken (``lock`` stays for MONAI Label's callers)
+        with self._locked():  # re-entrant, so always taken (``lock`` stays for MONAI Label's callers)
             self._ignore_event_config = True
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             _atomic_write(self._datastore_config_path, text)
