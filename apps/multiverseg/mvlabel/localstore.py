@@ -35,9 +35,9 @@ import zipfile
 from contextlib import contextmanager, suppress
 from typing import Optional
 
+import filelock
 import numpy as np
 from fastapi import HTTPException
-import filelock
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from PIL import Image
@@ -239,7 +239,8 @@ class CheckedDatastore(LocalDatastore):
         try:
             check_name(self._to_id(os.path.basename(path))[0], "image")
         except Refusal:
-            return "its name is no image id (letters, digits, '_', '-', '.'; not starting with '.' or '-')"
+            return ("its name is no image id (at most 200 letters, digits, spaces and _ . + = , @ ( ) -, starting "
+                    "with a letter, digit or '_')")
         if not self._inside(path):
             return "it is a link to a file outside the datastore, or to nothing"
         return None
