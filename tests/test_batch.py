@@ -243,9 +243,10 @@ def test_presegment_takes_the_server_context_settings(studies, monkeypatch, caps
     argv = ["--studies", str(studies), "--label", "white_matter", "--max-context", "8", "--slices-per-volume", "2"]
     assert presegment.main(argv) == 2
     assert seen["max_context"] == 8 and seen["slices_per_volume"] == 2 and "stop here" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as stop:
-        presegment.main(["--studies", str(studies), "--label", "white_matter", "--slices-per-volume", "0"])
-    assert stop.value.code == 2
+    for bad in (["--slices-per-volume", "0"], ["--workers", "0"], ["--workers", "-2"]):  # workers ran 2 anyway
+        with pytest.raises(SystemExit) as stop:
+            presegment.main(["--studies", str(studies), "--label", "white_matter", *bad])
+        assert stop.value.code == 2
 
 
 def test_presegment_says_the_pacs_is_down_instead_of_a_traceback(capsys):

@@ -73,6 +73,23 @@ def test_arguments_that_cannot_be_measured_are_refused(tmp_path, tiny_task, tiny
     assert message in capsys.readouterr().err
 
 
+def test_bad_folders_stop_before_the_first_run_and_results_are_never_overwritten(tmp_path, tiny_task,
+                                                                                  tiny_models, capsys):
+    """A missing task or a corrupt image was a traceback (hours in, for a later --task); a second evaluation
+    into the same --out replaced the first one's results."""
+    (tiny_task / "images" / "case2.png").write_bytes(b"not a png")
+    for task in (tmp_path / "nowhere", tiny_task):
+        with pytest.raises(SystemExit):
+            run_cli(tmp_path, task, tiny_models, "--images", "1", "--runs", "1", "--modes", "none")
+        assert f"--task {task}" in capsys.readouterr().err
+    (tiny_task / "images" / "case2.png").unlink()
+    out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "1", "--runs", "1", "--modes", "none")
+    first = (out / "runs.json").read_bytes()
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, tiny_task, tiny_models, "--images", "2", "--runs", "1", "--modes", "none")
+    assert "holds results already" in capsys.readouterr().err and (out / "runs.json").read_bytes() == first
+
+
 def test_budget_zero_measures_zero_click_only(tmp_path, tiny_task, tiny_models):
     out = run_cli(tmp_path, tiny_task, tiny_models, "--images", "3", "--runs", "1",
                   "--modes", "context", "oracle", "--order", "random", "coverage", "--budget", "0")

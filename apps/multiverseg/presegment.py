@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = [n.strip() for n in (args.labels or args.label).split(",") if n.strip()]
-    for flag, value in (("--slices-per-volume", args.slices_per_volume), ("--max-context", args.max_context)):
+    for flag, value in (("--slices-per-volume", args.slices_per_volume), ("--max-context", args.max_context),
+                        ("--workers", 1 if args.workers is None else args.workers)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     try:

@@ -378,10 +378,17 @@ def main(argv=None) -> None:
     records: dict = {}
     total = len(args.task) * args.runs * len(runs_of(args.modes, args.order))
     bar = tqdm(total=total, desc="runs", unit="run")
-    for folder in args.task:
+    tasks = {}
+    for folder in args.task:  # all read before the first run: a bad folder fails now, not hours in
         if args.ids and folder.name not in subsets:
             log.warning("%s: --ids lists none of its images, so all of them are used", folder.name)
-        examples = load_task(folder, subsets.get(folder.name))
+        try:
+            tasks[folder] = load_task(folder, subsets.get(folder.name))
+        except (OSError, ValueError) as e:
+            parser.error(f"--task {folder}: {e}")
+    if args.out.is_file() or (args.out / "summary.json").exists():  # an earlier evaluation's results
+        parser.error(f"--out {args.out} holds results already (or is a file): name a new folder")
+    for folder, examples in tasks.items():
         empty = [e.id for e in examples if not e.mask.any()]
         if empty:  # nothing to click on: it would stop the whole evaluation once drawn
             log.warning("%s: %d images with an empty mask left out (%s)", folder.name, len(empty), ", ".join(empty[:5]))
