@@ -463,3 +463,12 @@ def test_a_benchmark_that_measures_nothing_fails(args):
     out = subprocess.run([sys.executable, "-m", "mvseg.bench", "--widths", "8", "--contexts", "0", *args],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0, out.stdout
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "none PyTorch knows"), ("cuda:99", "no such CUDA device")])
+def test_a_device_this_machine_lacks_is_named_at_once(device, message):
+    """train and evaluate failed minutes in, on the first tensor, with PyTorch's assertion."""
+    from mvseg.predictor import pick_device
+
+    with pytest.raises(ValueError, match=message):
+        pick_device(device)

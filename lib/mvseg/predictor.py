@@ -80,9 +80,20 @@ class Prediction:
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """``None`` -> CUDA if present, else MPS if present, else CPU."""
+    """``None`` -> CUDA if present, else MPS if present, else CPU. A device this machine does not have is a
+    ValueError that says so (PyTorch fails later, on the first tensor, with an assertion)."""
     if device is not None:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device '{device}' is none PyTorch knows (cpu, cuda, cuda:N, mps): {e}") from None
+        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+            raise ValueError(f"device '{device}': this machine has no such CUDA device "
+                             f"({torch.cuda.device_count()} visible; torch {torch.__version__})")
+        mps = getattr(torch.backends, "mps", None)
+        if dev.type == "mps" and not (mps is not None and mps.is_available()):
+            raise ValueError(f"device '{device}': this machine has no MPS device")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
