@@ -72,6 +72,7 @@ from mvlabel.sessions import CheckedSessions
 from mvlabel.wsi import auto_region, infer_region
 from mvseg import Predictor
 from mvseg.memory import limit_arenas
+from mvseg.predictor import device_available
 
 log = logging.getLogger(__name__)
 serve_ohif_assets()  # MONAI Label 0.8.5 answers every nested /ohif/ asset with index.html
@@ -128,9 +129,7 @@ def _device(conf: dict) -> Optional[str]:
         device = torch.device(value)
     except (RuntimeError, ValueError):
         raise ValueError(f"--conf device must be cpu, cuda, cuda:N or mps, got '{value}'") from None
-    present = {"cpu": True, "mps": torch.backends.mps.is_available(),
-               "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
-    if not present.get(device.type, False):
+    if not device_available(device):
         raise ValueError(f"--conf device {value}: this machine has no such device (leave it out for the best one)")
     return value
 

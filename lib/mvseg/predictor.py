@@ -79,27 +79,31 @@ class Prediction:
     network: str = MULTIVERSEG  # which network produced it
 
 
+def device_available(device: torch.device) -> bool:
+    """Whether this machine has ``device``: the CPU, a visible CUDA device (``cuda:N`` among them), MPS."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return mps is not None and mps.is_available()
+    return device.type == "cpu"
+
+
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """``None`` -> CUDA if present, else MPS if present, else CPU. A device this machine does not have is a
-    ValueError that says so (PyTorch fails later, on the first tensor, with an assertion)."""
+    """``None`` -> CUDA if present, else MPS if present, else CPU. A CUDA or MPS device this machine does not
+    have is a ValueError that says so (PyTorch fails later, on the first tensor, with an assertion)."""
     if device is not None:
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device '{device}' is none PyTorch knows (cpu, cuda, cuda:N, mps): {e}") from None
-        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        if dev.type == "cuda" and not device_available(dev):
             raise ValueError(f"device '{device}': this machine has no such CUDA device "
                              f"({torch.cuda.device_count()} visible; torch {torch.__version__})")
-        mps = getattr(torch.backends, "mps", None)
-        if dev.type == "mps" and not (mps is not None and mps.is_available()):
+        if dev.type == "mps" and not device_available(dev):
             raise ValueError(f"device '{device}': this machine has no MPS device")
         return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return next(torch.device(name) for name in ("cuda", "mps", "cpu") if device_available(torch.device(name)))
 
 
 def _as_model(model: Union[nn.Module, PathLike, None], *expected: type) -> Optional[nn.Module]:
