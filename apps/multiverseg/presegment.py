@@ -16,11 +16,10 @@ import logging
 import os
 import sys
 
-import requests
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
 from mvlabel import batch  # noqa: E402
+from mvlabel.guard import pacs_unreachable  # noqa: E402
 from mvseg import Predictor  # noqa: E402
 
 
@@ -57,7 +56,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except requests.RequestException as e:  # a PACS that is down, refuses or times out
+    except Exception as e:
+        if not pacs_unreachable(e):  # the server's own test for a PACS that is down, refuses or times out
+            raise
         print(f"error: the PACS at {args.studies} did not answer ({type(e).__name__}); nothing was segmented",
               file=sys.stderr)
         return 2

@@ -61,11 +61,11 @@ DICOM_INFO = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Modality", 
 # a series' identity): no info edit sets them
 RESERVED_INFO = {"ts", "name", "user", "edited_by", "path", "ext", "strategy", "mvseg_scores", "mvseg_scored",
                  *DICOM_INFO}
-# routes that run the model, read big files, write or ask the PACS: off the event loop
 # Seconds a client may leave the server waiting: for the next part of a request body, and to take the next
 # part of an answer (a worker thread waits on it meanwhile).
 BODY_IDLE_TIMEOUT = 60.0
 SEND_TIMEOUT = 120.0
+# routes that run the model, read big files, write or ask the PACS: off the event loop
 OFF_LOOP = re.compile(r"^/(info|infer|activelearning|datastore|batch|scoring|train|session|proxy)(/|$)")
 current_user: contextvars.ContextVar[str] = contextvars.ContextVar("mvseg_user", default="anonymous")
 # who is asking, for requests that name no client_id: user and address (never one state for everyone)

@@ -2,8 +2,9 @@
 
 A click refines the previous prediction of the same (client, image, slice, label) through the network's
 previous-prediction channel. The state is dropped when the client asks (``reset_state``), when the prompts
-did not grow (the client removed a click, or sent the same ones again: start over), and after ``expiry`` seconds without use. Slices of a
-volume predicted in the session are kept as context for the neighbouring slices.
+did not grow (the client removed a click, or sent the same ones again: start over), and after ``expiry``
+seconds without use. Slices of a volume predicted in the session are kept as context for the neighbouring
+slices.
 
 Only what is needed again is kept, on the model grid: a prediction's logits (``1 S S``), an accepted
 slice's context entry (image and mask ``1 S S``), never the full-size image, probability or mask. The

@@ -44,7 +44,7 @@ from PIL import Image
 
 from .contextstore import label_masks
 from .errors import BadRequest, calling
-from .guard import TAG, Refusal, check_name, current_user
+from .guard import TAG, Refusal, check_name, current_user, is_whole
 from .imageio import (IMAGE_2D, check_label_values, extension, read_asap, read_image, read_label,
                       uploads_removed_when_refused)
 
@@ -589,7 +589,7 @@ def _history_entries(folder: str) -> list[str]:
 
 def _entry_number(stem: str) -> int:
     number = stem.rsplit("_", 1)[-1]
-    return int(number) if number.isascii() and number.isdigit() else -1
+    return int(number) if is_whole(number) else -1
 
 
 @contextmanager

@@ -35,6 +35,8 @@ from .guard import DICOM_INFO, client_key, pacs_unreachable
 from .imageio import stat_key
 
 log = logging.getLogger(__name__)
+# what a forward on one image the network cannot take raises (NaN values, out of memory): that image is not scored
+UNSCORABLE = (ValueError, RuntimeError, MemoryError)
 
 PACS_RETRY = 30  # seconds before a scoring pass the PACS did not answer is tried again
 DESCRIPTIONS = {
@@ -164,7 +166,7 @@ class ScoreBoard:
             return None
         try:
             d = describe(prepare_image(plane, self.segmenter.predictor.size)[0])
-        except (ValueError, RuntimeError, MemoryError) as e:  # an image no network can read: never scored
+        except UNSCORABLE as e:  # an image no network can read: never the next sample
             log.warning("scoring: skipping %s: %s", image_id, e)
             return None
         self._descriptors[image_id] = (key, d)
@@ -283,7 +285,7 @@ class ScoreBoard:
         try:
             s = activelearning.entropy_scores(predictor, [p for _, p in planes], context)
             return {i: float(v) for (i, _), v in zip(planes, s)}
-        except (ValueError, RuntimeError, MemoryError) as e:
+        except UNSCORABLE as e:
             if len(planes) == 1:
                 log.warning("scoring: skipping %s: %s", planes[0][0], e)
                 return {}
