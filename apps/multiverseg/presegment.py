@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 
+import requests
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this app's own modules (mvlabel)
 
 from mvlabel import batch  # noqa: E402
@@ -56,11 +58,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if not pacs_unreachable(e):  # the server's own test for a PACS that is down, refuses or times out
-            raise
-        print(f"error: the PACS at {args.studies} did not answer ({type(e).__name__}); nothing was segmented",
-              file=sys.stderr)
+    except requests.RequestException as e:
+        what = "did not answer" if pacs_unreachable(e) else "answered with an error"  # the server's own test
+        print(f"error: the PACS at {args.studies} {what} ({type(e).__name__}); nothing was segmented", file=sys.stderr)
         return 2
     print(f"'{args.label}': context of {len(plan.context)} examples (version {plan.version}); "
           f"{len(plan.todo)} to segment, {len(plan.current)} already current")
