@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from bench.bench_server import free_port
 
 from .conftest import ROOT
 
@@ -252,8 +253,6 @@ def test_presegment_takes_the_server_context_settings(studies, monkeypatch, caps
 def test_presegment_says_the_pacs_is_down_instead_of_a_traceback(capsys):
     import presegment
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/dicom-web"
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
     assert presegment.main(["--studies", url, "--label", "white_matter", "--serial"]) == 2
     assert "did not answer" in capsys.readouterr().err

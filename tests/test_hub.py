@@ -117,12 +117,9 @@ def test_a_download_cut_short_says_so_and_the_cache_is_readable_by_all(mirror, t
 
 def test_offline_the_answer_says_what_to_do_and_a_file_placed_by_hand_is_used(tmp_path, monkeypatch):
     """Without the network the fetch was a bare urllib traceback naming neither the file nor the way out."""
-    import socket
+    from bench.bench_server import free_port
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MVSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MVSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("MVSEG_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CheckpointError, match="put the file in .*MVSEG_WEIGHTS_MIRROR"):
         hub.fetch("multiverseg-v1", progress=False)

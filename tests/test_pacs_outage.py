@@ -15,6 +15,8 @@ import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from bench.bench_server import free_port
+
 from .conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "apps" / "multiverseg"))
@@ -28,15 +30,9 @@ def quick_pause(monkeypatch):
     monkeypatch.setattr(dicomweb, "PACS_PAUSE", 0.3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_after_a_failure_calls_fail_at_once_then_one_call_asks_again(quick_pause):
     session = dicomweb.PacsSession()
-    port = _free_port()  # nothing listens: refused
+    port = free_port()  # nothing listens: refused
     url = f"http://127.0.0.1:{port}/dicom-web/series"
     with pytest.raises(requests.ConnectionError):
         session.get(url)
